@@ -1,6 +1,7 @@
 # topiary: one binary, a static core library, one test binary per tests/test_*.c.
 #
 #   make            build ./topiary
+#   make check      install packages, fetch models and data, then `make test`
 #   make test       build and run every test (tests/run.sh prints "N passed, M failed")
 #   make asan       the same tests under AddressSanitizer + UBSan
 #   make valgrind   the unit tests under valgrind memcheck
@@ -37,7 +38,7 @@ SERVER_OBJ := $(SERVER_SRC:%.c=$(BUILD)/%.o)
 LIB        := $(BUILD)/libtopiary.a
 TEST_BIN   := $(TEST_SRC:tests/%.c=$(BUILD)/tests/%)
 
-.PHONY: all test asan valgrind fuzz bench lint clean
+.PHONY: all test check deps data asan valgrind fuzz bench lint clean demo
 all: $(BIN) $(TEST_BIN)
 
 $(BUILD)/%.o: %.c
@@ -54,6 +55,18 @@ $(BIN): $(BUILD)/server/main.o $(LIB)
 $(BUILD)/tests/%: tests/%.c $(LIB) tests/test.h
 	@mkdir -p $(dir $@)
 	$(CC) $(ALL_CFLAGS) -I tests $< $(LIB) -o $@ $(LDLIBS)
+
+# The README's test command: install packages, fetch the real models and data
+# sets (idempotent, sha256-checked), build, run every test.
+check: deps data
+	$(MAKE) test
+
+deps:
+	bash tools/install-deps.sh build test
+
+data:
+	bash tools/fetch-models.sh
+	bash tools/fetch-data.sh
 
 test: all
 	BUILD=$(BUILD) TOPIARY_BIN=$(abspath $(BIN)) bash tests/run.sh
