@@ -28,6 +28,9 @@
 #define GRAPH_MAX_INPUTS 16
 #define GRAPH_MAX_PARAMS 4
 #define GRAPH_NAME_MAX 256
+/* Weight of the batch statistics in the running mean and variance updated by
+ * a training-mode forward (PyTorch's default momentum). */
+#define GRAPH_BN_MOMENTUM 0.1
 
 typedef enum op_kind {
     OP_INPUT,           /* the image batch, (C, H, W) */
@@ -169,20 +172,37 @@ top_status graph_add_node(graph *g, op_kind op, const char *name, const int *inp
 /*
  * Attaches a parameter to slot `slot` of node `node`. The graph takes
  * ownership of value's buffer (value is emptied). src_shape/src_ndim give the
- * shape in the source file (NULL/0: same as value).
+ * shape in the source file (NULL/0: same as value). A view (value.owned = 0)
+ * is copied. On failure the caller still owns value.
  */
 top_status graph_add_param(graph *g, int node, int slot, const char *name, param_role role,
                            tensor *value, param_layout layout, const int64_t *src_shape,
                            int src_ndim, top_error *err);
 
 /*
+ * The input node is node 0 and the only OP_INPUT node; its per-sample shape
+ * (C, H, W) is read from its attrs.conv.c, .h and .w, set by the importer.
+ * Batch norm needs all four parameters, layer norm and attention all of theirs;
+ * conv, dense and patch-embed biases are optional.
+ *
  * Infers every node's output shape from the input node's (C, H, W), checks
  * that each node has the parameters its op needs with the right shapes, and
  * freezes the structure. Errors name the node and the mismatch.
  */
 top_status graph_finalize(graph *g, top_error *err);
 
-/* Runs the graph on x: (N, C, H, W). Keeps every activation for backward. */
+/*
+ * Runs the graph on x: (N, C, H, W). Keeps every activation for backward.
+ *
+ * Training mode: batch norm normalises with the batch statistics and updates
+ * the running mean and variance, stat = (1 - GRAPH_BN_MOMENTUM) * stat +
+ * GRAPH_BN_MOMENTUM * batch value, with the unbiased batch variance (as
+ * PyTorch does). It needs more than one value per channel. Dropout draws its
+ * masks from g->dropout_seed, and each training forward then advances the seed.
+ * Buffers are reused while n stays the same. On failure (TOP_ERR_NOMEM or
+ * TOP_ERR_LIMIT naming the node and the size) the buffers are released and no
+ * backward is possible until the next successful forward.
+ */
 top_status graph_forward(graph *g, const float *x, int n, graph_mode mode, top_error *err);
 
 /* The output of node `node` from the last forward, (N, per-sample shape). */
@@ -202,7 +222,11 @@ void graph_zero_grad(graph *g);
 int graph_find_node(const graph *g, const char *name);
 int graph_find_param(const graph *g, const char *name);
 
-/* Per-image counts: parameters (all, or prunable only) and multiply-adds x 2. */
+/* Per-image counts: parameters (all, or prunable only) and multiply-adds x 2.
+ * `params` counts trainable tensors only (batch-norm running statistics are
+ * left out, as PyTorch's parameters() does). FLOPs count conv, patch-embed,
+ * dense and attention (projections and both T x T products) and are 0 before
+ * graph_finalize. */
 typedef struct graph_stats {
     size_t params;
     size_t prunable_params;
