@@ -10,5 +10,7 @@ typedef struct cli_command {
 } cli_command;
 
 int cli_version(int argc, char **argv);
+int cli_forward(int argc, char **argv);
+int cli_inspect(int argc, char **argv);
 
 #endif
