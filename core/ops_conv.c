@@ -1,213 +1,933 @@
 /*
- * Convolutional kernels of ops.h: conv2d, pooling, batch norm, concat, zero
- * padding and layout changes, each with forward and backward.
- * Skeleton: every function exists with a naive body; the fast paths follow.
+ * Convolutional kernels of ops.h: 2-D convolution, max and average pooling,
+ * global average pooling, batch norm, channel concat, zero padding and the
+ * NCHW <-> NHWC layout changes, each forward with its backward.
+ *
+ * conv2d: y[n,k,p,q] = b[k] + sum_{c,r,t} w[k,c,r,t] *
+ *                      x[n, g*C/G + c, p*sh - pt + r*dh, q*sw - pl + t*dw]
+ * with g = k / (K/G) the group of output channel k and out-of-range x read as 0.
+ * Three fast paths, chosen by conv_path_select:
+ * - depthwise (C/G = 1, G > 1, so K = m*C): a direct kernel, OpenMP over
+ *   (n, k) planes in the forward and over channels in the backward;
+ * - pointwise (1x1, stride 1, no padding): one sgemm per image and group,
+ *   since the input already has the column layout;
+ * - everything else: im2col of one image and group into the workspace, then
+ *   sgemm; the backward pass reuses the buffer for dW (dy * col^T) and then
+ *   for dcol = W^T * dy, which col2im adds into dx.
+ * The sgemm calls use OpenBLAS threads; im2col and col2im use OpenMP, and the
+ * two never run at the same time.
+ *
+ * Layout: float32, NCHW row-major; conv weights (K, C/G, R, S).
+ * Accumulation in double: batch-norm statistics and gradient sums, pooling
+ * and bias-gradient sums, the naive conv twins. sgemm accumulates in float.
+ * Thread-safety: kernels touch only their arguments and the workspace.
+ * Not here: running-statistics updates of batch norm (the graph owns them;
+ * PyTorch updates running_var with the unbiased variance, while the
+ * normalisation here uses the biased one), ceil-mode pooling.
  */
 #include "ops.h"
 
+#include <cblas.h>
+#include <limits.h>
 #include <math.h>
 #include <string.h>
 
+/*
+ * Shape legend: N batch, C input channels, H W input height and width,
+ * K output channels, R S kernel height and width, P Q output height and width,
+ * G groups, CG = C/G and KG = K/G channels per group, HW = H*W, PQ = P*Q.
+ */
+
+/* Work below this many multiply-adds stays on one OpenMP thread. */
+#define PARALLEL_MIN_WORK 32768
+
+/* ---- shape validation ------------------------------------------------------ */
+
+/* Fails unless every factor is positive and the product fits in an int. */
+static top_status check_int_product(const char *what, const long long *dims, int count,
+                                    top_error *err)
+{
+    long long product = 1;
+    for (int i = 0; i < count; i++) {
+        if (dims[i] < 1)
+            return top_error_set(err, TOP_ERR_INVALID,
+                                 "%s has a dimension %lld below 1; all sizes must be positive",
+                                 what, dims[i]);
+        if (product > INT_MAX / dims[i])
+            return top_error_set(err, TOP_ERR_OVERFLOW,
+                                 "%s exceeds %d elements; use a smaller batch or input",
+                                 what, INT_MAX);
+        product *= dims[i];
+    }
+    return TOP_OK;
+}
+
+/* Output size along one axis, or -1 when the padded input is shorter than
+ * the dilated window. */
+static long long pooled_extent(int in, int pad_a, int pad_b, long long window, int stride)
+{
+    long long span = (long long)in + pad_a + pad_b - window;
+    return span < 0 ? -1 : span / stride + 1;
+}
+
+static top_status check_conv_params(const conv2d_shape *s, top_error *err)
+{
+    if (s->stride_h < 1 || s->stride_w < 1 || s->dilation_h < 1 || s->dilation_w < 1)
+        return top_error_set(err, TOP_ERR_INVALID,
+                             "conv2d stride (%d, %d) and dilation (%d, %d) must be at least 1",
+                             s->stride_h, s->stride_w, s->dilation_h, s->dilation_w);
+    if (s->pad_top < 0 || s->pad_bottom < 0 || s->pad_left < 0 || s->pad_right < 0)
+        return top_error_set(err, TOP_ERR_INVALID,
+                             "conv2d padding (%d, %d, %d, %d) must not be negative",
+                             s->pad_top, s->pad_bottom, s->pad_left, s->pad_right);
+    if (s->groups < 1 || s->c % s->groups || s->k % s->groups)
+        return top_error_set(err, TOP_ERR_SHAPE,
+                             "conv2d groups %d must divide input channels %d and output "
+                             "channels %d",
+                             s->groups, s->c, s->k);
+    return TOP_OK;
+}
+
 top_status conv2d_shape_derive(conv2d_shape *s, top_error *err)
 {
-    if (s->n < 1 || s->c < 1 || s->h < 1 || s->w < 1 || s->k < 1 || s->r < 1 || s->s < 1 ||
-        s->stride_h < 1 || s->stride_w < 1 || s->dilation_h < 1 || s->dilation_w < 1 ||
-        s->groups < 1 || s->pad_top < 0 || s->pad_bottom < 0 || s->pad_left < 0 ||
-        s->pad_right < 0)
-        return top_error_set(err, TOP_ERR_INVALID, "invalid conv2d shape");
-    if (s->c % s->groups || s->k % s->groups)
-        return top_error_set(err, TOP_ERR_SHAPE, "groups must divide channels");
-    long eh = (long)s->h + s->pad_top + s->pad_bottom - (long)s->dilation_h * (s->r - 1) - 1;
-    long ew = (long)s->w + s->pad_left + s->pad_right - (long)s->dilation_w * (s->s - 1) - 1;
-    if (eh < 0 || ew < 0)
-        return top_error_set(err, TOP_ERR_SHAPE, "conv2d output is empty");
-    s->p = (int)(eh / s->stride_h + 1);
-    s->q = (int)(ew / s->stride_w + 1);
+    long long in_dims[4] = {s->n, s->c, s->h, s->w};
+    long long kernel_dims[3] = {s->k, s->r, s->s};
+    top_status st = check_int_product("conv2d input", in_dims, 4, err);
+    if (st == TOP_OK)
+        st = check_int_product("conv2d kernel", kernel_dims, 3, err);
+    if (st == TOP_OK)
+        st = check_conv_params(s, err);
+    if (st != TOP_OK)
+        return st;
+
+    long long window_h = (long long)s->dilation_h * (s->r - 1) + 1;
+    long long window_w = (long long)s->dilation_w * (s->s - 1) + 1;
+    long long p = pooled_extent(s->h, s->pad_top, s->pad_bottom, window_h, s->stride_h);
+    long long q = pooled_extent(s->w, s->pad_left, s->pad_right, window_w, s->stride_w);
+    if (p < 1 || q < 1)
+        return top_error_set(err, TOP_ERR_SHAPE,
+                             "conv2d window %lldx%lld is larger than the padded input "
+                             "%lldx%lld; pad the input or use a smaller kernel",
+                             window_h, window_w, (long long)s->h + s->pad_top + s->pad_bottom,
+                             (long long)s->w + s->pad_left + s->pad_right);
+
+    /* Every per-image product must fit the int sizes of BLAS. */
+    long long out_dims[4] = {s->n, s->k, p, q};
+    long long weight_dims[4] = {s->k, s->c / s->groups, s->r, s->s};
+    long long col_dims[5] = {s->c / s->groups, s->r, s->s, p, q};
+    st = check_int_product("conv2d output", out_dims, 4, err);
+    if (st == TOP_OK)
+        st = check_int_product("conv2d weight", weight_dims, 4, err);
+    if (st == TOP_OK)
+        st = check_int_product("conv2d column buffer", col_dims, 5, err);
+    if (st != TOP_OK)
+        return st;
+    s->p = (int)p;
+    s->q = (int)q;
     return TOP_OK;
+}
+
+/* ---- conv2d: path selection and helpers ------------------------------------ */
+
+typedef enum conv_path {
+    CONV_PATH_DEPTHWISE, /* C/G = 1 with G > 1: direct kernel */
+    CONV_PATH_POINTWISE, /* 1x1, stride 1, unpadded: sgemm on x itself */
+    CONV_PATH_IM2COL,    /* everything else: im2col + sgemm */
+} conv_path;
+
+static conv_path conv_path_select(const conv2d_shape *s)
+{
+    if (s->groups > 1 && s->c == s->groups)
+        return CONV_PATH_DEPTHWISE;
+    if (s->r == 1 && s->s == 1 && s->stride_h == 1 && s->stride_w == 1 && s->pad_top == 0 &&
+        s->pad_bottom == 0 && s->pad_left == 0 && s->pad_right == 0)
+        return CONV_PATH_POINTWISE;
+    return CONV_PATH_IM2COL;
 }
 
 size_t conv2d_workspace_floats(const conv2d_shape *s)
 {
-    (void)s;
-    return 0;
+    if (conv_path_select(s) != CONV_PATH_IM2COL)
+        return 0;
+    /* One column buffer (CG*R*S, P*Q); the shape check keeps it within int. */
+    return (size_t)(s->c / s->groups) * s->r * s->s * s->p * s->q;
 }
 
+/*
+ * Output indices o in [*lo, *hi) whose input index o*stride + offset lies in
+ * [0, in). The range is empty (lo == hi) when no output reads a real cell.
+ */
+static void valid_output_range(int *lo, int *hi, int out, int in, int stride, int offset)
+{
+    int first = offset >= 0 ? 0 : (-offset + stride - 1) / stride;
+    int last = in - 1 - offset < 0 ? -1 : (in - 1 - offset) / stride;
+    if (last > out - 1)
+        last = out - 1;
+    *lo = first < out ? first : out;
+    *hi = last + 1 > *lo ? last + 1 : *lo;
+}
+
+/* Sets each of the kg planes of y (kg, PQ) to its bias value. */
+static void fill_bias(float *y, const float *b, int kg, size_t pq)
+{
+    for (int k = 0; k < kg; k++)
+        for (size_t i = 0; i < pq; i++)
+            y[(size_t)k * pq + i] = b[k];
+}
+
+/* db: (K) += sum over n, p, q of dy: (N, K, PQ), accumulated in double. */
+static void conv_bias_backward(float *db, const float *dy, int n, int k, size_t pq)
+{
+#pragma omp parallel for schedule(static) if ((size_t)n * k * pq > PARALLEL_MIN_WORK)
+    for (int j = 0; j < k; j++) {
+        double sum = 0.0;
+        for (int i = 0; i < n; i++) {
+            const float *plane = dy + ((size_t)i * k + j) * pq;
+            float part = 0.0f;
+            for (size_t t = 0; t < pq; t++)
+                part += plane[t];
+            sum += part;
+        }
+        db[j] += (float)sum;
+    }
+}
+
+/* ---- conv2d: depthwise direct kernel ------------------------------------------ */
+
+/* One output plane. y: (P, Q)  x: (H, W) of the input channel  w: (R, S) */
+static void depthwise_plane_forward(float *y, const float *x, const float *w, float bias,
+                                    const conv2d_shape *s)
+{
+    for (int p = 0; p < s->p; p++) {
+        float *row = y + (size_t)p * s->q;
+        for (int q = 0; q < s->q; q++)
+            row[q] = bias;
+        for (int r = 0; r < s->r; r++) {
+            int ih = p * s->stride_h - s->pad_top + r * s->dilation_h;
+            if (ih < 0 || ih >= s->h)
+                continue;
+            const float *xrow = x + (size_t)ih * s->w;
+            for (int t = 0; t < s->s; t++) {
+                int offset = t * s->dilation_w - s->pad_left, lo, hi;
+                valid_output_range(&lo, &hi, s->q, s->w, s->stride_w, offset);
+                float wv = w[r * s->s + t];
+                if (s->stride_w == 1) {
+                    const float *xs = xrow + offset;
+                    for (int q = lo; q < hi; q++)
+                        row[q] += wv * xs[q];
+                } else {
+                    for (int q = lo; q < hi; q++)
+                        row[q] += wv * xrow[q * s->stride_w + offset];
+                }
+            }
+        }
+    }
+}
+
+/* dx: (H, W) += the transposed convolution of dy: (P, Q) with w: (R, S). */
+static void depthwise_plane_backward_input(float *dx, const float *dy, const float *w,
+                                           const conv2d_shape *s)
+{
+    for (int p = 0; p < s->p; p++) {
+        const float *drow = dy + (size_t)p * s->q;
+        for (int r = 0; r < s->r; r++) {
+            int ih = p * s->stride_h - s->pad_top + r * s->dilation_h;
+            if (ih < 0 || ih >= s->h)
+                continue;
+            float *xrow = dx + (size_t)ih * s->w;
+            for (int t = 0; t < s->s; t++) {
+                int offset = t * s->dilation_w - s->pad_left, lo, hi;
+                valid_output_range(&lo, &hi, s->q, s->w, s->stride_w, offset);
+                float wv = w[r * s->s + t];
+                for (int q = lo; q < hi; q++)
+                    xrow[q * s->stride_w + offset] += wv * drow[q];
+            }
+        }
+    }
+}
+
+/* Returns sum_{p,q} dy[p,q] * x[p*sh - pt + r*dh, q*sw - pl + t*dw] for one tap. */
+static double depthwise_tap_gradient(const float *dy, const float *x, int r, int t,
+                                     const conv2d_shape *s)
+{
+    int offset = t * s->dilation_w - s->pad_left, lo, hi;
+    valid_output_range(&lo, &hi, s->q, s->w, s->stride_w, offset);
+    double sum = 0.0;
+    for (int p = 0; p < s->p; p++) {
+        int ih = p * s->stride_h - s->pad_top + r * s->dilation_h;
+        if (ih < 0 || ih >= s->h)
+            continue;
+        const float *xrow = x + (size_t)ih * s->w;
+        const float *drow = dy + (size_t)p * s->q;
+        float part = 0.0f;
+        for (int q = lo; q < hi; q++)
+            part += drow[q] * xrow[q * s->stride_w + offset];
+        sum += part;
+    }
+    return sum;
+}
+
+/* x: (N, C, H, W)  w: (K, 1, R, S)  y: (N, K, P, Q), K = m*C */
+static void depthwise_forward(float *y, const float *x, const float *w, const float *b,
+                              const conv2d_shape *s)
+{
+    int m = s->k / s->c;
+    size_t hw = (size_t)s->h * s->w, pq = (size_t)s->p * s->q, rs = (size_t)s->r * s->s;
+    int planes = s->n * s->k;
+#pragma omp parallel for schedule(static) if (planes * pq * rs > PARALLEL_MIN_WORK)
+    for (int i = 0; i < planes; i++) {
+        int n = i / s->k, k = i % s->k;
+        const float *xc = x + ((size_t)n * s->c + k / m) * hw;
+        depthwise_plane_forward(y + (size_t)i * pq, xc, w + k * rs, b ? b[k] : 0.0f, s);
+    }
+}
+
+/* dy: (N, K, P, Q)  dx: (N, C, H, W)  dw: (K, 1, R, S); parallel over input
+ * channels, so the m output channels that read one input never race. */
+static void depthwise_backward(float *dx, float *dw, const float *dy, const float *x,
+                               const float *w, const conv2d_shape *s)
+{
+    int m = s->k / s->c;
+    size_t hw = (size_t)s->h * s->w, pq = (size_t)s->p * s->q, rs = (size_t)s->r * s->s;
+#pragma omp parallel for schedule(static) if (s->n * s->k * pq * rs > PARALLEL_MIN_WORK)
+    for (int c = 0; c < s->c; c++) {
+        for (int k = c * m; k < (c + 1) * m; k++) {
+            for (int n = 0; dx && n < s->n; n++)
+                depthwise_plane_backward_input(dx + ((size_t)n * s->c + c) * hw,
+                                               dy + ((size_t)n * s->k + k) * pq, w + k * rs,
+                                               s);
+            for (size_t tap = 0; dw && tap < rs; tap++) {
+                double sum = 0.0;
+                for (int n = 0; n < s->n; n++)
+                    sum += depthwise_tap_gradient(dy + ((size_t)n * s->k + k) * pq,
+                                                  x + ((size_t)n * s->c + c) * hw,
+                                                  (int)tap / s->s, (int)tap % s->s, s);
+                dw[k * rs + tap] += (float)sum;
+            }
+        }
+    }
+}
+
+/* ---- conv2d: im2col + sgemm ---------------------------------------------------- */
+
+/* col: (CG*R*S, P*Q) from x: (CG, H, W) of one image and group; padded cells
+ * become 0. Row (c, r, t) holds x[c, p*sh - pt + r*dh, q*sw - pl + t*dw]. */
+static void im2col(float *col, const float *x, int cg, const conv2d_shape *s)
+{
+    int rows = cg * s->r * s->s;
+    size_t pq = (size_t)s->p * s->q, hw = (size_t)s->h * s->w;
+#pragma omp parallel for schedule(static) if ((size_t)rows * pq > PARALLEL_MIN_WORK)
+    for (int row = 0; row < rows; row++) {
+        int t = row % s->s, r = row / s->s % s->r, c = row / (s->r * s->s);
+        int offset = t * s->dilation_w - s->pad_left, lo, hi;
+        valid_output_range(&lo, &hi, s->q, s->w, s->stride_w, offset);
+        for (int p = 0; p < s->p; p++) {
+            float *dst = col + (size_t)row * pq + (size_t)p * s->q;
+            int ih = p * s->stride_h - s->pad_top + r * s->dilation_h;
+            if (ih < 0 || ih >= s->h) {
+                memset(dst, 0, (size_t)s->q * sizeof *dst);
+                continue;
+            }
+            const float *src = x + c * hw + (size_t)ih * s->w + offset;
+            memset(dst, 0, (size_t)lo * sizeof *dst);
+            if (s->stride_w == 1)
+                memcpy(dst + lo, src + lo, (size_t)(hi - lo) * sizeof *dst);
+            else
+                for (int q = lo; q < hi; q++)
+                    dst[q] = src[q * s->stride_w];
+            memset(dst + hi, 0, (size_t)(s->q - hi) * sizeof *dst);
+        }
+    }
+}
+
+/* dx: (CG, H, W) += the cells of col: (CG*R*S, P*Q) that im2col read from x.
+ * Parallel over channels because the rows of one channel overlap in dx. */
+static void col2im_add(float *dx, const float *col, int cg, const conv2d_shape *s)
+{
+    size_t pq = (size_t)s->p * s->q, hw = (size_t)s->h * s->w;
+#pragma omp parallel for schedule(static) if ((size_t)cg * s->r * s->s * pq > PARALLEL_MIN_WORK)
+    for (int c = 0; c < cg; c++) {
+        for (int r = 0; r < s->r; r++)
+            for (int t = 0; t < s->s; t++) {
+                const float *src = col + ((size_t)(c * s->r + r) * s->s + t) * pq;
+                int offset = t * s->dilation_w - s->pad_left, lo, hi;
+                valid_output_range(&lo, &hi, s->q, s->w, s->stride_w, offset);
+                for (int p = 0; p < s->p; p++) {
+                    int ih = p * s->stride_h - s->pad_top + r * s->dilation_h;
+                    if (ih < 0 || ih >= s->h)
+                        continue;
+                    float *dst = dx + c * hw + (size_t)ih * s->w + offset;
+                    const float *row = src + (size_t)p * s->q;
+                    for (int q = lo; q < hi; q++)
+                        dst[q * s->stride_w] += row[q];
+                }
+            }
+    }
+}
+
+/* x: (N, C, H, W)  w: (K, C/G, R, S)  b: (K) or NULL  y: (N, K, P, Q)
+ * work: conv2d_workspace_floats(s) */
+void conv2d_forward(float *y, const float *x, const float *w, const float *b,
+                    const conv2d_shape *s, float *work)
+{
+    conv_path path = conv_path_select(s);
+    if (path == CONV_PATH_DEPTHWISE) {
+        depthwise_forward(y, x, w, b, s);
+        return;
+    }
+
+    int cg = s->c / s->groups, kg = s->k / s->groups;
+    int depth = cg * s->r * s->s, pq = s->p * s->q;
+    size_t hw = (size_t)s->h * s->w;
+    for (int n = 0; n < s->n; n++)
+        for (int g = 0; g < s->groups; g++) {
+            const float *xg = x + ((size_t)n * s->c + (size_t)g * cg) * hw;
+            float *yg = y + ((size_t)n * s->k + (size_t)g * kg) * pq;
+            const float *cols = xg;
+            if (path == CONV_PATH_IM2COL) {
+                im2col(work, xg, cg, s);
+                cols = work;
+            }
+            if (b)
+                fill_bias(yg, b + g * kg, kg, (size_t)pq);
+            /* yg (KG, PQ) = wg (KG, CG*R*S) * cols (CG*R*S, PQ) [+ yg] */
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, kg, pq, depth, 1.0f,
+                        w + (size_t)g * kg * depth, depth, cols, pq, b ? 1.0f : 0.0f, yg, pq);
+        }
+}
+
+/* dy: (N, K, P, Q)  x: (N, C, H, W)  w: (K, C/G, R, S)
+ * dx: (N, C, H, W)  dw: (K, C/G, R, S)  db: (K), each accumulated, NULL skipped
+ * work: conv2d_workspace_floats(s) */
+void conv2d_backward(float *dx, float *dw, float *db, const float *dy, const float *x,
+                     const float *w, const conv2d_shape *s, float *work)
+{
+    size_t pq = (size_t)s->p * s->q, hw = (size_t)s->h * s->w;
+    if (db)
+        conv_bias_backward(db, dy, s->n, s->k, pq);
+    conv_path path = conv_path_select(s);
+    if (path == CONV_PATH_DEPTHWISE) {
+        depthwise_backward(dx, dw, dy, x, w, s);
+        return;
+    }
+
+    int cg = s->c / s->groups, kg = s->k / s->groups, depth = cg * s->r * s->s;
+    for (int n = 0; n < s->n; n++)
+        for (int g = 0; g < s->groups; g++) {
+            const float *xg = x + ((size_t)n * s->c + (size_t)g * cg) * hw;
+            const float *dyg = dy + ((size_t)n * s->k + (size_t)g * kg) * pq;
+            const float *wg = w + (size_t)g * kg * depth;
+            if (dw) {
+                const float *cols = xg;
+                if (path == CONV_PATH_IM2COL) {
+                    im2col(work, xg, cg, s);
+                    cols = work;
+                }
+                /* dwg (KG, CG*R*S) += dyg (KG, PQ) * cols^T (PQ, CG*R*S) */
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, kg, depth, (int)pq, 1.0f,
+                            dyg, (int)pq, cols, (int)pq, 1.0f, dw + (size_t)g * kg * depth,
+                            depth);
+            }
+            if (!dx)
+                continue;
+            float *dxg = dx + ((size_t)n * s->c + (size_t)g * cg) * hw;
+            /* dcols (CG*R*S, PQ) = wg^T (CG*R*S, KG) * dyg (KG, PQ); pointwise
+             * convolutions add it into dxg directly. */
+            float *dcols = path == CONV_PATH_POINTWISE ? dxg : work;
+            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, depth, (int)pq, kg, 1.0f, wg,
+                        depth, dyg, (int)pq, path == CONV_PATH_POINTWISE ? 1.0f : 0.0f, dcols,
+                        (int)pq);
+            if (path == CONV_PATH_IM2COL)
+                col2im_add(dxg, work, cg, s);
+        }
+}
+
+/* ---- conv2d: naive twins (the oracle in tests) ------------------------------------ */
+
+/* Returns x[n, c, ih, iw] or 0 outside the input. */
+static double conv_input_at(const float *x, const conv2d_shape *s, int n, int c, int ih, int iw)
+{
+    if (ih < 0 || ih >= s->h || iw < 0 || iw >= s->w)
+        return 0.0;
+    return x[(((size_t)n * s->c + c) * s->h + ih) * s->w + iw];
+}
+
+/* Same operands as conv2d_forward; plain loops, double accumulation. */
 void conv2d_forward_naive(float *y, const float *x, const float *w, const float *b,
                           const conv2d_shape *s)
 {
     int cg = s->c / s->groups, kg = s->k / s->groups;
     for (int n = 0; n < s->n; n++)
-        for (int k = 0; k < s->k; k++) {
-            int g = k / kg;
+        for (int k = 0; k < s->k; k++)
             for (int p = 0; p < s->p; p++)
                 for (int q = 0; q < s->q; q++) {
-                    double acc = b ? b[k] : 0.0;
+                    double sum = b ? b[k] : 0.0;
                     for (int c = 0; c < cg; c++)
+                        for (int r = 0; r < s->r; r++)
+                            for (int t = 0; t < s->s; t++)
+                                sum += w[(((size_t)k * cg + c) * s->r + r) * s->s + t] *
+                                       conv_input_at(x, s, n, k / kg * cg + c,
+                                                     p * s->stride_h - s->pad_top +
+                                                         r * s->dilation_h,
+                                                     q * s->stride_w - s->pad_left +
+                                                         t * s->dilation_w);
+                    y[(((size_t)n * s->k + k) * s->p + p) * s->q + q] = (float)sum;
+                }
+}
+
+/* Output index o with o*stride + tap*dilation - pad = i, or -1 if there is none. */
+static int conv_output_index(int i, int tap, int stride, int dilation, int pad, int out)
+{
+    int span = i + pad - tap * dilation;
+    if (span < 0 || span % stride)
+        return -1;
+    return span / stride < out ? span / stride : -1;
+}
+
+/* dx[n, c, i, j] = sum over (k in group, r, t) of w * dy at the output that
+ * reads input (i, j) through tap (r, t): a gather, unlike the fast scatter. */
+static void conv_naive_backward_input(float *dx, const float *dy, const float *w,
+                                      const conv2d_shape *s)
+{
+    int cg = s->c / s->groups, kg = s->k / s->groups;
+    for (int n = 0; n < s->n; n++)
+        for (int c = 0; c < s->c; c++)
+            for (int i = 0; i < s->h; i++)
+                for (int j = 0; j < s->w; j++) {
+                    double sum = 0.0;
+                    for (int k = c / cg * kg; k < (c / cg + 1) * kg; k++)
                         for (int r = 0; r < s->r; r++) {
-                            int ih = p * s->stride_h - s->pad_top + r * s->dilation_h;
-                            if (ih < 0 || ih >= s->h)
-                                continue;
-                            for (int t = 0; t < s->s; t++) {
-                                int iw = q * s->stride_w - s->pad_left + t * s->dilation_w;
-                                if (iw < 0 || iw >= s->w)
+                            int p = conv_output_index(i, r, s->stride_h, s->dilation_h,
+                                                      s->pad_top, s->p);
+                            for (int t = 0; p >= 0 && t < s->s; t++) {
+                                int q = conv_output_index(j, t, s->stride_w, s->dilation_w,
+                                                          s->pad_left, s->q);
+                                if (q < 0)
                                     continue;
-                                acc += (double)x[(((size_t)n * s->c + g * cg + c) * s->h + ih) * s->w + iw] *
-                                       w[(((size_t)k * cg + c) * s->r + r) * s->s + t];
+                                sum += (double)w[(((size_t)k * cg + c % cg) * s->r + r) * s->s + t] *
+                                       dy[(((size_t)n * s->k + k) * s->p + p) * s->q + q];
                             }
                         }
-                    y[(((size_t)n * s->k + k) * s->p + p) * s->q + q] = (float)acc;
+                    dx[(((size_t)n * s->c + c) * s->h + i) * s->w + j] += (float)sum;
                 }
-        }
 }
 
-void conv2d_forward(float *y, const float *x, const float *w, const float *b,
-                    const conv2d_shape *s, float *work)
-{
-    (void)work;
-    conv2d_forward_naive(y, x, w, b, s);
-}
-
+/* Same operands as conv2d_backward; plain loops, double accumulation. */
 void conv2d_backward_naive(float *dx, float *dw, float *db, const float *dy,
                            const float *x, const float *w, const conv2d_shape *s)
 {
     int cg = s->c / s->groups, kg = s->k / s->groups;
-    for (int n = 0; n < s->n; n++)
-        for (int k = 0; k < s->k; k++) {
-            int g = k / kg;
-            for (int p = 0; p < s->p; p++)
-                for (int q = 0; q < s->q; q++) {
-                    float d = dy[(((size_t)n * s->k + k) * s->p + p) * s->q + q];
-                    if (db)
-                        db[k] += d;
-                    for (int c = 0; c < cg; c++)
-                        for (int r = 0; r < s->r; r++) {
-                            int ih = p * s->stride_h - s->pad_top + r * s->dilation_h;
-                            if (ih < 0 || ih >= s->h)
-                                continue;
-                            for (int t = 0; t < s->s; t++) {
-                                int iw = q * s->stride_w - s->pad_left + t * s->dilation_w;
-                                if (iw < 0 || iw >= s->w)
-                                    continue;
-                                size_t xi = (((size_t)n * s->c + g * cg + c) * s->h + ih) * s->w + iw;
-                                size_t wi = (((size_t)k * cg + c) * s->r + r) * s->s + t;
-                                if (dx)
-                                    dx[xi] += d * w[wi];
-                                if (dw)
-                                    dw[wi] += d * x[xi];
-                            }
-                        }
+    size_t pq = (size_t)s->p * s->q;
+    for (int k = 0; k < s->k; k++) {
+        double bias_sum = 0.0;
+        for (int n = 0; n < s->n; n++)
+            for (size_t i = 0; i < pq; i++)
+                bias_sum += dy[((size_t)n * s->k + k) * pq + i];
+        if (db)
+            db[k] += (float)bias_sum;
+        for (int c = 0; dw && c < cg; c++)
+            for (int r = 0; r < s->r; r++)
+                for (int t = 0; t < s->s; t++) {
+                    double sum = 0.0;
+                    for (int n = 0; n < s->n; n++)
+                        for (int p = 0; p < s->p; p++)
+                            for (int q = 0; q < s->q; q++)
+                                sum += dy[((size_t)n * s->k + k) * pq + (size_t)p * s->q + q] *
+                                       conv_input_at(x, s, n, k / kg * cg + c,
+                                                     p * s->stride_h - s->pad_top +
+                                                         r * s->dilation_h,
+                                                     q * s->stride_w - s->pad_left +
+                                                         t * s->dilation_w);
+                    dw[(((size_t)k * cg + c) * s->r + r) * s->s + t] += (float)sum;
                 }
-        }
+    }
+    if (dx)
+        conv_naive_backward_input(dx, dy, w, s);
 }
 
-void conv2d_backward(float *dx, float *dw, float *db, const float *dy, const float *x,
-                     const float *w, const conv2d_shape *s, float *work)
-{
-    (void)work;
-    conv2d_backward_naive(dx, dw, db, dy, x, w, s);
-}
+/* ---- pooling ------------------------------------------------------------------------ */
 
 top_status pool2d_shape_derive(pool2d_shape *s, top_error *err)
 {
-    if (s->n < 1 || s->c < 1 || s->h < 1 || s->w < 1 || s->r < 1 || s->s < 1 ||
-        s->stride_h < 1 || s->stride_w < 1 || s->pad_top < 0 || s->pad_bottom < 0 ||
-        s->pad_left < 0 || s->pad_right < 0)
-        return top_error_set(err, TOP_ERR_INVALID, "invalid pool2d shape");
-    long eh = (long)s->h + s->pad_top + s->pad_bottom - s->r;
-    long ew = (long)s->w + s->pad_left + s->pad_right - s->s;
-    if (eh < 0 || ew < 0)
-        return top_error_set(err, TOP_ERR_SHAPE, "pool2d output is empty");
-    s->p = (int)(eh / s->stride_h + 1);
-    s->q = (int)(ew / s->stride_w + 1);
+    long long in_dims[4] = {s->n, s->c, s->h, s->w};
+    long long window_dims[2] = {s->r, s->s};
+    top_status st = check_int_product("pool2d input", in_dims, 4, err);
+    if (st == TOP_OK)
+        st = check_int_product("pool2d window", window_dims, 2, err);
+    if (st != TOP_OK)
+        return st;
+    if (s->stride_h < 1 || s->stride_w < 1)
+        return top_error_set(err, TOP_ERR_INVALID,
+                             "pool2d stride (%d, %d) must be at least 1", s->stride_h,
+                             s->stride_w);
+    if (s->pad_top < 0 || s->pad_bottom < 0 || s->pad_left < 0 || s->pad_right < 0)
+        return top_error_set(err, TOP_ERR_INVALID,
+                             "pool2d padding (%d, %d, %d, %d) must not be negative",
+                             s->pad_top, s->pad_bottom, s->pad_left, s->pad_right);
+    if (s->count_include_pad != 0 && s->count_include_pad != 1)
+        return top_error_set(err, TOP_ERR_INVALID,
+                             "pool2d count_include_pad %d must be 0 or 1",
+                             s->count_include_pad);
+
+    long long p = pooled_extent(s->h, s->pad_top, s->pad_bottom, s->r, s->stride_h);
+    long long q = pooled_extent(s->w, s->pad_left, s->pad_right, s->s, s->stride_w);
+    if (p < 1 || q < 1)
+        return top_error_set(err, TOP_ERR_SHAPE,
+                             "pool2d window %dx%d is larger than the padded input %lldx%lld; "
+                             "pad the input or use a smaller window",
+                             s->r, s->s, (long long)s->h + s->pad_top + s->pad_bottom,
+                             (long long)s->w + s->pad_left + s->pad_right);
+    long long out_dims[4] = {s->n, s->c, p, q};
+    st = check_int_product("pool2d output", out_dims, 4, err);
+    if (st != TOP_OK)
+        return st;
+    s->p = (int)p;
+    s->q = (int)q;
     return TOP_OK;
 }
 
-void maxpool2d_forward(float *y, const float *x, const pool2d_shape *s) { (void)y; (void)x; (void)s; }
-void maxpool2d_backward(float *dx, const float *dy, const float *x, const pool2d_shape *s) { (void)dx; (void)dy; (void)x; (void)s; }
-void avgpool2d_forward(float *y, const float *x, const pool2d_shape *s) { (void)y; (void)x; (void)s; }
-void avgpool2d_backward(float *dx, const float *dy, const pool2d_shape *s) { (void)dx; (void)dy; (void)s; }
+/* The in-bounds part [*i0, *i1) x [*j0, *j1) of the window of output (p, q). */
+static void pool_window(int *i0, int *i1, int *j0, int *j1, int p, int q,
+                        const pool2d_shape *s)
+{
+    int top = p * s->stride_h - s->pad_top, left = q * s->stride_w - s->pad_left;
+    *i0 = top > 0 ? top : 0;
+    *i1 = top + s->r < s->h ? top + s->r : s->h;
+    *j0 = left > 0 ? left : 0;
+    *j1 = left + s->s < s->w ? left + s->s : s->w;
+}
 
+/* Index in x: (H, W) of the first maximum of the window of (p, q), or -1 if the
+ * window is all padding. A NaN wins, as in PyTorch, so NaNs propagate. */
+static long maxpool_argmax(const float *x, int p, int q, const pool2d_shape *s)
+{
+    int i0, i1, j0, j1;
+    pool_window(&i0, &i1, &j0, &j1, p, q, s);
+    long best = -1;
+    for (int i = i0; i < i1; i++)
+        for (int j = j0; j < j1; j++) {
+            long at = (long)i * s->w + j;
+            if (best < 0 || x[at] > x[best] || (isnan(x[at]) && !isnan(x[best])))
+                best = at;
+        }
+    return best;
+}
+
+/* x: (N, C, H, W)  y: (N, C, P, Q) */
+void maxpool2d_forward(float *y, const float *x, const pool2d_shape *s)
+{
+    int planes = s->n * s->c;
+    size_t hw = (size_t)s->h * s->w, pq = (size_t)s->p * s->q;
+#pragma omp parallel for schedule(static) if (planes * hw > PARALLEL_MIN_WORK)
+    for (int i = 0; i < planes; i++)
+        for (int p = 0; p < s->p; p++)
+            for (int q = 0; q < s->q; q++) {
+                long at = maxpool_argmax(x + i * hw, p, q, s);
+                y[i * pq + (size_t)p * s->q + q] = at < 0 ? 0.0f : x[i * hw + (size_t)at];
+            }
+}
+
+/* dy: (N, C, P, Q)  x: (N, C, H, W)  dx: (N, C, H, W) += dy at each window's argmax */
+void maxpool2d_backward(float *dx, const float *dy, const float *x, const pool2d_shape *s)
+{
+    int planes = s->n * s->c;
+    size_t hw = (size_t)s->h * s->w, pq = (size_t)s->p * s->q;
+#pragma omp parallel for schedule(static) if (planes * hw > PARALLEL_MIN_WORK)
+    for (int i = 0; i < planes; i++)
+        for (int p = 0; p < s->p; p++)
+            for (int q = 0; q < s->q; q++) {
+                long at = maxpool_argmax(x + i * hw, p, q, s);
+                if (at >= 0)
+                    dx[i * hw + (size_t)at] += dy[i * pq + (size_t)p * s->q + q];
+            }
+}
+
+/* Divisor of the window of (p, q): r*s, or the in-bounds count (0 if none). */
+static int avgpool_divisor(int i0, int i1, int j0, int j1, const pool2d_shape *s)
+{
+    if (s->count_include_pad)
+        return s->r * s->s;
+    return i1 > i0 && j1 > j0 ? (i1 - i0) * (j1 - j0) : 0;
+}
+
+/* x: (N, C, H, W)  y: (N, C, P, Q); an all-padding window without
+ * count_include_pad gives 0. */
+void avgpool2d_forward(float *y, const float *x, const pool2d_shape *s)
+{
+    int planes = s->n * s->c;
+    size_t hw = (size_t)s->h * s->w, pq = (size_t)s->p * s->q;
+#pragma omp parallel for schedule(static) if (planes * hw > PARALLEL_MIN_WORK)
+    for (int i = 0; i < planes; i++)
+        for (int p = 0; p < s->p; p++)
+            for (int q = 0; q < s->q; q++) {
+                int i0, i1, j0, j1;
+                pool_window(&i0, &i1, &j0, &j1, p, q, s);
+                int divisor = avgpool_divisor(i0, i1, j0, j1, s);
+                double sum = 0.0;
+                for (int a = i0; a < i1; a++)
+                    for (int b = j0; b < j1; b++)
+                        sum += x[i * hw + (size_t)a * s->w + b];
+                y[i * pq + (size_t)p * s->q + q] = divisor ? (float)(sum / divisor) : 0.0f;
+            }
+}
+
+/* dy: (N, C, P, Q)  dx: (N, C, H, W) += dy / divisor over each window's real cells */
+void avgpool2d_backward(float *dx, const float *dy, const pool2d_shape *s)
+{
+    int planes = s->n * s->c;
+    size_t hw = (size_t)s->h * s->w, pq = (size_t)s->p * s->q;
+#pragma omp parallel for schedule(static) if (planes * hw > PARALLEL_MIN_WORK)
+    for (int i = 0; i < planes; i++)
+        for (int p = 0; p < s->p; p++)
+            for (int q = 0; q < s->q; q++) {
+                int i0, i1, j0, j1;
+                pool_window(&i0, &i1, &j0, &j1, p, q, s);
+                int divisor = avgpool_divisor(i0, i1, j0, j1, s);
+                if (!divisor)
+                    continue;
+                float share = dy[i * pq + (size_t)p * s->q + q] / (float)divisor;
+                for (int a = i0; a < i1; a++)
+                    for (int b = j0; b < j1; b++)
+                        dx[i * hw + (size_t)a * s->w + b] += share;
+            }
+}
+
+/* x: (N, C, HW)  y: (N, C); sums in double */
 void global_avgpool_forward(float *y, const float *x, int n, int c, int hw)
 {
-    for (size_t i = 0; i < (size_t)n * c; i++) {
-        double acc = 0;
+    int planes = n * c;
+#pragma omp parallel for schedule(static) if ((size_t)planes * hw > PARALLEL_MIN_WORK)
+    for (int i = 0; i < planes; i++) {
+        double sum = 0.0;
         for (int j = 0; j < hw; j++)
-            acc += x[i * hw + j];
-        y[i] = (float)(acc / hw);
+            sum += x[(size_t)i * hw + j];
+        y[i] = (float)(sum / hw);
     }
 }
 
+/* dy: (N, C)  dx: (N, C, HW) += dy / HW */
 void global_avgpool_backward(float *dx, const float *dy, int n, int c, int hw)
 {
-    for (size_t i = 0; i < (size_t)n * c; i++)
+    int planes = n * c;
+#pragma omp parallel for schedule(static) if ((size_t)planes * hw > PARALLEL_MIN_WORK)
+    for (int i = 0; i < planes; i++) {
+        float share = dy[i] / (float)hw;
         for (int j = 0; j < hw; j++)
-            dx[i * hw + j] += dy[i] / (float)hw;
+            dx[(size_t)i * hw + j] += share;
+    }
 }
 
+/* ---- batch norm ----------------------------------------------------------------------- */
+
+/* x: (N, C, HW)  gamma, beta, mean, var: (C)  y: (N, C, HW) */
 void batchnorm_forward_inference(float *y, const float *x, const float *gamma,
                                  const float *beta, const float *mean, const float *var,
                                  float eps, int n, int c, int hw)
 {
-    for (int i = 0; i < n; i++)
-        for (int j = 0; j < c; j++) {
-            float a = gamma[j] / sqrtf(var[j] + eps);
-            size_t o = ((size_t)i * c + j) * hw;
-            for (int t = 0; t < hw; t++)
-                y[o + t] = (x[o + t] - mean[j]) * a + beta[j];
-        }
+    int planes = n * c;
+#pragma omp parallel for schedule(static) if ((size_t)planes * hw > PARALLEL_MIN_WORK)
+    for (int i = 0; i < planes; i++) {
+        int j = i % c;
+        float scale = gamma[j] / sqrtf(var[j] + eps);
+        float shift = beta[j] - mean[j] * scale;
+        const float *xp = x + (size_t)i * hw;
+        float *yp = y + (size_t)i * hw;
+        for (int t = 0; t < hw; t++)
+            yp[t] = xp[t] * scale + shift;
+    }
 }
 
+/* Mean and 1/sqrt(biased variance + eps) of channel j of x: (N, C, HW), two
+ * passes in double. */
+static void batchnorm_channel_stats(double *mean, double *invstd, const float *x, int j,
+                                    float eps, int n, int c, int hw)
+{
+    double sum = 0.0;
+    for (int i = 0; i < n; i++)
+        for (int t = 0; t < hw; t++)
+            sum += x[((size_t)i * c + j) * hw + t];
+    double count = (double)n * hw, mu = sum / count, sq = 0.0;
+    for (int i = 0; i < n; i++)
+        for (int t = 0; t < hw; t++) {
+            double d = x[((size_t)i * c + j) * hw + t] - mu;
+            sq += d * d;
+        }
+    *mean = mu;
+    *invstd = 1.0 / sqrt(sq / count + eps);
+}
+
+/* x: (N, C, HW)  gamma, beta: (C)  y: (N, C, HW)  save_mean, save_invstd: (C) */
 void batchnorm_forward_train(float *y, float *save_mean, float *save_invstd,
                              const float *x, const float *gamma, const float *beta,
                              float eps, int n, int c, int hw)
 {
-    (void)y; (void)save_mean; (void)save_invstd; (void)x; (void)gamma; (void)beta; (void)eps; (void)n; (void)c; (void)hw;
+#pragma omp parallel for schedule(static) if ((size_t)n * c * hw > PARALLEL_MIN_WORK)
+    for (int j = 0; j < c; j++) {
+        double mean, invstd;
+        batchnorm_channel_stats(&mean, &invstd, x, j, eps, n, c, hw);
+        save_mean[j] = (float)mean;
+        save_invstd[j] = (float)invstd;
+        double scale = gamma[j] * invstd, shift = beta[j] - mean * scale;
+        for (int i = 0; i < n; i++) {
+            const float *xp = x + ((size_t)i * c + j) * hw;
+            float *yp = y + ((size_t)i * c + j) * hw;
+            for (int t = 0; t < hw; t++)
+                yp[t] = (float)(xp[t] * scale + shift);
+        }
+    }
 }
 
+/* Sums over channel j of dy and of dy * (x - mean), in double. */
+static void batchnorm_channel_sums(double *sum_dy, double *sum_dy_xc, const float *dy,
+                                   const float *x, double mean, int j, int n, int c, int hw)
+{
+    double a = 0.0, b = 0.0;
+    for (int i = 0; i < n; i++)
+        for (int t = 0; t < hw; t++) {
+            size_t at = ((size_t)i * c + j) * hw + t;
+            a += dy[at];
+            b += dy[at] * (x[at] - mean);
+        }
+    *sum_dy = a;
+    *sum_dy_xc = b;
+}
+
+/* dy, x: (N, C, HW)  gamma, mean, var: (C)  dx: (N, C, HW)  dgamma, dbeta: (C);
+ * dx += dy * gamma * invstd with mean and var held constant. */
 void batchnorm_backward_inference(float *dx, float *dgamma, float *dbeta, const float *dy,
                                   const float *x, const float *gamma, const float *mean,
                                   const float *var, float eps, int n, int c, int hw)
 {
-    (void)dx; (void)dgamma; (void)dbeta; (void)dy; (void)x; (void)gamma; (void)mean; (void)var; (void)eps; (void)n; (void)c; (void)hw;
+#pragma omp parallel for schedule(static) if ((size_t)n * c * hw > PARALLEL_MIN_WORK)
+    for (int j = 0; j < c; j++) {
+        double invstd = 1.0 / sqrt((double)var[j] + eps), sum_dy, sum_dy_xc;
+        if (dgamma || dbeta) {
+            batchnorm_channel_sums(&sum_dy, &sum_dy_xc, dy, x, mean[j], j, n, c, hw);
+            if (dgamma)
+                dgamma[j] += (float)(sum_dy_xc * invstd);
+            if (dbeta)
+                dbeta[j] += (float)sum_dy;
+        }
+        float scale = (float)(gamma[j] * invstd);
+        for (int i = 0; dx && i < n; i++) {
+            const float *dyp = dy + ((size_t)i * c + j) * hw;
+            float *dxp = dx + ((size_t)i * c + j) * hw;
+            for (int t = 0; t < hw; t++)
+                dxp[t] += dyp[t] * scale;
+        }
+    }
 }
 
+/* dy, x: (N, C, HW)  gamma, save_mean, save_invstd: (C)  dx: (N, C, HW)
+ * dgamma, dbeta: (C). With xhat = (x - mean) * invstd and M = N*HW:
+ * dx += gamma * invstd * (dy - sum(dy)/M - xhat * sum(dy * xhat)/M). */
 void batchnorm_backward_train(float *dx, float *dgamma, float *dbeta, const float *dy,
                               const float *x, const float *gamma, const float *save_mean,
                               const float *save_invstd, int n, int c, int hw)
 {
-    (void)dx; (void)dgamma; (void)dbeta; (void)dy; (void)x; (void)gamma; (void)save_mean; (void)save_invstd; (void)n; (void)c; (void)hw;
+#pragma omp parallel for schedule(static) if ((size_t)n * c * hw > PARALLEL_MIN_WORK)
+    for (int j = 0; j < c; j++) {
+        double mean = save_mean[j], invstd = save_invstd[j], sum_dy, sum_dy_xc;
+        batchnorm_channel_sums(&sum_dy, &sum_dy_xc, dy, x, mean, j, n, c, hw);
+        if (dgamma)
+            dgamma[j] += (float)(sum_dy_xc * invstd);
+        if (dbeta)
+            dbeta[j] += (float)sum_dy;
+        if (!dx)
+            continue;
+        double count = (double)n * hw, scale = gamma[j] * invstd;
+        double mean_dy = sum_dy / count, proj = sum_dy_xc * invstd * invstd / count;
+        for (int i = 0; i < n; i++) {
+            size_t base = ((size_t)i * c + j) * hw;
+            for (int t = 0; t < hw; t++)
+                dx[base + t] += (float)(scale * (dy[base + t] - mean_dy -
+                                                 (x[base + t] - mean) * proj));
+        }
+    }
 }
 
+/* ---- concat, zero padding, layout ------------------------------------------------------- */
+
+/* xs[i]: (N, channels[i], HW)  y: (N, sum channels, HW) */
 void concat_forward(float *y, const float *const *xs, const int *channels, int count,
                     int n, int hw)
 {
-    (void)y; (void)xs; (void)channels; (void)count; (void)n; (void)hw;
+    size_t total = 0;
+    for (int i = 0; i < count; i++)
+        total += (size_t)channels[i];
+    for (int b = 0; b < n; b++) {
+        float *dst = y + (size_t)b * total * hw;
+        for (int i = 0; i < count; i++) {
+            size_t len = (size_t)channels[i] * hw;
+            memcpy(dst, xs[i] + (size_t)b * len, len * sizeof *dst);
+            dst += len;
+        }
+    }
 }
 
+/* dy: (N, sum channels, HW)  dxs[i]: (N, channels[i], HW) += its slice; NULL skipped */
 void concat_backward(float *const *dxs, const float *dy, const int *channels, int count,
                      int n, int hw)
 {
-    (void)dxs; (void)dy; (void)channels; (void)count; (void)n; (void)hw;
+    size_t total = 0;
+    for (int i = 0; i < count; i++)
+        total += (size_t)channels[i];
+    for (int b = 0; b < n; b++) {
+        const float *src = dy + (size_t)b * total * hw;
+        for (int i = 0; i < count; i++) {
+            size_t len = (size_t)channels[i] * hw;
+            float *dst = dxs[i] ? dxs[i] + (size_t)b * len : NULL;
+            for (size_t t = 0; dst && t < len; t++)
+                dst[t] += src[t];
+            src += len;
+        }
+    }
 }
 
+/* x: (N, C, H, W)  y: (N, C, H + top + bottom, W + left + right) */
 void zeropad2d_forward(float *y, const float *x, int n, int c, int h, int w, int top,
                        int bottom, int left, int right)
 {
-    (void)y; (void)x; (void)n; (void)c; (void)h; (void)w; (void)top; (void)bottom; (void)left; (void)right;
+    int ph = h + top + bottom, pw = w + left + right, planes = n * c;
+    size_t out_plane = (size_t)ph * pw;
+    memset(y, 0, (size_t)planes * out_plane * sizeof *y);
+    for (int i = 0; i < planes; i++)
+        for (int a = 0; a < h; a++)
+            memcpy(y + i * out_plane + (size_t)(a + top) * pw + left,
+                   x + ((size_t)i * h + a) * w, (size_t)w * sizeof *y);
 }
 
+/* dy: (N, C, H + top + bottom, W + left + right)  dx: (N, C, H, W) += the interior */
 void zeropad2d_backward(float *dx, const float *dy, int n, int c, int h, int w, int top,
                         int bottom, int left, int right)
 {
-    (void)dx; (void)dy; (void)n; (void)c; (void)h; (void)w; (void)top; (void)bottom; (void)left; (void)right;
+    int ph = h + top + bottom, pw = w + left + right, planes = n * c;
+    size_t out_plane = (size_t)ph * pw;
+    for (int i = 0; i < planes; i++)
+        for (int a = 0; a < h; a++) {
+            const float *src = dy + i * out_plane + (size_t)(a + top) * pw + left;
+            float *dst = dx + ((size_t)i * h + a) * w;
+            for (int b = 0; b < w; b++)
+                dst[b] += src[b];
+        }
 }
 
+/* x: (N, C, H, W)  y: (N, H, W, C) */
 void nchw_to_nhwc(float *y, const float *x, int n, int c, int h, int w)
 {
-    (void)y; (void)x; (void)n; (void)c; (void)h; (void)w;
+    size_t hw = (size_t)h * w, plane = (size_t)c * hw;
+    for (int b = 0; b < n; b++)
+        for (size_t t = 0; t < hw; t++)
+            for (int j = 0; j < c; j++)
+                y[b * plane + t * c + j] = x[b * plane + (size_t)j * hw + t];
 }
 
+/* x: (N, H, W, C)  y: (N, C, H, W) */
 void nhwc_to_nchw(float *y, const float *x, int n, int c, int h, int w)
 {
-    (void)y; (void)x; (void)n; (void)c; (void)h; (void)w;
+    size_t hw = (size_t)h * w, plane = (size_t)c * hw;
+    for (int b = 0; b < n; b++)
+        for (int j = 0; j < c; j++)
+            for (size_t t = 0; t < hw; t++)
+                y[b * plane + (size_t)j * hw + t] = x[b * plane + t * c + j];
 }
