@@ -87,8 +87,12 @@ build-fuzz/%: tests/fuzz/%.c $(CORE_SRC)
 	  -I /usr/include/x86_64-linux-gnu/openblas-pthread $< $(CORE_SRC) -o $@ \
 	  -lopenblas -llapacke $(shell pkg-config --libs jansson libpng zlib) -ljpeg -lm -lgomp
 
+$(BUILD)/bench/%: bench/%.c $(LIB) bench/bench_util.h
+	@mkdir -p $(dir $@)
+	$(CC) $(ALL_CFLAGS) -I bench $< $(LIB) -o $@ $(LDLIBS)
+
 bench: all
-	bash bench/run.sh
+	BUILD=$(BUILD) bash bench/run.sh
 
 lint:
 	clang-format --dry-run --Werror $(CORE_SRC) $(SERVER_SRC) $(MAIN_SRC) core/*.h
