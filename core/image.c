@@ -128,7 +128,6 @@ static int png_decode_steps(png_job *job, image_u8 *out, const image_limits *lim
     if (setjmp(png_jmpbuf(png)))
         return -1;
 
-    png_set_user_limits(png, (png_uint_32)lim->max_width, (png_uint_32)lim->max_height);
     png_read_info(png, info);
     size_t pixels;
     if (check_dims(&pixels, png_get_image_width(png, info), png_get_image_height(png, info),
