@@ -223,7 +223,12 @@ static void inspect_print(const graph *g, int list_params, int list_nodes)
     printf("input             %d x %d x %d (channels x height x width)\n", pp->channels,
            pp->height, pp->width);
     printf("nodes             %d\n", g->n_nodes);
-    printf("parameters        %zu\n", stats.params);
+    size_t statistics = 0;
+    for (int i = 0; i < g->n_params; i++)
+        if (g->params[i].role == PARAM_ROLE_STATISTIC)
+            statistics += g->params[i].value.numel;
+    printf("parameters        %zu trainable, %zu with batch-norm statistics\n", stats.params,
+           stats.params + statistics);
     printf("prunable weights  %zu\n", stats.prunable_params);
     printf("GFLOPs per image  %.3f\n", stats.flops / 1e9);
     if (list_params) {

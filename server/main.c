@@ -8,6 +8,8 @@
 #include "cli.h"
 
 static const cli_command commands[] = {
+    {"forward", "run a model on images and print the top classes", cli_forward},
+    {"inspect", "print a model's graph, parameters and FLOPs", cli_inspect},
     {"version", "print the version", cli_version},
 };
 
