@@ -15,9 +15,9 @@
  * Thread-safety: an st_file is immutable after st_open and may be read by
  * many threads; an st_writer belongs to one thread.
  *
- * Not done: no big-endian hosts (bytes are used as they are), no float8
- * dtypes (rejected as unsupported), and no lazy parsing; the whole header is
- * validated at open.
+ * Not done: big-endian hosts, because the F32 fast path and the writer copy
+ * bytes as they are. Float8 dtypes are rejected as unsupported. The whole
+ * header is validated at open, with no lazy parsing.
  */
 #include "safetensors.h"
 
@@ -168,7 +168,7 @@ static int st_offset_value(size_t *out, const json_t *value)
     return 0;
 }
 
-/* Checks data_offsets against the data section size and the shape; the
+/* Checks data_offsets against the data section size and the shape, so the
  * dtype and shape must be parsed first. */
 static top_status st_parse_offsets(st_tensor_info *t, const json_t *value, size_t data_size,
                                    top_error *err)
@@ -205,7 +205,7 @@ static top_status st_parse_offsets(st_tensor_info *t, const json_t *value, size_
     return TOP_OK;
 }
 
-/* Parses one tensor entry; t->name is already set. */
+/* Parses one tensor entry into t, whose name the caller has set. */
 static top_status st_parse_entry(st_tensor_info *t, json_t *entry, size_t data_size,
                                  top_error *err)
 {
@@ -434,7 +434,9 @@ top_status st_open_memory(st_file **out, const void *data, size_t size, top_erro
     return TOP_OK;
 }
 
-/* Maps path read-only into *base and *size. */
+/* Maps path read-only into *base and *size.
+ * NOTE: a file truncated by another process while mapped raises SIGBUS on
+ * access; checkpoints are replaced by rename, never rewritten in place. */
 static top_status st_map(const uint8_t **base, size_t *size, const char *path, top_error *err)
 {
     int fd = open(path, O_RDONLY | O_CLOEXEC);
@@ -668,7 +670,7 @@ static int st_is_json_string(const char *s)
     return j != NULL;
 }
 
-/* Checks the arguments of st_writer_add; *bytes_expected gets numel * size. */
+/* Checks the arguments of st_writer_add other than data. */
 static top_status st_writer_check(const st_writer *w, const char *name, st_dtype dtype,
                                   int ndim, const int64_t *shape, size_t bytes, top_error *err)
 {
@@ -863,7 +865,7 @@ static top_status st_writer_header(char **out, size_t *out_len, const st_writer 
     return TOP_OK;
 }
 
-/* Writes all n bytes of p to fd; returns 0 or -1 with errno set. */
+/* Writes all n bytes of p to fd. Returns 0, or -1 with errno set. */
 static int st_write_all(int fd, const void *p, size_t n)
 {
     const char *c = p;
@@ -879,8 +881,8 @@ static int st_write_all(int fd, const void *p, size_t n)
     return 0;
 }
 
-/* Writes header and data to tmp and fsyncs it; tmp is left for the caller
- * to remove on failure. */
+/* Writes header and data to tmp and fsyncs it. On failure tmp is left for
+ * the caller to remove. */
 static top_status st_writer_write_tmp(const st_writer *w, const char *tmp, const char *header,
                                       size_t header_len, top_error *err)
 {
