@@ -43,12 +43,12 @@
 
 /* ---- elementwise ---------------------------------------------------------- */
 
-/* x, y: (COUNT) */
+/* x, y: (COUNT). NaN passes through, as in PyTorch. */
 void relu_forward(float *y, const float *x, size_t count)
 {
 #pragma omp parallel for if (count >= OPS_PARALLEL_MIN) schedule(static)
     for (size_t i = 0; i < count; i++)
-        y[i] = x[i] > 0.0f ? x[i] : 0.0f;
+        y[i] = x[i] < 0.0f ? 0.0f : x[i];
 }
 
 /* dx, dy, x: (COUNT). The gradient at x = 0 is 0, as in PyTorch. */
@@ -61,13 +61,13 @@ void relu_backward(float *dx, const float *dy, const float *x, size_t count)
         dx[i] += x[i] > 0.0f ? dy[i] : 0.0f;
 }
 
-/* x, y: (COUNT) */
+/* x, y: (COUNT). NaN passes through, as in PyTorch. */
 void relu6_forward(float *y, const float *x, size_t count)
 {
 #pragma omp parallel for if (count >= OPS_PARALLEL_MIN) schedule(static)
     for (size_t i = 0; i < count; i++) {
-        float v = x[i] > 0.0f ? x[i] : 0.0f;
-        y[i] = v < 6.0f ? v : 6.0f;
+        float v = x[i] < 0.0f ? 0.0f : x[i];
+        y[i] = v > 6.0f ? 6.0f : v;
     }
 }
 
@@ -328,6 +328,7 @@ static void column_sums_add(float *db, const float *dy, size_t rows, int cols, s
         int width = cols - c0 < OPS_COLUMN_BLOCK ? cols - c0 : OPS_COLUMN_BLOCK;
         for (size_t r = 0; r < rows; r++) {
             const float *row = dy + r * ld + (size_t)c0;
+#pragma omp simd
             for (int j = 0; j < width; j++)
                 acc[j] += row[j];
         }
@@ -489,6 +490,7 @@ static void layernorm_backward_params(float *dgamma, float *dbeta, const float *
         for (size_t r = 0; r < rows; r++) {
             const float *xr = x + r * dd + (size_t)c0, *dyr = dy + r * dd + (size_t)c0;
             float mean = save_mean[r], rstd = save_rstd[r];
+#pragma omp simd
             for (int j = 0; j < width; j++) {
                 acc_g[j] += (double)dyr[j] * ((xr[j] - mean) * rstd);
                 acc_b[j] += dyr[j];

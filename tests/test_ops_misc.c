@@ -714,6 +714,26 @@ static void test_softmax_extreme_rows(void)
                   y[2][j]);
 }
 
+/* A NaN input gives a NaN output, so a diverging model is not hidden. */
+static void test_activation_nan_propagates(void)
+{
+    float x = NAN, y = 0.0f;
+    relu_forward(&y, &x, 1);
+    CHECK_MSG(isnan(y), "relu(NaN) = %g, expected NaN", y);
+    relu6_forward(&y, &x, 1);
+    CHECK_MSG(isnan(y), "relu6(NaN) = %g, expected NaN", y);
+    sigmoid_forward(&y, &x, 1);
+    CHECK_MSG(isnan(y), "sigmoid(NaN) = %g, expected NaN", y);
+
+    float big[2] = {-1e30f, 1e30f}, out[2];
+    relu6_forward(out, big, 2);
+    CHECK_CLOSE(out[0], 0.0, 0.0);
+    CHECK_CLOSE(out[1], 6.0, 0.0);
+    sigmoid_forward(out, big, 2);
+    CHECK_CLOSE(out[0], 0.0, 0.0);
+    CHECK_CLOSE(out[1], 1.0, 0.0);
+}
+
 static void test_add_forward(void)
 {
     float a[5], b[5], c[5], y[5];
@@ -980,6 +1000,7 @@ int main(void)
     TEST_RUN(test_dropout_mask_statistics);
     TEST_RUN(test_gelu_matches_erf_grid);
     TEST_RUN(test_softmax_extreme_rows);
+    TEST_RUN(test_activation_nan_propagates);
     TEST_RUN(test_add_forward);
     TEST_RUN(test_mhsa_chunked_backward);
     TEST_RUN(test_golden_gelu);
