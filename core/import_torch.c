@@ -715,17 +715,16 @@ static top_status vit_attention(torch_ctx *c, const vit_names *nm, const vit_dim
     if (st == TOP_OK)
         st = attach_param(c, *y, PARAM_QKV_BIAS, pname, PARAM_ROLE_BIAS,
                           SHAPE(3 * (int64_t)v->d), NULL, err);
+    char out[GRAPH_NAME_MAX];
     if (st == TOP_OK)
-        st = join_name(pname, node, nm->out, err);
+        st = join_name(out, node, nm->out, err);
     if (st == TOP_OK)
-        st = join_name(pname, pname, "weight", err);
+        st = join_name(pname, out, "weight", err);
     if (st == TOP_OK)
         st = attach_param(c, *y, PARAM_OUT_WEIGHT, pname, PARAM_ROLE_WEIGHT,
                           SHAPE(v->d, v->d), NULL, err);
     if (st == TOP_OK)
-        st = join_name(pname, node, nm->out, err);
-    if (st == TOP_OK)
-        st = join_name(pname, pname, "bias", err);
+        st = join_name(pname, out, "bias", err);
     if (st == TOP_OK)
         st = attach_param(c, *y, PARAM_OUT_BIAS, pname, PARAM_ROLE_BIAS, SHAPE(v->d), NULL,
                           err);
