@@ -1,6 +1,7 @@
 # topiary: one binary, a static core library, one test binary per tests/test_*.c.
 #
 #   make            build ./topiary
+#   make demo       install packages, fetch the real models and data, run them
 #   make check      install packages, fetch models and data, then `make test`
 #   make test       build and run every test (tests/run.sh prints "N passed, M failed")
 #   make asan       the same tests under AddressSanitizer + UBSan
@@ -60,6 +61,10 @@ $(BUILD)/tests/%: tests/%.c $(LIB) tests/test.h
 # sets (idempotent, sha256-checked), build, run every test.
 check: deps data
 	$(MAKE) test
+
+# The README's first command: the main job on real input, end to end.
+demo:
+	bash tools/demo.sh
 
 deps:
 	bash tools/install-deps.sh build test
