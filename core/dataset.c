@@ -311,22 +311,37 @@ static top_status idx_read_header(uint32_t *dims, byte_reader *r, uint32_t magic
     return TOP_OK;
 }
 
+/* Labels are read in chunks, so a header that claims more labels than the
+ * file holds costs no more memory than the file's real size. */
 static top_status idx_read_labels(dataset *ds, byte_reader *r, top_error *err) {
     uint32_t dims[1];
     top_status st = idx_read_header(dims, r, IDX_LABELS_MAGIC, 1, err);
     if (st != TOP_OK)
         return st;
     ds->n = dims[0];
-    unsigned char *raw = malloc(ds->n);
-    ds->labels = malloc(ds->n * sizeof *ds->labels);
-    if (!raw || !ds->labels) {
-        free(raw);
-        return top_error_set(err, TOP_ERR_NOMEM, "%s: out of memory for %zu labels", r->what,
-                             ds->n);
+    unsigned char *raw = malloc(READ_CHUNK);
+    if (!raw)
+        return top_error_set(err, TOP_ERR_NOMEM, "%s: out of memory", r->what);
+    for (size_t done = 0; st == TOP_OK && done < ds->n;) {
+        size_t n = ds->n - done < READ_CHUNK ? ds->n - done : READ_CHUNK;
+        int *grown = realloc(ds->labels, (done + n) * sizeof *grown);
+        if (!grown) {
+            st = top_error_set(err, TOP_ERR_NOMEM, "%s: out of memory for %zu labels", r->what,
+                               ds->n);
+            break;
+        }
+        ds->labels = grown;
+        size_t got;
+        st = reader_read(r, raw, n, &got, err);
+        if (st == TOP_OK && got != n)
+            st = top_error_set(err, TOP_ERR_FORMAT,
+                               "%s: file is truncated: the header promises %zu labels, found "
+                               "%zu",
+                               r->what, ds->n, done + got);
+        for (size_t i = 0; st == TOP_OK && i < n; i++)
+            ds->labels[done + i] = raw[i];
+        done += n;
     }
-    st = reader_read_exact(r, raw, ds->n, "the labels", err);
-    for (size_t i = 0; st == TOP_OK && i < ds->n; i++)
-        ds->labels[i] = raw[i];
     free(raw);
     return st;
 }
