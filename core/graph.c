@@ -485,8 +485,8 @@ static top_status infer_input(graph_node *nd, top_error *err)
     return TOP_OK;
 }
 
-/* Fills the conv geometry of a conv2d or patch-embed node from its input;
- * `n` is the batch size the shape is derived for. */
+/* Fills the conv geometry of a conv2d or patch-embed node from its input, for
+ * batch size n. */
 static top_status conv_geometry(conv2d_shape *s, const graph *g, const graph_node *nd, int n,
                                 top_error *err)
 {
@@ -938,8 +938,8 @@ static top_status buffer_alloc(float **out, size_t floats, const graph_node *nd,
     return TOP_OK;
 }
 
-/* Allocates the output and saved buffers of node i for batch n; *work grows to
- * the node's workspace need. */
+/* Allocates the output and saved buffers of node i for batch n, and raises
+ * *work to the node's workspace need. */
 static top_status node_alloc(graph *g, int i, int n, size_t *work, top_error *err)
 {
     graph_node *nd = &g->nodes[i];
@@ -1552,7 +1552,7 @@ int graph_param_is_prunable(const graph *g, int i)
     }
 }
 
-/* Multiply-adds per image of one node (conv, dense, attention); 0 for the rest. */
+/* Returns the multiply-adds per image of a conv, dense or attention node, or 0. */
 static double node_macs(const graph *g, const graph_node *nd)
 {
     const conv2d_shape *s = &nd->attrs.conv;

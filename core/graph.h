@@ -180,10 +180,10 @@ top_status graph_add_param(graph *g, int node, int slot, const char *name, param
                            int src_ndim, top_error *err);
 
 /*
- * The input node is node 0 and the only OP_INPUT node; its per-sample shape
- * (C, H, W) is read from its attrs.conv.c, .h and .w, set by the importer.
- * Batch norm needs all four parameters, layer norm and attention all of theirs;
- * conv, dense and patch-embed biases are optional.
+ * The input node is node 0, and no other node may be an OP_INPUT. Its
+ * per-sample shape (C, H, W) comes from its attrs.conv.c, .h and .w, which the
+ * importer sets. Batch norm needs all four parameters, and layer norm and
+ * attention need all of theirs. Conv, dense and patch-embed biases are optional.
  *
  * Infers every node's output shape from the input node's (C, H, W), checks
  * that each node has the parameters its op needs with the right shapes, and
