@@ -41,6 +41,63 @@
 /* Work below this many multiply-adds stays on one OpenMP thread. */
 #define PARALLEL_MIN_WORK 32768
 
+/* Hot loops marked CONV_CLONES are compiled for AVX2 and for the baseline ISA, picked at load
+ * time. The arithmetic and its order are the same in both clones (the build
+ * does not contract to FMA), so results do not depend on the CPU. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define CONV_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define CONV_CLONES
+#endif
+
+/* Sums in eight double lanes: exact float-to-double products and several
+ * independent chains, so the loops vectorise without reassociating one sum. */
+#define LANES 8
+
+/* Returns sum_i a[i] in double. */
+CONV_CLONES
+static double sum_f64(const float *a, size_t n)
+{
+    double lane[LANES] = {0};
+    size_t i = 0;
+    for (; i + LANES <= n; i += LANES)
+        for (int l = 0; l < LANES; l++)
+            lane[l] += a[i + l];
+    for (; i < n; i++)
+        lane[0] += a[i];
+    return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+}
+
+/* Returns sum_i (a[i] - mu)^2 in double. */
+CONV_CLONES
+static double sum_sq_dev_f64(const float *a, size_t n, double mu)
+{
+    double lane[LANES] = {0};
+    size_t i = 0;
+    for (; i + LANES <= n; i += LANES)
+        for (int l = 0; l < LANES; l++) {
+            double d = a[i + l] - mu;
+            lane[l] += d * d;
+        }
+    for (; i < n; i++)
+        lane[0] += (a[i] - mu) * (a[i] - mu);
+    return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+}
+
+/* Returns sum_i a[i] * (b[i] - mu) in double. */
+CONV_CLONES
+static double sum_prod_dev_f64(const float *a, const float *b, size_t n, double mu)
+{
+    double lane[LANES] = {0};
+    size_t i = 0;
+    for (; i + LANES <= n; i += LANES)
+        for (int l = 0; l < LANES; l++)
+            lane[l] += (double)a[i + l] * (b[i + l] - mu);
+    for (; i < n; i++)
+        lane[0] += (double)a[i] * (b[i] - mu);
+    return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+}
+
 /* ---- shape validation ------------------------------------------------------ */
 
 /* Fails unless every factor is positive and the product fits in an int. */
@@ -145,13 +202,6 @@ static conv_path conv_path_select(const conv2d_shape *s)
     return CONV_PATH_IM2COL;
 }
 
-size_t conv2d_workspace_floats(const conv2d_shape *s)
-{
-    if (conv_path_select(s) != CONV_PATH_IM2COL)
-        return 0;
-    /* One column buffer (CG*R*S, P*Q); the shape check keeps it within int. */
-    return (size_t)(s->c / s->groups) * s->r * s->s * s->p * s->q;
-}
 
 /*
  * Output indices o in [*lo, *hi) whose input index o*stride + offset lies in
@@ -181,18 +231,85 @@ static void conv_bias_backward(float *db, const float *dy, int n, int k, size_t 
 #pragma omp parallel for schedule(static) if ((size_t)n * k * pq > PARALLEL_MIN_WORK)
     for (int j = 0; j < k; j++) {
         double sum = 0.0;
-        for (int i = 0; i < n; i++) {
-            const float *plane = dy + ((size_t)i * k + j) * pq;
-            float part = 0.0f;
-            for (size_t t = 0; t < pq; t++)
-                part += plane[t];
-            sum += part;
-        }
+        for (int i = 0; i < n; i++)
+            sum += sum_f64(dy + ((size_t)i * k + j) * pq, pq);
         db[j] += (float)sum;
     }
 }
 
 /* ---- conv2d: depthwise direct kernel ------------------------------------------ */
+
+/*
+ * One row of a 1-D correlation, accumulated:
+ * out[o] += sum_t wt[t * wt_step] * in[o*stride + t*dilation - pad]
+ * over the taps whose input index lies in [0, in_len). wt_step = -1 walks the
+ * taps backwards, which turns the correlation into a transposed convolution.
+ * Three-tap rows of stride 1 or 2 (the common depthwise 3x3) take one fused
+ * pass over the outputs that see all taps.
+ */
+CONV_CLONES
+static void row_correlate(float *restrict out, int out_len, const float *restrict in, int in_len,
+                          const float *wt, int wt_step, int taps, int stride, int dilation,
+                          int pad)
+{
+    int lo_all = 0, hi_all = out_len;
+    for (int t = 0; t < taps; t++) {
+        int lo, hi;
+        valid_output_range(&lo, &hi, out_len, in_len, stride, t * dilation - pad);
+        lo_all = lo > lo_all ? lo : lo_all;
+        hi_all = hi < hi_all ? hi : hi_all;
+    }
+    int fused = taps == 3 && (stride == 1 || stride == 2) && lo_all < hi_all;
+    if (fused) {
+        float w0 = wt[0], w1 = wt[wt_step], w2 = wt[2 * wt_step];
+        int off0 = -pad, off1 = dilation - pad, off2 = 2 * dilation - pad;
+        int o = lo_all;
+        /* Blocks of LANES outputs with a constant stride, so -O2 vectorises them. */
+        if (stride == 1)
+            for (; o + LANES <= hi_all; o += LANES)
+                for (int l = 0; l < LANES; l++)
+                    out[o + l] += w0 * in[o + l + off0] + w1 * in[o + l + off1] +
+                                  w2 * in[o + l + off2];
+        else
+            for (; o + LANES <= hi_all; o += LANES)
+                for (int l = 0; l < LANES; l++)
+                    out[o + l] += w0 * in[2 * (o + l) + off0] + w1 * in[2 * (o + l) + off1] +
+                                  w2 * in[2 * (o + l) + off2];
+        for (; o < hi_all; o++) {
+            int at = o * stride;
+            out[o] += w0 * in[at + off0] + w1 * in[at + off1] + w2 * in[at + off2];
+        }
+    }
+
+    /* Tap by tap: everything when not fused, else the edges the fused pass
+     * left out (lo <= lo_all and hi_all <= hi for every tap). */
+    for (int t = 0; t < taps; t++) {
+        int lo, hi, offset = t * dilation - pad;
+        valid_output_range(&lo, &hi, out_len, in_len, stride, offset);
+        float wv = wt[t * wt_step];
+        int mid_lo = fused ? lo_all : hi, mid_hi = fused ? hi_all : hi;
+        for (int o = lo; o < mid_lo; o++)
+            out[o] += wv * in[o * stride + offset];
+        for (int o = mid_hi; o < hi; o++)
+            out[o] += wv * in[o * stride + offset];
+    }
+}
+
+/* Returns sum_o a[o] * b[o * stride] over n terms, in eight float lanes so
+ * the loop vectorises without reassociating a single sum. */
+CONV_CLONES
+static float dot_lanes(const float *a, const float *b, int n, int stride)
+{
+    float lane[8] = {0};
+    int o = 0;
+    if (stride == 1)
+        for (; o + 8 <= n; o += 8)
+            for (int i = 0; i < 8; i++)
+                lane[i] += a[o + i] * b[o + i];
+    for (; o < n; o++)
+        lane[o & 7] += a[o] * b[(size_t)o * stride];
+    return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+}
 
 /* One output plane. y: (P, Q)  x: (H, W) of the input channel  w: (R, S) */
 static void depthwise_plane_forward(float *y, const float *x, const float *w, float bias,
@@ -204,30 +321,20 @@ static void depthwise_plane_forward(float *y, const float *x, const float *w, fl
             row[q] = bias;
         for (int r = 0; r < s->r; r++) {
             int ih = p * s->stride_h - s->pad_top + r * s->dilation_h;
-            if (ih < 0 || ih >= s->h)
-                continue;
-            const float *xrow = x + (size_t)ih * s->w;
-            for (int t = 0; t < s->s; t++) {
-                int offset = t * s->dilation_w - s->pad_left, lo, hi;
-                valid_output_range(&lo, &hi, s->q, s->w, s->stride_w, offset);
-                float wv = w[r * s->s + t];
-                if (s->stride_w == 1) {
-                    const float *xs = xrow + offset;
-                    for (int q = lo; q < hi; q++)
-                        row[q] += wv * xs[q];
-                } else {
-                    for (int q = lo; q < hi; q++)
-                        row[q] += wv * xrow[q * s->stride_w + offset];
-                }
-            }
+            if (ih >= 0 && ih < s->h)
+                row_correlate(row, s->q, x + (size_t)ih * s->w, s->w, w + r * s->s, 1, s->s,
+                              s->stride_w, s->dilation_w, s->pad_left);
         }
     }
 }
 
-/* dx: (H, W) += the transposed convolution of dy: (P, Q) with w: (R, S). */
+/* dx: (H, W) += the transposed convolution of dy: (P, Q) with w: (R, S). With
+ * stride 1, input column j reads dy[j + pl - t*dw]: a correlation with the
+ * taps reversed. Wider strides scatter tap by tap. */
 static void depthwise_plane_backward_input(float *dx, const float *dy, const float *w,
                                            const conv2d_shape *s)
 {
+    int back_pad = (s->s - 1) * s->dilation_w - s->pad_left;
     for (int p = 0; p < s->p; p++) {
         const float *drow = dy + (size_t)p * s->q;
         for (int r = 0; r < s->r; r++) {
@@ -235,6 +342,11 @@ static void depthwise_plane_backward_input(float *dx, const float *dy, const flo
             if (ih < 0 || ih >= s->h)
                 continue;
             float *xrow = dx + (size_t)ih * s->w;
+            if (s->stride_w == 1) {
+                row_correlate(xrow, s->w, drow, s->q, w + r * s->s + s->s - 1, -1, s->s, 1,
+                              s->dilation_w, back_pad);
+                continue;
+            }
             for (int t = 0; t < s->s; t++) {
                 int offset = t * s->dilation_w - s->pad_left, lo, hi;
                 valid_output_range(&lo, &hi, s->q, s->w, s->stride_w, offset);
@@ -246,23 +358,20 @@ static void depthwise_plane_backward_input(float *dx, const float *dy, const flo
     }
 }
 
-/* Returns sum_{p,q} dy[p,q] * x[p*sh - pt + r*dh, q*sw - pl + t*dw] for one tap. */
+/* Returns sum_{p,q} dy[p,q] * x[p*sh - pt + r*dh, q*sw - pl + t*dw] for one
+ * tap: float within a row, double across rows. */
 static double depthwise_tap_gradient(const float *dy, const float *x, int r, int t,
                                      const conv2d_shape *s)
 {
     int offset = t * s->dilation_w - s->pad_left, lo, hi;
     valid_output_range(&lo, &hi, s->q, s->w, s->stride_w, offset);
     double sum = 0.0;
-    for (int p = 0; p < s->p; p++) {
+    for (int p = 0; p < s->p && lo < hi; p++) {
         int ih = p * s->stride_h - s->pad_top + r * s->dilation_h;
         if (ih < 0 || ih >= s->h)
             continue;
-        const float *xrow = x + (size_t)ih * s->w;
-        const float *drow = dy + (size_t)p * s->q;
-        float part = 0.0f;
-        for (int q = lo; q < hi; q++)
-            part += drow[q] * xrow[q * s->stride_w + offset];
-        sum += part;
+        const float *xrow = x + (size_t)ih * s->w + offset + (size_t)lo * s->stride_w;
+        sum += dot_lanes(dy + (size_t)p * s->q + lo, xrow, hi - lo, s->stride_w);
     }
     return sum;
 }
@@ -310,59 +419,148 @@ static void depthwise_backward(float *dx, float *dw, const float *dy, const floa
 
 /* ---- conv2d: im2col + sgemm ---------------------------------------------------- */
 
-/* col: (CG*R*S, P*Q) from x: (CG, H, W) of one image and group; padded cells
- * become 0. Row (c, r, t) holds x[c, p*sh - pt + r*dh, q*sw - pl + t*dw]. */
-static void im2col(float *col, const float *x, int cg, const conv2d_shape *s)
+/* Column-buffer budget in floats (1 MiB): a tile of that size stays in the
+ * L2 cache between im2col and the sgemm that reads it. */
+#define CONV_TILE_FLOATS 262144
+
+/* Output rows per im2col tile: as many as fit the budget, at least one. */
+static int conv_tile_rows(const conv2d_shape *s)
+{
+    size_t depth = (size_t)(s->c / s->groups) * s->r * s->s;
+    size_t rows = CONV_TILE_FLOATS / (depth * (size_t)s->q);
+    if (rows < 1)
+        rows = 1;
+    return rows < (size_t)s->p ? (int)rows : s->p;
+}
+
+/*
+ * col: (CG*R*S, T) with T = (p1 - p0) * Q, the columns of output rows
+ * [p0, p1) for x: (CG, H, W) of one image and group. Row (c, r, t) of col
+ * holds x[c, p*sh - pt + r*dh, q*sw - pl + t*dw], 0 where that is padding.
+ */
+static void im2col_rows(float *col, const float *x, int cg, int p0, int p1,
+                        const conv2d_shape *s)
 {
     int rows = cg * s->r * s->s;
-    size_t pq = (size_t)s->p * s->q, hw = (size_t)s->h * s->w;
-#pragma omp parallel for schedule(static) if ((size_t)rows * pq > PARALLEL_MIN_WORK)
+    size_t width = (size_t)(p1 - p0) * s->q, hw = (size_t)s->h * s->w;
     for (int row = 0; row < rows; row++) {
         int t = row % s->s, r = row / s->s % s->r, c = row / (s->r * s->s);
         int offset = t * s->dilation_w - s->pad_left, lo, hi;
         valid_output_range(&lo, &hi, s->q, s->w, s->stride_w, offset);
-        for (int p = 0; p < s->p; p++) {
-            float *dst = col + (size_t)row * pq + (size_t)p * s->q;
+        for (int p = p0; p < p1; p++) {
+            float *dst = col + (size_t)row * width + (size_t)(p - p0) * s->q;
             int ih = p * s->stride_h - s->pad_top + r * s->dilation_h;
             if (ih < 0 || ih >= s->h) {
                 memset(dst, 0, (size_t)s->q * sizeof *dst);
                 continue;
             }
-            const float *src = x + c * hw + (size_t)ih * s->w + offset;
+            const float *src = x + c * hw + (size_t)ih * s->w;
             memset(dst, 0, (size_t)lo * sizeof *dst);
             if (s->stride_w == 1)
-                memcpy(dst + lo, src + lo, (size_t)(hi - lo) * sizeof *dst);
+                memcpy(dst + lo, src + lo + offset, (size_t)(hi - lo) * sizeof *dst);
             else
                 for (int q = lo; q < hi; q++)
-                    dst[q] = src[q * s->stride_w];
+                    dst[q] = src[q * s->stride_w + offset];
             memset(dst + hi, 0, (size_t)(s->q - hi) * sizeof *dst);
         }
     }
 }
 
-/* dx: (CG, H, W) += the cells of col: (CG*R*S, P*Q) that im2col read from x.
- * Parallel over channels because the rows of one channel overlap in dx. */
-static void col2im_add(float *dx, const float *col, int cg, const conv2d_shape *s)
+/* dx: (CG, H, W) += the cells of col (laid out as im2col_rows leaves it for
+ * output rows [p0, p1)) that im2col_rows read from x. */
+static void col2im_rows_add(float *dx, const float *col, int cg, int p0, int p1,
+                            const conv2d_shape *s)
 {
-    size_t pq = (size_t)s->p * s->q, hw = (size_t)s->h * s->w;
-#pragma omp parallel for schedule(static) if ((size_t)cg * s->r * s->s * pq > PARALLEL_MIN_WORK)
-    for (int c = 0; c < cg; c++) {
-        for (int r = 0; r < s->r; r++)
-            for (int t = 0; t < s->s; t++) {
-                const float *src = col + ((size_t)(c * s->r + r) * s->s + t) * pq;
-                int offset = t * s->dilation_w - s->pad_left, lo, hi;
-                valid_output_range(&lo, &hi, s->q, s->w, s->stride_w, offset);
-                for (int p = 0; p < s->p; p++) {
-                    int ih = p * s->stride_h - s->pad_top + r * s->dilation_h;
-                    if (ih < 0 || ih >= s->h)
-                        continue;
-                    float *dst = dx + c * hw + (size_t)ih * s->w + offset;
-                    const float *row = src + (size_t)p * s->q;
-                    for (int q = lo; q < hi; q++)
-                        dst[q * s->stride_w] += row[q];
-                }
-            }
+    int rows = cg * s->r * s->s;
+    size_t width = (size_t)(p1 - p0) * s->q, hw = (size_t)s->h * s->w;
+    for (int row = 0; row < rows; row++) {
+        int t = row % s->s, r = row / s->s % s->r, c = row / (s->r * s->s);
+        int offset = t * s->dilation_w - s->pad_left, lo, hi;
+        valid_output_range(&lo, &hi, s->q, s->w, s->stride_w, offset);
+        for (int p = p0; p < p1; p++) {
+            int ih = p * s->stride_h - s->pad_top + r * s->dilation_h;
+            if (ih < 0 || ih >= s->h)
+                continue;
+            const float *src = col + (size_t)row * width + (size_t)(p - p0) * s->q;
+            float *dst = dx + c * hw + (size_t)ih * s->w;
+            if (s->stride_w == 1)
+                for (int q = lo; q < hi; q++)
+                    dst[q + offset] += src[q];
+            else
+                for (int q = lo; q < hi; q++)
+                    dst[q * s->stride_w + offset] += src[q];
+        }
     }
+}
+
+/* One image and group of the forward pass. xg: (CG, H, W)  wg: (KG, CG*R*S)
+ * bg: (KG) or NULL  yg: (KG, P, Q)  work: the column tile */
+static void conv_group_forward(float *yg, const float *xg, const float *wg, const float *bg,
+                               conv_path path, const conv2d_shape *s, float *work)
+{
+    int cg = s->c / s->groups, kg = s->k / s->groups, depth = cg * s->r * s->s;
+    int pq = s->p * s->q;
+    if (bg)
+        fill_bias(yg, bg, kg, (size_t)pq);
+    if (path == CONV_PATH_POINTWISE) {
+        /* yg (KG, PQ) = wg (KG, CG) * xg (CG, PQ) [+ yg] */
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, kg, pq, depth, 1.0f, wg, depth,
+                    xg, pq, bg ? 1.0f : 0.0f, yg, pq);
+        return;
+    }
+    int tile = conv_tile_rows(s);
+    for (int p0 = 0; p0 < s->p; p0 += tile) {
+        int p1 = p0 + tile < s->p ? p0 + tile : s->p, width = (p1 - p0) * s->q;
+        im2col_rows(work, xg, cg, p0, p1, s);
+        /* yg[:, tile] (KG, T) = wg (KG, CG*R*S) * col (CG*R*S, T) [+ yg] */
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, kg, width, depth, 1.0f, wg,
+                    depth, work, width, bg ? 1.0f : 0.0f, yg + (size_t)p0 * s->q, pq);
+    }
+}
+
+/* One image and group of the backward pass; dxg and dwg may be NULL.
+ * dyg: (KG, P, Q)  xg, dxg: (CG, H, W)  wg, dwg: (KG, CG*R*S) */
+static void conv_group_backward(float *dxg, float *dwg, const float *dyg, const float *xg,
+                                const float *wg, conv_path path, const conv2d_shape *s,
+                                float *work)
+{
+    int cg = s->c / s->groups, kg = s->k / s->groups, depth = cg * s->r * s->s;
+    int pq = s->p * s->q;
+    if (path == CONV_PATH_POINTWISE) {
+        /* dwg (KG, CG) += dyg (KG, PQ) * xg^T (PQ, CG); dxg (CG, PQ) += wg^T * dyg */
+        if (dwg)
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, kg, depth, pq, 1.0f, dyg, pq,
+                        xg, pq, 1.0f, dwg, depth);
+        if (dxg)
+            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, depth, pq, kg, 1.0f, wg,
+                        depth, dyg, pq, 1.0f, dxg, pq);
+        return;
+    }
+    int tile = conv_tile_rows(s);
+    for (int p0 = 0; p0 < s->p; p0 += tile) {
+        int p1 = p0 + tile < s->p ? p0 + tile : s->p, width = (p1 - p0) * s->q;
+        const float *dy_tile = dyg + (size_t)p0 * s->q;
+        if (dwg) {
+            /* dwg (KG, CG*R*S) += dy_tile (KG, T) * col^T (T, CG*R*S) */
+            im2col_rows(work, xg, cg, p0, p1, s);
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, kg, depth, width, 1.0f,
+                        dy_tile, pq, work, width, 1.0f, dwg, depth);
+        }
+        if (dxg) {
+            /* dcol (CG*R*S, T) = wg^T (CG*R*S, KG) * dy_tile (KG, T), then col2im */
+            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, depth, width, kg, 1.0f, wg,
+                        depth, dy_tile, pq, 0.0f, work, width);
+            col2im_rows_add(dxg, work, cg, p0, p1, s);
+        }
+    }
+}
+
+/* One column tile of CG*R*S rows and conv_tile_rows(s) * Q columns. */
+size_t conv2d_workspace_floats(const conv2d_shape *s)
+{
+    if (conv_path_select(s) != CONV_PATH_IM2COL)
+        return 0;
+    return (size_t)(s->c / s->groups) * s->r * s->s * (size_t)conv_tile_rows(s) * s->q;
 }
 
 /* x: (N, C, H, W)  w: (K, C/G, R, S)  b: (K) or NULL  y: (N, K, P, Q)
@@ -377,23 +575,13 @@ void conv2d_forward(float *y, const float *x, const float *w, const float *b,
     }
 
     int cg = s->c / s->groups, kg = s->k / s->groups;
-    int depth = cg * s->r * s->s, pq = s->p * s->q;
-    size_t hw = (size_t)s->h * s->w;
+    size_t hw = (size_t)s->h * s->w, pq = (size_t)s->p * s->q;
+    size_t w_group = (size_t)kg * cg * s->r * s->s;
     for (int n = 0; n < s->n; n++)
-        for (int g = 0; g < s->groups; g++) {
-            const float *xg = x + ((size_t)n * s->c + (size_t)g * cg) * hw;
-            float *yg = y + ((size_t)n * s->k + (size_t)g * kg) * pq;
-            const float *cols = xg;
-            if (path == CONV_PATH_IM2COL) {
-                im2col(work, xg, cg, s);
-                cols = work;
-            }
-            if (b)
-                fill_bias(yg, b + g * kg, kg, (size_t)pq);
-            /* yg (KG, PQ) = wg (KG, CG*R*S) * cols (CG*R*S, PQ) [+ yg] */
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, kg, pq, depth, 1.0f,
-                        w + (size_t)g * kg * depth, depth, cols, pq, b ? 1.0f : 0.0f, yg, pq);
-        }
+        for (int g = 0; g < s->groups; g++)
+            conv_group_forward(y + ((size_t)n * s->k + (size_t)g * kg) * pq,
+                               x + ((size_t)n * s->c + (size_t)g * cg) * hw,
+                               w + g * w_group, b ? b + g * kg : NULL, path, s, work);
 }
 
 /* dy: (N, K, P, Q)  x: (N, C, H, W)  w: (K, C/G, R, S)
@@ -410,35 +598,17 @@ void conv2d_backward(float *dx, float *dw, float *db, const float *dy, const flo
         depthwise_backward(dx, dw, dy, x, w, s);
         return;
     }
+    if (!dx && !dw)
+        return;
 
-    int cg = s->c / s->groups, kg = s->k / s->groups, depth = cg * s->r * s->s;
+    int cg = s->c / s->groups, kg = s->k / s->groups;
+    size_t w_group = (size_t)kg * cg * s->r * s->s;
     for (int n = 0; n < s->n; n++)
         for (int g = 0; g < s->groups; g++) {
-            const float *xg = x + ((size_t)n * s->c + (size_t)g * cg) * hw;
-            const float *dyg = dy + ((size_t)n * s->k + (size_t)g * kg) * pq;
-            const float *wg = w + (size_t)g * kg * depth;
-            if (dw) {
-                const float *cols = xg;
-                if (path == CONV_PATH_IM2COL) {
-                    im2col(work, xg, cg, s);
-                    cols = work;
-                }
-                /* dwg (KG, CG*R*S) += dyg (KG, PQ) * cols^T (PQ, CG*R*S) */
-                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, kg, depth, (int)pq, 1.0f,
-                            dyg, (int)pq, cols, (int)pq, 1.0f, dw + (size_t)g * kg * depth,
-                            depth);
-            }
-            if (!dx)
-                continue;
-            float *dxg = dx + ((size_t)n * s->c + (size_t)g * cg) * hw;
-            /* dcols (CG*R*S, PQ) = wg^T (CG*R*S, KG) * dyg (KG, PQ); pointwise
-             * convolutions add it into dxg directly. */
-            float *dcols = path == CONV_PATH_POINTWISE ? dxg : work;
-            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, depth, (int)pq, kg, 1.0f, wg,
-                        depth, dyg, (int)pq, path == CONV_PATH_POINTWISE ? 1.0f : 0.0f, dcols,
-                        (int)pq);
-            if (path == CONV_PATH_IM2COL)
-                col2im_add(dxg, work, cg, s);
+            size_t x_at = ((size_t)n * s->c + (size_t)g * cg) * hw;
+            conv_group_backward(dx ? dx + x_at : NULL, dw ? dw + g * w_group : NULL,
+                                dy + ((size_t)n * s->k + (size_t)g * kg) * pq, x + x_at,
+                                w + g * w_group, path, s, work);
         }
 }
 
@@ -698,10 +868,7 @@ void global_avgpool_forward(float *y, const float *x, int n, int c, int hw)
     int planes = n * c;
 #pragma omp parallel for schedule(static) if ((size_t)planes * hw > PARALLEL_MIN_WORK)
     for (int i = 0; i < planes; i++) {
-        double sum = 0.0;
-        for (int j = 0; j < hw; j++)
-            sum += x[(size_t)i * hw + j];
-        y[i] = (float)(sum / hw);
+        y[i] = (float)(sum_f64(x + (size_t)i * hw, (size_t)hw) / hw);
     }
 }
 
@@ -744,14 +911,10 @@ static void batchnorm_channel_stats(double *mean, double *invstd, const float *x
 {
     double sum = 0.0;
     for (int i = 0; i < n; i++)
-        for (int t = 0; t < hw; t++)
-            sum += x[((size_t)i * c + j) * hw + t];
+        sum += sum_f64(x + ((size_t)i * c + j) * hw, (size_t)hw);
     double count = (double)n * hw, mu = sum / count, sq = 0.0;
     for (int i = 0; i < n; i++)
-        for (int t = 0; t < hw; t++) {
-            double d = x[((size_t)i * c + j) * hw + t] - mu;
-            sq += d * d;
-        }
+        sq += sum_sq_dev_f64(x + ((size_t)i * c + j) * hw, (size_t)hw, mu);
     *mean = mu;
     *invstd = 1.0 / sqrt(sq / count + eps);
 }
@@ -767,12 +930,12 @@ void batchnorm_forward_train(float *y, float *save_mean, float *save_invstd,
         batchnorm_channel_stats(&mean, &invstd, x, j, eps, n, c, hw);
         save_mean[j] = (float)mean;
         save_invstd[j] = (float)invstd;
-        double scale = gamma[j] * invstd, shift = beta[j] - mean * scale;
+        float scale = (float)(gamma[j] * invstd), shift = (float)(beta[j] - mean * gamma[j] * invstd);
         for (int i = 0; i < n; i++) {
             const float *xp = x + ((size_t)i * c + j) * hw;
             float *yp = y + ((size_t)i * c + j) * hw;
             for (int t = 0; t < hw; t++)
-                yp[t] = (float)(xp[t] * scale + shift);
+                yp[t] = xp[t] * scale + shift;
         }
     }
 }
@@ -782,12 +945,11 @@ static void batchnorm_channel_sums(double *sum_dy, double *sum_dy_xc, const floa
                                    const float *x, double mean, int j, int n, int c, int hw)
 {
     double a = 0.0, b = 0.0;
-    for (int i = 0; i < n; i++)
-        for (int t = 0; t < hw; t++) {
-            size_t at = ((size_t)i * c + j) * hw + t;
-            a += dy[at];
-            b += dy[at] * (x[at] - mean);
-        }
+    for (int i = 0; i < n; i++) {
+        size_t base = ((size_t)i * c + j) * hw;
+        a += sum_f64(dy + base, (size_t)hw);
+        b += sum_prod_dev_f64(dy + base, x + base, (size_t)hw, mean);
+    }
     *sum_dy = a;
     *sum_dy_xc = b;
 }
@@ -836,12 +998,14 @@ void batchnorm_backward_train(float *dx, float *dgamma, float *dbeta, const floa
         if (!dx)
             continue;
         double count = (double)n * hw, scale = gamma[j] * invstd;
-        double mean_dy = sum_dy / count, proj = sum_dy_xc * invstd * invstd / count;
+        double proj = sum_dy_xc * invstd * invstd / count;
+        float a = (float)scale, b = (float)(scale * proj), mean_dy = (float)(sum_dy / count);
+        float mu = (float)mean;
         for (int i = 0; i < n; i++) {
-            size_t base = ((size_t)i * c + j) * hw;
+            const float *dyp = dy + ((size_t)i * c + j) * hw, *xp = x + ((size_t)i * c + j) * hw;
+            float *dxp = dx + ((size_t)i * c + j) * hw;
             for (int t = 0; t < hw; t++)
-                dx[base + t] += (float)(scale * (dy[base + t] - mean_dy -
-                                                 (x[base + t] - mean) * proj));
+                dxp[t] += a * (dyp[t] - mean_dy) - b * (xp[t] - mu);
         }
     }
 }
