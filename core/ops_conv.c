@@ -11,19 +11,20 @@
  *   (n, k) planes in the forward and over channels in the backward;
  * - pointwise (1x1, stride 1, no padding): one sgemm per image and group,
  *   since the input already has the column layout;
- * - everything else: im2col of one image and group into the workspace, then
- *   sgemm; the backward pass reuses the buffer for dW (dy * col^T) and then
- *   for dcol = W^T * dy, which col2im adds into dx.
- * The sgemm calls use OpenBLAS threads; im2col and col2im use OpenMP, and the
- * two never run at the same time.
+ * - everything else: im2col of a tile of output rows of one image and group
+ *   into the workspace, then sgemm. The backward pass reuses the tile for
+ *   dW += dy * col^T and then for dcol = W^T * dy, which col2im adds into dx.
+ * The sgemm calls use OpenBLAS threads. im2col and col2im run on the calling
+ * thread, because idle OpenMP workers spin for a while after a parallel
+ * region and would take the cores from the OpenBLAS threads of the next sgemm.
  *
  * Layout: float32, NCHW row-major; conv weights (K, C/G, R, S).
  * Accumulation in double: batch-norm statistics and gradient sums, pooling
  * and bias-gradient sums, the naive conv twins. sgemm accumulates in float.
  * Thread-safety: kernels touch only their arguments and the workspace.
- * Not here: running-statistics updates of batch norm (the graph owns them;
- * PyTorch updates running_var with the unbiased variance, while the
- * normalisation here uses the biased one), ceil-mode pooling.
+ * Not here: running-statistics updates of batch norm, which the graph owns.
+ * PyTorch updates running_var with the unbiased variance, while training-mode
+ * normalisation here (as in PyTorch) uses the biased one. No ceil-mode pooling.
  */
 #include "ops.h"
 
@@ -65,7 +66,8 @@ static double sum_f64(const float *a, size_t n)
             lane[l] += a[i + l];
     for (; i < n; i++)
         lane[0] += a[i];
-    return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+    return ((lane[0] + lane[1]) + (lane[2] + lane[3])) +
+           ((lane[4] + lane[5]) + (lane[6] + lane[7]));
 }
 
 /* Returns sum_i (a[i] - mu)^2 in double. */
@@ -81,7 +83,8 @@ static double sum_sq_dev_f64(const float *a, size_t n, double mu)
         }
     for (; i < n; i++)
         lane[0] += (a[i] - mu) * (a[i] - mu);
-    return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+    return ((lane[0] + lane[1]) + (lane[2] + lane[3])) +
+           ((lane[4] + lane[5]) + (lane[6] + lane[7]));
 }
 
 /* Returns sum_i a[i] * (b[i] - mu) in double. */
@@ -95,7 +98,8 @@ static double sum_prod_dev_f64(const float *a, const float *b, size_t n, double 
             lane[l] += (double)a[i + l] * (b[i + l] - mu);
     for (; i < n; i++)
         lane[0] += (double)a[i] * (b[i] - mu);
-    return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+    return ((lane[0] + lane[1]) + (lane[2] + lane[3])) +
+           ((lane[4] + lane[5]) + (lane[6] + lane[7]));
 }
 
 /* ---- shape validation ------------------------------------------------------ */
@@ -112,8 +116,8 @@ static top_status check_int_product(const char *what, const long long *dims, int
                                  what, dims[i]);
         if (product > INT_MAX / dims[i])
             return top_error_set(err, TOP_ERR_OVERFLOW,
-                                 "%s exceeds %d elements; use a smaller batch or input",
-                                 what, INT_MAX);
+                                 "%s exceeds %d elements; use a smaller batch or input", what,
+                                 INT_MAX);
         product *= dims[i];
     }
     return TOP_OK;
@@ -135,8 +139,8 @@ static top_status check_conv_params(const conv2d_shape *s, top_error *err)
                              s->stride_h, s->stride_w, s->dilation_h, s->dilation_w);
     if (s->pad_top < 0 || s->pad_bottom < 0 || s->pad_left < 0 || s->pad_right < 0)
         return top_error_set(err, TOP_ERR_INVALID,
-                             "conv2d padding (%d, %d, %d, %d) must not be negative",
-                             s->pad_top, s->pad_bottom, s->pad_left, s->pad_right);
+                             "conv2d padding (%d, %d, %d, %d) must not be negative", s->pad_top,
+                             s->pad_bottom, s->pad_left, s->pad_right);
     if (s->groups < 1 || s->c % s->groups || s->k % s->groups)
         return top_error_set(err, TOP_ERR_SHAPE,
                              "conv2d groups %d must divide input channels %d and output "
@@ -202,7 +206,6 @@ static conv_path conv_path_select(const conv2d_shape *s)
     return CONV_PATH_IM2COL;
 }
 
-
 /*
  * Output indices o in [*lo, *hi) whose input index o*stride + offset lies in
  * [0, in). The range is empty (lo == hi) when no output reads a real cell.
@@ -248,9 +251,9 @@ static void conv_bias_backward(float *db, const float *dy, int n, int k, size_t 
  * pass over the outputs that see all taps.
  */
 CONV_CLONES
-static void row_correlate(float *restrict out, int out_len, const float *restrict in, int in_len,
-                          const float *wt, int wt_step, int taps, int stride, int dilation,
-                          int pad)
+static void row_correlate(float *restrict out, int out_len, const float *restrict in,
+                          int in_len, const float *wt, int wt_step, int taps, int stride,
+                          int dilation, int pad)
 {
     int lo_all = 0, hi_all = out_len;
     for (int t = 0; t < taps; t++) {
@@ -268,8 +271,8 @@ static void row_correlate(float *restrict out, int out_len, const float *restric
         if (stride == 1)
             for (; o + LANES <= hi_all; o += LANES)
                 for (int l = 0; l < LANES; l++)
-                    out[o + l] += w0 * in[o + l + off0] + w1 * in[o + l + off1] +
-                                  w2 * in[o + l + off2];
+                    out[o + l] +=
+                        w0 * in[o + l + off0] + w1 * in[o + l + off1] + w2 * in[o + l + off2];
         else
             for (; o + LANES <= hi_all; o += LANES)
                 for (int l = 0; l < LANES; l++)
@@ -308,7 +311,8 @@ static float dot_lanes(const float *a, const float *b, int n, int stride)
                 lane[i] += a[o + i] * b[o + i];
     for (; o < n; o++)
         lane[o & 7] += a[o] * b[(size_t)o * stride];
-    return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+    return ((lane[0] + lane[1]) + (lane[2] + lane[3])) +
+           ((lane[4] + lane[5]) + (lane[6] + lane[7]));
 }
 
 /* One output plane. y: (P, Q)  x: (H, W) of the input channel  w: (R, S) */
@@ -391,8 +395,9 @@ static void depthwise_forward(float *y, const float *x, const float *w, const fl
     }
 }
 
-/* dy: (N, K, P, Q)  dx: (N, C, H, W)  dw: (K, 1, R, S); parallel over input
- * channels, so the m output channels that read one input never race. */
+/* dy: (N, K, P, Q)  dx: (N, C, H, W)  dw: (K, 1, R, S)
+ * The loop runs in parallel over input channels, so the m output channels
+ * that read one input channel never race on dx. */
 static void depthwise_backward(float *dx, float *dw, const float *dy, const float *x,
                                const float *w, const conv2d_shape *s)
 {
@@ -403,8 +408,7 @@ static void depthwise_backward(float *dx, float *dw, const float *dy, const floa
         for (int k = c * m; k < (c + 1) * m; k++) {
             for (int n = 0; dx && n < s->n; n++)
                 depthwise_plane_backward_input(dx + ((size_t)n * s->c + c) * hw,
-                                               dy + ((size_t)n * s->k + k) * pq, w + k * rs,
-                                               s);
+                                               dy + ((size_t)n * s->k + k) * pq, w + k * rs, s);
             for (size_t tap = 0; dw && tap < rs; tap++) {
                 double sum = 0.0;
                 for (int n = 0; n < s->n; n++)
@@ -436,7 +440,7 @@ static int conv_tile_rows(const conv2d_shape *s)
 /*
  * col: (CG*R*S, T) with T = (p1 - p0) * Q, the columns of output rows
  * [p0, p1) for x: (CG, H, W) of one image and group. Row (c, r, t) of col
- * holds x[c, p*sh - pt + r*dh, q*sw - pl + t*dw], 0 where that is padding.
+ * contains x[c, p*sh - pt + r*dh, q*sw - pl + t*dw], 0 where that is padding.
  */
 static void im2col_rows(float *col, const float *x, int cg, int p0, int p1,
                         const conv2d_shape *s)
@@ -532,8 +536,8 @@ static void conv_group_backward(float *dxg, float *dwg, const float *dyg, const 
             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, kg, depth, pq, 1.0f, dyg, pq,
                         xg, pq, 1.0f, dwg, depth);
         if (dxg)
-            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, depth, pq, kg, 1.0f, wg,
-                        depth, dyg, pq, 1.0f, dxg, pq);
+            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, depth, pq, kg, 1.0f, wg, depth,
+                        dyg, pq, 1.0f, dxg, pq);
         return;
     }
     int tile = conv_tile_rows(s);
@@ -580,8 +584,8 @@ void conv2d_forward(float *y, const float *x, const float *w, const float *b,
     for (int n = 0; n < s->n; n++)
         for (int g = 0; g < s->groups; g++)
             conv_group_forward(y + ((size_t)n * s->k + (size_t)g * kg) * pq,
-                               x + ((size_t)n * s->c + (size_t)g * cg) * hw,
-                               w + g * w_group, b ? b + g * kg : NULL, path, s, work);
+                               x + ((size_t)n * s->c + (size_t)g * cg) * hw, w + g * w_group,
+                               b ? b + g * kg : NULL, path, s, work);
 }
 
 /* dy: (N, K, P, Q)  x: (N, C, H, W)  w: (K, C/G, R, S)
@@ -636,11 +640,10 @@ void conv2d_forward_naive(float *y, const float *x, const float *w, const float 
                         for (int r = 0; r < s->r; r++)
                             for (int t = 0; t < s->s; t++)
                                 sum += w[(((size_t)k * cg + c) * s->r + r) * s->s + t] *
-                                       conv_input_at(x, s, n, k / kg * cg + c,
-                                                     p * s->stride_h - s->pad_top +
-                                                         r * s->dilation_h,
-                                                     q * s->stride_w - s->pad_left +
-                                                         t * s->dilation_w);
+                                       conv_input_at(
+                                           x, s, n, k / kg * cg + c,
+                                           p * s->stride_h - s->pad_top + r * s->dilation_h,
+                                           q * s->stride_w - s->pad_left + t * s->dilation_w);
                     y[(((size_t)n * s->k + k) * s->p + p) * s->q + q] = (float)sum;
                 }
 }
@@ -674,8 +677,10 @@ static void conv_naive_backward_input(float *dx, const float *dy, const float *w
                                                           s->pad_left, s->q);
                                 if (q < 0)
                                     continue;
-                                sum += (double)w[(((size_t)k * cg + c % cg) * s->r + r) * s->s + t] *
-                                       dy[(((size_t)n * s->k + k) * s->p + p) * s->q + q];
+                                sum +=
+                                    (double)
+                                        w[(((size_t)k * cg + c % cg) * s->r + r) * s->s + t] *
+                                    dy[(((size_t)n * s->k + k) * s->p + p) * s->q + q];
                             }
                         }
                     dx[(((size_t)n * s->c + c) * s->h + i) * s->w + j] += (float)sum;
@@ -683,8 +688,8 @@ static void conv_naive_backward_input(float *dx, const float *dy, const float *w
 }
 
 /* Same operands as conv2d_backward; plain loops, double accumulation. */
-void conv2d_backward_naive(float *dx, float *dw, float *db, const float *dy,
-                           const float *x, const float *w, const conv2d_shape *s)
+void conv2d_backward_naive(float *dx, float *dw, float *db, const float *dy, const float *x,
+                           const float *w, const conv2d_shape *s)
 {
     int cg = s->c / s->groups, kg = s->k / s->groups;
     size_t pq = (size_t)s->p * s->q;
@@ -703,11 +708,10 @@ void conv2d_backward_naive(float *dx, float *dw, float *db, const float *dy,
                         for (int p = 0; p < s->p; p++)
                             for (int q = 0; q < s->q; q++)
                                 sum += dy[((size_t)n * s->k + k) * pq + (size_t)p * s->q + q] *
-                                       conv_input_at(x, s, n, k / kg * cg + c,
-                                                     p * s->stride_h - s->pad_top +
-                                                         r * s->dilation_h,
-                                                     q * s->stride_w - s->pad_left +
-                                                         t * s->dilation_w);
+                                       conv_input_at(
+                                           x, s, n, k / kg * cg + c,
+                                           p * s->stride_h - s->pad_top + r * s->dilation_h,
+                                           q * s->stride_w - s->pad_left + t * s->dilation_w);
                     dw[(((size_t)k * cg + c) * s->r + r) * s->s + t] += (float)sum;
                 }
     }
@@ -727,16 +731,14 @@ top_status pool2d_shape_derive(pool2d_shape *s, top_error *err)
     if (st != TOP_OK)
         return st;
     if (s->stride_h < 1 || s->stride_w < 1)
-        return top_error_set(err, TOP_ERR_INVALID,
-                             "pool2d stride (%d, %d) must be at least 1", s->stride_h,
-                             s->stride_w);
+        return top_error_set(err, TOP_ERR_INVALID, "pool2d stride (%d, %d) must be at least 1",
+                             s->stride_h, s->stride_w);
     if (s->pad_top < 0 || s->pad_bottom < 0 || s->pad_left < 0 || s->pad_right < 0)
         return top_error_set(err, TOP_ERR_INVALID,
-                             "pool2d padding (%d, %d, %d, %d) must not be negative",
-                             s->pad_top, s->pad_bottom, s->pad_left, s->pad_right);
+                             "pool2d padding (%d, %d, %d, %d) must not be negative", s->pad_top,
+                             s->pad_bottom, s->pad_left, s->pad_right);
     if (s->count_include_pad != 0 && s->count_include_pad != 1)
-        return top_error_set(err, TOP_ERR_INVALID,
-                             "pool2d count_include_pad %d must be 0 or 1",
+        return top_error_set(err, TOP_ERR_INVALID, "pool2d count_include_pad %d must be 0 or 1",
                              s->count_include_pad);
 
     long long p = pooled_extent(s->h, s->pad_top, s->pad_bottom, s->r, s->stride_h);
@@ -757,8 +759,7 @@ top_status pool2d_shape_derive(pool2d_shape *s, top_error *err)
 }
 
 /* The in-bounds part [*i0, *i1) x [*j0, *j1) of the window of output (p, q). */
-static void pool_window(int *i0, int *i1, int *j0, int *j1, int p, int q,
-                        const pool2d_shape *s)
+static void pool_window(int *i0, int *i1, int *j0, int *j1, int p, int q, const pool2d_shape *s)
 {
     int top = p * s->stride_h - s->pad_top, left = q * s->stride_w - s->pad_left;
     *i0 = top > 0 ? top : 0;
@@ -920,9 +921,9 @@ static void batchnorm_channel_stats(double *mean, double *invstd, const float *x
 }
 
 /* x: (N, C, HW)  gamma, beta: (C)  y: (N, C, HW)  save_mean, save_invstd: (C) */
-void batchnorm_forward_train(float *y, float *save_mean, float *save_invstd,
-                             const float *x, const float *gamma, const float *beta,
-                             float eps, int n, int c, int hw)
+void batchnorm_forward_train(float *y, float *save_mean, float *save_invstd, const float *x,
+                             const float *gamma, const float *beta, float eps, int n, int c,
+                             int hw)
 {
 #pragma omp parallel for schedule(static) if ((size_t)n * c * hw > PARALLEL_MIN_WORK)
     for (int j = 0; j < c; j++) {
@@ -930,7 +931,8 @@ void batchnorm_forward_train(float *y, float *save_mean, float *save_invstd,
         batchnorm_channel_stats(&mean, &invstd, x, j, eps, n, c, hw);
         save_mean[j] = (float)mean;
         save_invstd[j] = (float)invstd;
-        float scale = (float)(gamma[j] * invstd), shift = (float)(beta[j] - mean * gamma[j] * invstd);
+        float scale = (float)(gamma[j] * invstd),
+              shift = (float)(beta[j] - mean * gamma[j] * invstd);
         for (int i = 0; i < n; i++) {
             const float *xp = x + ((size_t)i * c + j) * hw;
             float *yp = y + ((size_t)i * c + j) * hw;
@@ -1002,7 +1004,8 @@ void batchnorm_backward_train(float *dx, float *dgamma, float *dbeta, const floa
         float a = (float)scale, b = (float)(scale * proj), mean_dy = (float)(sum_dy / count);
         float mu = (float)mean;
         for (int i = 0; i < n; i++) {
-            const float *dyp = dy + ((size_t)i * c + j) * hw, *xp = x + ((size_t)i * c + j) * hw;
+            const float *dyp = dy + ((size_t)i * c + j) * hw,
+                        *xp = x + ((size_t)i * c + j) * hw;
             float *dxp = dx + ((size_t)i * c + j) * hw;
             for (int t = 0; t < hw; t++)
                 dxp[t] += a * (dyp[t] - mean_dy) - b * (xp[t] - mu);
@@ -1013,8 +1016,8 @@ void batchnorm_backward_train(float *dx, float *dgamma, float *dbeta, const floa
 /* ---- concat, zero padding, layout ------------------------------------------------------- */
 
 /* xs[i]: (N, channels[i], HW)  y: (N, sum channels, HW) */
-void concat_forward(float *y, const float *const *xs, const int *channels, int count,
-                    int n, int hw)
+void concat_forward(float *y, const float *const *xs, const int *channels, int count, int n,
+                    int hw)
 {
     size_t total = 0;
     for (int i = 0; i < count; i++)
@@ -1030,8 +1033,8 @@ void concat_forward(float *y, const float *const *xs, const int *channels, int c
 }
 
 /* dy: (N, sum channels, HW)  dxs[i]: (N, channels[i], HW) += its slice; NULL skipped */
-void concat_backward(float *const *dxs, const float *dy, const int *channels, int count,
-                     int n, int hw)
+void concat_backward(float *const *dxs, const float *dy, const int *channels, int count, int n,
+                     int hw)
 {
     size_t total = 0;
     for (int i = 0; i < count; i++)

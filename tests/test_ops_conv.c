@@ -64,7 +64,7 @@ static float *alloc_copy(const float *src, size_t count)
 
 /* Checks |actual - expected| <= tol * max(1, |expected|) entrywise and
  * reports the first few mismatches with index, values and tolerance. */
-static void check_arrays(const char *what, const float *actual, const float *expected,
+static void check_arrays(const char *label, const float *actual, const float *expected,
                          size_t count, double tol)
 {
     int reported = 0;
@@ -72,20 +72,20 @@ static void check_arrays(const char *what, const float *actual, const float *exp
         double a = actual[i], e = expected[i];
         double bound = tol * fmax(1.0, fabs(e));
         if (!(fabs(a - e) <= bound) && reported++ < 5)
-            TEST_FAIL_AT("%s[%zu] = %.9g, expected %.9g (tolerance %.3g)", what, i, a, e,
+            TEST_FAIL_AT("%s[%zu] = %.9g, expected %.9g (tolerance %.3g)", label, i, a, e,
                          bound);
     }
 }
 
 /* Checks actual == 2 * single, the result of running an accumulating
  * backward twice into zeros. */
-static void check_doubled(const char *what, const float *twice, const float *once,
+static void check_doubled(const char *label, const float *twice, const float *once,
                           size_t count)
 {
     float *expected = alloc_floats(count);
     for (size_t i = 0; i < count; i++)
         expected[i] = 2.0f * once[i];
-    check_arrays(what, twice, expected, count, 1e-5);
+    check_arrays(label, twice, expected, count, 1e-5);
     free(expected);
 }
 
@@ -114,7 +114,7 @@ static double fd_loss(fd_op *op)
  * differences of the loss, at most about 64 evenly spaced entries. Fails with
  * index, both values and tolerance; prints the max normalized error.
  */
-static void fd_check(const char *what, fd_op *op, float *param, const float *grad,
+static void fd_check(const char *label, fd_op *op, float *param, const float *grad,
                      size_t count)
 {
     size_t step = count > 64 ? count / 64 : 1;
@@ -135,10 +135,10 @@ static void fd_check(const char *what, fd_op *op, float *param, const float *gra
         CHECK_MSG(err <= FD_TOL,
                   "%s: d/d[%zu] analytic %.7g, finite difference %.7g, normalized error "
                   "%.3g (tolerance %.3g)",
-                  what, i, a, numeric, err, FD_TOL);
+                  label, i, a, numeric, err, FD_TOL);
     }
-    printf("     %-36s max normalized error %.2e (step %.0e, tolerance %.0e)\n", what,
-           max_err, FD_STEP, FD_TOL);
+    printf("     %-36s max normalized error %.2e (step %.0e, tolerance %.0e)\n", label, max_err,
+           FD_STEP, FD_TOL);
 }
 
 /* ---- conv2d cases ---------------------------------------------------------------- */
@@ -175,10 +175,22 @@ static const conv_case conv_cases[] = {
 static conv2d_shape conv_shape_of(const conv_case *cc)
 {
     conv2d_shape s = {
-        .n = cc->n, .c = cc->c, .h = cc->h, .w = cc->w, .k = cc->k, .r = cc->r, .s = cc->s,
-        .stride_h = cc->stride_h, .stride_w = cc->stride_w, .dilation_h = cc->dilation_h,
-        .dilation_w = cc->dilation_w, .pad_top = cc->pad_top, .pad_bottom = cc->pad_bottom,
-        .pad_left = cc->pad_left, .pad_right = cc->pad_right, .groups = cc->groups,
+        .n = cc->n,
+        .c = cc->c,
+        .h = cc->h,
+        .w = cc->w,
+        .k = cc->k,
+        .r = cc->r,
+        .s = cc->s,
+        .stride_h = cc->stride_h,
+        .stride_w = cc->stride_w,
+        .dilation_h = cc->dilation_h,
+        .dilation_w = cc->dilation_w,
+        .pad_top = cc->pad_top,
+        .pad_bottom = cc->pad_bottom,
+        .pad_left = cc->pad_left,
+        .pad_right = cc->pad_right,
+        .groups = cc->groups,
     };
     return s;
 }
@@ -242,12 +254,12 @@ static void check_conv_case_matches_naive(const conv_case *cc)
     conv_data d;
     if (conv_data_init(&d, cc))
         return;
-    char what[96];
+    char label[96];
     float *y_naive = alloc_floats(d.y_count);
     conv2d_forward(d.y, d.x, d.w, d.b, &d.s, d.work);
     conv2d_forward_naive(y_naive, d.x, d.w, d.b, &d.s);
-    snprintf(what, sizeof what, "%s: y", cc->name);
-    check_arrays(what, d.y, y_naive, d.y_count, MATCH_TOL);
+    snprintf(label, sizeof label, "%s: y", cc->name);
+    check_arrays(label, d.y, y_naive, d.y_count, MATCH_TOL);
 
     /* Start every gradient from the same random values: both must add. */
     size_t kb = (size_t)d.s.k;
@@ -256,12 +268,12 @@ static void check_conv_case_matches_naive(const conv_case *cc)
     float *db_naive = alloc_copy(db, kb);
     conv2d_backward(dx, dw, db, d.g, d.x, d.w, &d.s, d.work);
     conv2d_backward_naive(dx_naive, dw_naive, db_naive, d.g, d.x, d.w, &d.s);
-    snprintf(what, sizeof what, "%s: dx", cc->name);
-    check_arrays(what, dx, dx_naive, d.x_count, MATCH_TOL);
-    snprintf(what, sizeof what, "%s: dw", cc->name);
-    check_arrays(what, dw, dw_naive, d.w_count, MATCH_TOL);
-    snprintf(what, sizeof what, "%s: db", cc->name);
-    check_arrays(what, db, db_naive, kb, MATCH_TOL);
+    snprintf(label, sizeof label, "%s: dx", cc->name);
+    check_arrays(label, dx, dx_naive, d.x_count, MATCH_TOL);
+    snprintf(label, sizeof label, "%s: dw", cc->name);
+    check_arrays(label, dw, dw_naive, d.w_count, MATCH_TOL);
+    snprintf(label, sizeof label, "%s: db", cc->name);
+    check_arrays(label, db, db_naive, kb, MATCH_TOL);
 
     free(y_naive);
     free(dx);
@@ -323,14 +335,14 @@ static void check_conv_case_fd(const conv_case *cc, int naive)
         conv2d_backward(dx, dw, d.b ? db : NULL, d.g, d.x, d.w, &d.s, d.work);
 
     fd_op op = {conv_fd_forward, d.y, d.y_count, d.g, &d};
-    char what[96];
-    snprintf(what, sizeof what, "%s %s dx", naive ? "naive" : "fast", cc->name);
-    fd_check(what, &op, d.x, dx, d.x_count);
-    snprintf(what, sizeof what, "%s %s dw", naive ? "naive" : "fast", cc->name);
-    fd_check(what, &op, d.w, dw, d.w_count);
+    char label[96];
+    snprintf(label, sizeof label, "%s %s dx", naive ? "naive" : "fast", cc->name);
+    fd_check(label, &op, d.x, dx, d.x_count);
+    snprintf(label, sizeof label, "%s %s dw", naive ? "naive" : "fast", cc->name);
+    fd_check(label, &op, d.w, dw, d.w_count);
     if (d.b) {
-        snprintf(what, sizeof what, "%s %s db", naive ? "naive" : "fast", cc->name);
-        fd_check(what, &op, d.b, db, kb);
+        snprintf(label, sizeof label, "%s %s db", naive ? "naive" : "fast", cc->name);
+        fd_check(label, &op, d.b, db, kb);
     }
     free(dx);
     free(dw);
@@ -382,12 +394,12 @@ static float *alloc_distinct(size_t count)
     return p;
 }
 
-static void check_pool_fd(const char *what, pool2d_shape s, int max)
+static void check_pool_fd(const char *label, pool2d_shape s, int max)
 {
     top_error err;
     top_error_clear(&err);
     if (pool2d_shape_derive(&s, &err) != TOP_OK) {
-        TEST_FAIL_AT("%s: shape rejected: %s", what, err.message);
+        TEST_FAIL_AT("%s: shape rejected: %s", label, err.message);
         return;
     }
     pool_data d = {.s = s, .max = max};
@@ -402,7 +414,7 @@ static void check_pool_fd(const char *what, pool2d_shape s, int max)
     else
         avgpool2d_backward(dx, d.g, &d.s);
     fd_op op = {pool_fd_forward, d.y, d.y_count, d.g, &d};
-    fd_check(what, &op, d.x, dx, d.x_count);
+    fd_check(label, &op, d.x, dx, d.x_count);
     free(dx);
     free(d.x);
     free(d.y);
@@ -411,16 +423,34 @@ static void check_pool_fd(const char *what, pool2d_shape s, int max)
 
 static void test_pool_finite_differences(void)
 {
-    pool2d_shape s = {.n = 2, .c = 3, .h = 7, .w = 6, .r = 3, .s = 3, .stride_h = 2,
-                      .stride_w = 2, .pad_top = 1, .pad_bottom = 1, .pad_left = 1,
+    pool2d_shape s = {.n = 2,
+                      .c = 3,
+                      .h = 7,
+                      .w = 6,
+                      .r = 3,
+                      .s = 3,
+                      .stride_h = 2,
+                      .stride_w = 2,
+                      .pad_top = 1,
+                      .pad_bottom = 1,
+                      .pad_left = 1,
                       .pad_right = 1};
     check_pool_fd("maxpool 3x3 s2 p1 dx", s, 1);
     s.count_include_pad = 1;
     check_pool_fd("avgpool include pad dx", s, 0);
     s.count_include_pad = 0;
     check_pool_fd("avgpool exclude pad dx", s, 0);
-    pool2d_shape asym = {.n = 1, .c = 2, .h = 6, .w = 5, .r = 2, .s = 3, .stride_h = 1,
-                         .stride_w = 2, .pad_top = 0, .pad_bottom = 1, .pad_left = 2,
+    pool2d_shape asym = {.n = 1,
+                         .c = 2,
+                         .h = 6,
+                         .w = 5,
+                         .r = 2,
+                         .s = 3,
+                         .stride_h = 1,
+                         .stride_w = 2,
+                         .pad_top = 0,
+                         .pad_bottom = 1,
+                         .pad_left = 2,
                          .pad_right = 0};
     check_pool_fd("maxpool 2x3 asymmetric dx", asym, 1);
     check_pool_fd("avgpool 2x3 asymmetric dx", asym, 0);
@@ -453,7 +483,8 @@ static void test_global_avgpool_finite_differences(void)
     free(dx);
 }
 
-/* ---- batch norm: finite differences --------------------------------------------------------- */
+/* ---- batch norm: finite differences ---------------------------------------------------------
+ */
 
 typedef struct bn_data {
     float *x, *y, *gamma, *beta, *mean, *var, *save_mean, *save_invstd;
@@ -492,20 +523,20 @@ static void check_bn_fd(int train)
     float *dgamma = alloc_floats(c), *dbeta = alloc_floats(c);
     bn_fd_forward(&(fd_op){.ctx = &d});
     if (train)
-        batchnorm_backward_train(dx, dgamma, dbeta, g, d.x, d.gamma, d.save_mean,
-                                 d.save_invstd, d.n, d.c, d.hw);
+        batchnorm_backward_train(dx, dgamma, dbeta, g, d.x, d.gamma, d.save_mean, d.save_invstd,
+                                 d.n, d.c, d.hw);
     else
-        batchnorm_backward_inference(dx, dgamma, dbeta, g, d.x, d.gamma, d.mean, d.var,
-                                     d.eps, d.n, d.c, d.hw);
+        batchnorm_backward_inference(dx, dgamma, dbeta, g, d.x, d.gamma, d.mean, d.var, d.eps,
+                                     d.n, d.c, d.hw);
 
     fd_op op = {bn_fd_forward, d.y, count, g, &d};
     fd_check(train ? "batchnorm train dx" : "batchnorm inference dx", &op, d.x, dx, count);
     fd_check(train ? "batchnorm train dgamma" : "batchnorm inference dgamma", &op, d.gamma,
              dgamma, c);
-    fd_check(train ? "batchnorm train dbeta" : "batchnorm inference dbeta", &op, d.beta,
-             dbeta, c);
-    float *all[] = {d.x, d.y, d.gamma, d.beta, d.mean, d.var, d.save_mean, d.save_invstd,
-                    g, dx, dgamma, dbeta};
+    fd_check(train ? "batchnorm train dbeta" : "batchnorm inference dbeta", &op, d.beta, dbeta,
+             c);
+    float *all[] = {d.x,         d.y,           d.gamma, d.beta, d.mean, d.var,
+                    d.save_mean, d.save_invstd, g,       dx,     dgamma, dbeta};
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++)
         free(all[i]);
 }
@@ -516,7 +547,8 @@ static void test_batchnorm_finite_differences(void)
     check_bn_fd(1);
 }
 
-/* ---- concat and zero padding: finite differences ------------------------------------------------ */
+/* ---- concat and zero padding: finite differences
+ * ------------------------------------------------ */
 
 typedef struct concat_data {
     float *xs[3], *y;
@@ -562,14 +594,13 @@ typedef struct zeropad_data {
 static void zeropad_fd_forward(fd_op *op)
 {
     zeropad_data *d = op->ctx;
-    zeropad2d_forward(d->y, d->x, d->n, d->c, d->h, d->w, d->top, d->bottom, d->left,
-                      d->right);
+    zeropad2d_forward(d->y, d->x, d->n, d->c, d->h, d->w, d->top, d->bottom, d->left, d->right);
 }
 
 static void test_zeropad_finite_differences(void)
 {
-    zeropad_data d = {.n = 2, .c = 2, .h = 3, .w = 4, .top = 0, .bottom = 1, .left = 2,
-                      .right = 1};
+    zeropad_data d = {
+        .n = 2, .c = 2, .h = 3, .w = 4, .top = 0, .bottom = 1, .left = 2, .right = 1};
     size_t x_count = (size_t)d.n * d.c * d.h * d.w;
     size_t y_count = (size_t)d.n * d.c * (d.h + 1) * (d.w + 3);
     d.x = alloc_random(x_count);
@@ -584,15 +615,26 @@ static void test_zeropad_finite_differences(void)
     free(dx);
 }
 
-/* ---- hand-computed cases ---------------------------------------------------------------------- */
+/* ---- hand-computed cases
+ * ---------------------------------------------------------------------- */
 
 /* x = 1..9 (3x3), w = [[1, 2], [3, 4]], b = 0.5, no padding. */
 static void test_conv_hand_2x2(void)
 {
     top_error err;
     top_error_clear(&err);
-    conv2d_shape s = {.n = 1, .c = 1, .h = 3, .w = 3, .k = 1, .r = 2, .s = 2, .stride_h = 1,
-                      .stride_w = 1, .dilation_h = 1, .dilation_w = 1, .groups = 1};
+    conv2d_shape s = {.n = 1,
+                      .c = 1,
+                      .h = 3,
+                      .w = 3,
+                      .k = 1,
+                      .r = 2,
+                      .s = 2,
+                      .stride_h = 1,
+                      .stride_w = 1,
+                      .dilation_h = 1,
+                      .dilation_w = 1,
+                      .groups = 1};
     CHECK_INT_EQ(conv2d_shape_derive(&s, &err), TOP_OK);
     CHECK_INT_EQ(s.p, 2);
     CHECK_INT_EQ(s.q, 2);
@@ -625,9 +667,20 @@ static void test_conv_hand_tf_same_stride2(void)
 {
     top_error err;
     top_error_clear(&err);
-    conv2d_shape s = {.n = 1, .c = 1, .h = 4, .w = 4, .k = 1, .r = 3, .s = 3, .stride_h = 2,
-                      .stride_w = 2, .dilation_h = 1, .dilation_w = 1, .pad_bottom = 1,
-                      .pad_right = 1, .groups = 1};
+    conv2d_shape s = {.n = 1,
+                      .c = 1,
+                      .h = 4,
+                      .w = 4,
+                      .k = 1,
+                      .r = 3,
+                      .s = 3,
+                      .stride_h = 2,
+                      .stride_w = 2,
+                      .dilation_h = 1,
+                      .dilation_w = 1,
+                      .pad_bottom = 1,
+                      .pad_right = 1,
+                      .groups = 1};
     CHECK_INT_EQ(conv2d_shape_derive(&s, &err), TOP_OK);
     CHECK_INT_EQ(s.p, 2);
     CHECK_INT_EQ(s.q, 2);
@@ -650,8 +703,18 @@ static void test_conv_hand_depthwise_multiplier(void)
 {
     top_error err;
     top_error_clear(&err);
-    conv2d_shape s = {.n = 1, .c = 2, .h = 1, .w = 2, .k = 4, .r = 1, .s = 1, .stride_h = 1,
-                      .stride_w = 1, .dilation_h = 1, .dilation_w = 1, .groups = 2};
+    conv2d_shape s = {.n = 1,
+                      .c = 2,
+                      .h = 1,
+                      .w = 2,
+                      .k = 4,
+                      .r = 1,
+                      .s = 1,
+                      .stride_h = 1,
+                      .stride_w = 1,
+                      .dilation_h = 1,
+                      .dilation_w = 1,
+                      .groups = 2};
     CHECK_INT_EQ(conv2d_shape_derive(&s, &err), TOP_OK);
     const float x[4] = {1, 2, 10, 20}, w[4] = {1, 2, 3, 4}, b[4] = {0, 0, 0, 0.5f};
     const float y_expected[8] = {1, 2, 2, 4, 30, 60, 40.5f, 80.5f};
@@ -671,8 +734,17 @@ static void test_maxpool_hand_ignores_padding(void)
 {
     top_error err;
     top_error_clear(&err);
-    pool2d_shape s = {.n = 1, .c = 1, .h = 2, .w = 2, .r = 2, .s = 2, .stride_h = 1,
-                      .stride_w = 1, .pad_top = 1, .pad_bottom = 1, .pad_left = 1,
+    pool2d_shape s = {.n = 1,
+                      .c = 1,
+                      .h = 2,
+                      .w = 2,
+                      .r = 2,
+                      .s = 2,
+                      .stride_h = 1,
+                      .stride_w = 1,
+                      .pad_top = 1,
+                      .pad_bottom = 1,
+                      .pad_left = 1,
                       .pad_right = 1};
     CHECK_INT_EQ(pool2d_shape_derive(&s, &err), TOP_OK);
     CHECK_INT_EQ(s.p, 3);
@@ -692,8 +764,8 @@ static void test_maxpool_hand_ties_and_empty(void)
 {
     top_error err;
     top_error_clear(&err);
-    pool2d_shape tie = {.n = 1, .c = 1, .h = 2, .w = 2, .r = 2, .s = 2, .stride_h = 1,
-                        .stride_w = 1};
+    pool2d_shape tie = {
+        .n = 1, .c = 1, .h = 2, .w = 2, .r = 2, .s = 2, .stride_h = 1, .stride_w = 1};
     CHECK_INT_EQ(pool2d_shape_derive(&tie, &err), TOP_OK);
     const float x[4] = {1, 2, 2, 2}, dy[1] = {1}, dx_expected[4] = {0, 1, 0, 0};
     float y[1], dx[4] = {0};
@@ -702,9 +774,18 @@ static void test_maxpool_hand_ties_and_empty(void)
     CHECK_CLOSE(y[0], 2.0, EXACT_TOL);
     check_arrays("maxpool tie dx", dx, dx_expected, 4, EXACT_TOL);
 
-    /* 1x1 input, 1x1 window, padding 1: only the centre window sees x. */
-    pool2d_shape empty = {.n = 1, .c = 1, .h = 1, .w = 1, .r = 1, .s = 1, .stride_h = 1,
-                          .stride_w = 1, .pad_top = 1, .pad_bottom = 1, .pad_left = 1,
+    /* 1x1 input, 1x1 window, padding 1: only the centre window reads x. */
+    pool2d_shape empty = {.n = 1,
+                          .c = 1,
+                          .h = 1,
+                          .w = 1,
+                          .r = 1,
+                          .s = 1,
+                          .stride_h = 1,
+                          .stride_w = 1,
+                          .pad_top = 1,
+                          .pad_bottom = 1,
+                          .pad_left = 1,
                           .pad_right = 1};
     CHECK_INT_EQ(pool2d_shape_derive(&empty, &err), TOP_OK);
     const float one[1] = {-7};
@@ -724,7 +805,7 @@ static void test_maxpool_hand_ties_and_empty(void)
     CHECK_CLOSE(dx1[0], 5.0, EXACT_TOL);
 }
 
-/* x = 1..9, 3x3 window, stride 1, padding 1; the corner window holds
+/* x = 1..9, 3x3 window, stride 1, padding 1; the corner window contains
  * 1, 2, 4, 5 and 5 padded cells. */
 static void test_avgpool_hand_corner(void)
 {
@@ -732,9 +813,19 @@ static void test_avgpool_hand_corner(void)
     top_error_clear(&err);
     const float x[9] = {1, 2, 3, 4, 5, 6, 7, 8, 9};
     for (int include = 0; include <= 1; include++) {
-        pool2d_shape s = {.n = 1, .c = 1, .h = 3, .w = 3, .r = 3, .s = 3, .stride_h = 1,
-                          .stride_w = 1, .pad_top = 1, .pad_bottom = 1, .pad_left = 1,
-                          .pad_right = 1, .count_include_pad = include};
+        pool2d_shape s = {.n = 1,
+                          .c = 1,
+                          .h = 3,
+                          .w = 3,
+                          .r = 3,
+                          .s = 3,
+                          .stride_h = 1,
+                          .stride_w = 1,
+                          .pad_top = 1,
+                          .pad_bottom = 1,
+                          .pad_left = 1,
+                          .pad_right = 1,
+                          .count_include_pad = include};
         CHECK_INT_EQ(pool2d_shape_derive(&s, &err), TOP_OK);
         float y[9], dy[9] = {1, 0, 0, 0, 0, 0, 0, 0, 0}, dx[9] = {0};
         avgpool2d_forward(y, x, &s);
@@ -755,7 +846,8 @@ static void test_avgpool_hand_corner(void)
 static void test_global_avgpool_hand(void)
 {
     const float x[8] = {1, 2, 3, 4, -1, -1, -1, 3}, dy[2] = {2, -4};
-    const float y_expected[2] = {2.5f, 0}, dx_expected[8] = {.5f, .5f, .5f, .5f, -1, -1, -1, -1};
+    const float y_expected[2] = {2.5f, 0},
+                dx_expected[8] = {.5f, .5f, .5f, .5f, -1, -1, -1, -1};
     float y[2], dx[8] = {0};
     global_avgpool_forward(y, x, 1, 2, 4);
     global_avgpool_backward(dx, dy, 1, 2, 4);
@@ -778,8 +870,8 @@ static void test_batchnorm_hand_inference(void)
     CHECK_CLOSE(dbeta[0], 2.0, EXACT_TOL);
 }
 
-/* N = 2, C = 2, HW = 2, eps = 0. Channel 0 holds -1, -1, 1, 1 (mean 0,
- * biased variance 1, unbiased 4/3); channel 1 holds 0, 2, 4, 6 (mean 3,
+/* N = 2, C = 2, HW = 2, eps = 0. Channel 0 contains -1, 1, -1, 1 (mean 0,
+ * biased variance 1, unbiased 4/3); channel 1 contains 0, 2, 4, 6 (mean 3,
  * biased variance 5). */
 static void test_batchnorm_hand_train(void)
 {
@@ -843,7 +935,8 @@ static void test_zeropad_and_layout_hand(void)
     check_arrays("nchw", back, nchw, 12, EXACT_TOL);
 }
 
-/* ---- backward accumulates ---------------------------------------------------------------------- */
+/* ---- backward accumulates
+ * ---------------------------------------------------------------------- */
 
 static void test_conv_backward_accumulates(void)
 {
@@ -853,7 +946,8 @@ static void test_conv_backward_accumulates(void)
         if (conv_data_init(&d, &conv_cases[picks[i]]))
             continue;
         size_t kb = (size_t)d.s.k;
-        float *dx = alloc_floats(d.x_count), *dw = alloc_floats(d.w_count), *db = alloc_floats(kb);
+        float *dx = alloc_floats(d.x_count), *dw = alloc_floats(d.w_count),
+              *db = alloc_floats(kb);
         conv2d_backward(dx, dw, db, d.g, d.x, d.w, &d.s, d.work);
         float *dx1 = alloc_copy(dx, d.x_count), *dw1 = alloc_copy(dw, d.w_count);
         float *db1 = alloc_copy(db, kb);
@@ -875,8 +969,17 @@ static void test_pool_backward_accumulates(void)
 {
     top_error err;
     top_error_clear(&err);
-    pool2d_shape s = {.n = 1, .c = 2, .h = 5, .w = 5, .r = 3, .s = 3, .stride_h = 2,
-                      .stride_w = 2, .pad_top = 1, .pad_bottom = 1, .pad_left = 1,
+    pool2d_shape s = {.n = 1,
+                      .c = 2,
+                      .h = 5,
+                      .w = 5,
+                      .r = 3,
+                      .s = 3,
+                      .stride_h = 2,
+                      .stride_w = 2,
+                      .pad_top = 1,
+                      .pad_bottom = 1,
+                      .pad_left = 1,
                       .pad_right = 1};
     CHECK_INT_EQ(pool2d_shape_derive(&s, &err), TOP_OK);
     size_t xc = 50, yc = (size_t)2 * s.p * s.q;
@@ -924,8 +1027,8 @@ static void test_batchnorm_backward_accumulates(void)
                     batchnorm_backward_train(dx, dg, dbeta, dy, x, gamma, save_mean,
                                              save_invstd, n, c, hw);
                 else
-                    batchnorm_backward_inference(dx, dg, dbeta, dy, x, gamma, mean, var,
-                                                 1e-5f, n, c, hw);
+                    batchnorm_backward_inference(dx, dg, dbeta, dy, x, gamma, mean, var, 1e-5f,
+                                                 n, c, hw);
                 check_doubled(train ? "train dx" : "inference dx", dx, dx1, count);
                 check_doubled(train ? "train dgamma" : "inference dgamma", dg, dg1, 3);
                 check_doubled(train ? "train dbeta" : "inference dbeta", dbeta, db1, 3);
@@ -933,11 +1036,11 @@ static void test_batchnorm_backward_accumulates(void)
                 free(dg1);
                 free(db1);
             } else if (train) {
-                batchnorm_backward_train(dx, dg, dbeta, dy, x, gamma, save_mean, save_invstd,
-                                         n, c, hw);
+                batchnorm_backward_train(dx, dg, dbeta, dy, x, gamma, save_mean, save_invstd, n,
+                                         c, hw);
             } else {
-                batchnorm_backward_inference(dx, dg, dbeta, dy, x, gamma, mean, var, 1e-5f,
-                                             n, c, hw);
+                batchnorm_backward_inference(dx, dg, dbeta, dy, x, gamma, mean, var, 1e-5f, n,
+                                             c, hw);
             }
         }
         free(dx);
@@ -973,13 +1076,24 @@ static void test_concat_zeropad_backward_accumulates(void)
         free(all[i]);
 }
 
-/* ---- shape validation ---------------------------------------------------------------------------- */
+/* ---- shape validation
+ * ---------------------------------------------------------------------------- */
 
 static void test_shape_derive_rejects_bad_input(void)
 {
     top_error err;
-    conv2d_shape s = {.n = 1, .c = 6, .h = 8, .w = 8, .k = 4, .r = 3, .s = 3, .stride_h = 1,
-                      .stride_w = 1, .dilation_h = 1, .dilation_w = 1, .groups = 4};
+    conv2d_shape s = {.n = 1,
+                      .c = 6,
+                      .h = 8,
+                      .w = 8,
+                      .k = 4,
+                      .r = 3,
+                      .s = 3,
+                      .stride_h = 1,
+                      .stride_w = 1,
+                      .dilation_h = 1,
+                      .dilation_w = 1,
+                      .groups = 4};
     top_error_clear(&err);
     CHECK_INT_EQ(conv2d_shape_derive(&s, &err), TOP_ERR_SHAPE);
     CHECK(strstr(err.message, "groups 4") != NULL);
@@ -1006,8 +1120,8 @@ static void test_shape_derive_rejects_bad_input(void)
     top_error_clear(&err);
     CHECK_INT_EQ(conv2d_shape_derive(&s, &err), TOP_ERR_OVERFLOW);
 
-    pool2d_shape ps = {.n = 1, .c = 1, .h = 2, .w = 2, .r = 3, .s = 3, .stride_h = 1,
-                       .stride_w = 1};
+    pool2d_shape ps = {
+        .n = 1, .c = 1, .h = 2, .w = 2, .r = 3, .s = 3, .stride_h = 1, .stride_w = 1};
     top_error_clear(&err);
     CHECK_INT_EQ(pool2d_shape_derive(&ps, &err), TOP_ERR_SHAPE);
     ps.pad_bottom = ps.pad_right = 1;
