@@ -81,7 +81,7 @@ typedef struct ckpt_dense {
     size_t count;
 } ckpt_dense;
 
-/* Returns 1 if the file's metadata says "format": "topiary-sparse". */
+/* Returns 1 if the file's metadata has "format": "topiary-sparse". */
 int ckpt_is_compressed(const st_file *f);
 
 /*

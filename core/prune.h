@@ -2,7 +2,7 @@
  * Numeric building blocks of second-order pruning, on plain arrays: keep
  * masks from saliency scores, saliency formulas (magnitude, OBD, block OBS),
  * the multi-weight OBS update, and layer-wise OBS in the SparseGPT style.
- * Nothing here knows the model graph; callers pass weights, gradients and
+ * Nothing here depends on the model graph: callers pass weights, gradients and
  * calibration inputs as row-major float arrays.
  *
  *   masks      prune_mask.c       global or per-layer, unstructured or N:M
@@ -90,7 +90,7 @@ double prune_schedule_density(double final_density, int round, int rounds);
 /* Damping actually used by a factorisation, after retries. */
 typedef struct obs_damping {
     double lambda;          /* final damping added to the diagonal */
-    int retries;            /* Cholesky failures answered by lambda *= 10 */
+    int retries;            /* Cholesky failures retried with lambda *= 10 */
     size_t blocks;          /* blocks (or Hessians) factorised */
 } obs_damping;
 

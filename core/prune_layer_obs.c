@@ -6,9 +6,9 @@
  *   U = upper Cholesky factor of H^-1 (H^-1 = U^T U)
  *   column j pruned: err = w_j / U_jj, later columns -= err * U[j, j+1:]
  *
- * Columns are processed left to right in blocks of `block`; inside a block
- * the error propagates column by column, and to the columns after the block
- * in one dgemm (the lazy batch update). The block's mask is chosen at its
+ * Columns are processed left to right in blocks of `block`. Inside a block
+ * the error propagates column by column. The columns after the block get the
+ * block's errors in one dgemm (the lazy batch update). The block's mask is chosen at its
  * start, over all rows, as the lowest w^2 / U_jj^2 (ties by row-major index).
  *
  * Layout: W (rows, cols) and X (n, cols) row-major float32. H, U and a

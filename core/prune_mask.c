@@ -4,10 +4,10 @@
  *
  * Selection is exact counting, not a float threshold. Each score maps to a
  * 32-bit key that orders like the float (-0 and +0 equal). To take the r
- * lowest weights of a set, a binary search over the key finds the smallest
- * key t with at least r weights at or below it (32 passes, no extra memory).
- * Every weight below t is taken, then the weights equal to t in ascending
- * (layer, index) order until r are taken. Taking the r highest mirrors this:
+ * lowest weights of a set, two histogram passes (high 16 bits, then low 16
+ * bits within the boundary bucket) find the smallest key t with at least r
+ * weights at or below it. Every weight below t is taken, then the weights
+ * equal to t in ascending (layer, index) order until r are taken. Taking the r highest mirrors this:
  * keys are complemented and ties are walked in descending order.
  *
  * While masks are built, a mask byte is a state: MASK_PRUNED (0), MASK_FREE
@@ -17,6 +17,7 @@
 #include "prune.h"
 
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 /* Legend: L layers; layer l has count_l scores as (rows, cols), row-major. */
@@ -25,7 +26,8 @@ enum { MASK_PRUNED = 0, MASK_FREE = 1, MASK_LOCKED = 2 };
 
 typedef enum rank_end { RANK_LOWEST, RANK_HIGHEST } rank_end;
 
-/* Order-preserving key of a non-NaN float; lowest=1 keys ascend with s. */
+/* Order-preserving key of a non-NaN float: RANK_LOWEST keys ascend with s,
+ * RANK_HIGHEST keys are their complement. */
 static uint32_t score_key(float s, rank_end end)
 {
     uint32_t u;
@@ -36,20 +38,37 @@ static uint32_t score_key(float s, rank_end end)
     return end == RANK_LOWEST ? u : ~u;
 }
 
-/* Number of free weights in layers [first, last) whose key is <= t. */
-static size_t count_at_most(const prune_layer *layers, size_t first, size_t last, uint32_t t,
-                            rank_end end)
+/*
+ * Counts the keys of the free weights in layers [first, last) in 65536
+ * buckets: by their high 16 bits, or with low_half set, by the low 16 bits
+ * of only those keys whose high 16 bits equal `high`.
+ */
+static void key_histogram(size_t *hist, const prune_layer *layers, size_t first, size_t last,
+                          rank_end end, int low_half, uint32_t high)
 {
-    size_t total = 0;
+    memset(hist, 0, 65536 * sizeof *hist);
     for (size_t l = first; l < last; l++) {
         const prune_layer *ly = &layers[l];
-        size_t c = 0;
-#pragma omp parallel for reduction(+ : c) schedule(static) if (ly->count > 65536)
-        for (size_t i = 0; i < ly->count; i++)
-            c += ly->mask[i] == MASK_FREE && score_key(ly->scores[i], end) <= t;
-        total += c;
+        for (size_t i = 0; i < ly->count; i++) {
+            if (ly->mask[i] != MASK_FREE)
+                continue;
+            uint32_t key = score_key(ly->scores[i], end);
+            if (!low_half)
+                hist[key >> 16]++;
+            else if (key >> 16 == high)
+                hist[key & 0xffffu]++;
+        }
     }
-    return total;
+}
+
+/* First bucket at which before + the running sum of hist reaches r; *before
+ * becomes the count of all earlier buckets. */
+static uint32_t histogram_bucket(const size_t *hist, size_t r, size_t *before)
+{
+    uint32_t b = 0;
+    while (b < 65535 && *before + hist[b] < r)
+        *before += hist[b++];
+    return b;
 }
 
 /* Sets the state of weight i of layer l to `to` if it is free with key t;
@@ -66,24 +85,21 @@ static int take_tie(prune_layer *ly, size_t i, uint32_t t, rank_end end, uint8_t
  * Sets the r lowest (or highest) free weights of layers [first, last) to
  * state `to`. Ties at the boundary go in ascending (layer, index) order for
  * RANK_LOWEST and descending for RANK_HIGHEST. The caller ensures r does not
- * exceed the number of free weights.
+ * exceed the number of free weights. hist: 65536 counters of workspace.
  */
 static void select_ranked(prune_layer *layers, size_t first, size_t last, size_t r,
-                          rank_end end, uint8_t to)
+                          rank_end end, uint8_t to, size_t *hist)
 {
     if (r == 0)
         return;
 
-    /* Smallest t with count_at_most(t) >= r. */
-    uint64_t lo = 0, hi = UINT32_MAX;
-    while (lo < hi) {
-        uint64_t mid = lo + (hi - lo) / 2;
-        if (count_at_most(layers, first, last, (uint32_t)mid, end) >= r)
-            hi = mid;
-        else
-            lo = mid + 1;
-    }
-    uint32_t t = (uint32_t)lo;
+    /* Smallest key t with at least r free keys <= t: a two-pass radix
+     * search, first on the high 16 bits, then on the low 16 bits. */
+    size_t before = 0;
+    key_histogram(hist, layers, first, last, end, 0, 0);
+    uint32_t high = histogram_bucket(hist, r, &before);
+    key_histogram(hist, layers, first, last, end, 1, high);
+    uint32_t t = high << 16 | histogram_bucket(hist, r, &before);
 
     /* Everything strictly below t. */
     size_t taken = 0;
@@ -199,7 +215,7 @@ static top_status validate(const prune_layer *layers, size_t n_layers,
 
 /* Keeps exactly keep_l of the free weights of each layer. */
 static top_status mask_per_layer(prune_layer *layers, size_t n_layers,
-                                 const prune_mask_options *opt, top_error *err)
+                                 const prune_mask_options *opt, size_t *hist, top_error *err)
 {
     for (size_t l = 0; l < n_layers; l++) {
         prune_layer *ly = &layers[l];
@@ -214,7 +230,7 @@ static top_status mask_per_layer(prune_layer *layers, size_t n_layers,
                                  "keeps %zu; raise the sparsity to at least %g",
                                  l, opt->nm_n, opt->nm_m, cap, ly->count, opt->sparsity, keep,
                                  1.0 - (double)opt->nm_n / opt->nm_m);
-        select_ranked(layers, l, l + 1, cap - keep, RANK_LOWEST, MASK_PRUNED);
+        select_ranked(layers, l, l + 1, cap - keep, RANK_LOWEST, MASK_PRUNED, hist);
     }
     return TOP_OK;
 }
@@ -222,7 +238,8 @@ static top_status mask_per_layer(prune_layer *layers, size_t n_layers,
 /* Locks each layer's floor, then prunes the lowest free weights across all
  * layers until round(q * total) are pruned or only floors remain. */
 static top_status mask_global(prune_layer *layers, size_t n_layers,
-                              const prune_mask_options *opt, size_t total, top_error *err)
+                              const prune_mask_options *opt, size_t total, size_t *hist,
+                              top_error *err)
 {
     size_t cap = 0, floors = 0;
     for (size_t l = 0; l < n_layers; l++) {
@@ -234,7 +251,7 @@ static top_status mask_global(prune_layer *layers, size_t n_layers,
                                  "layer %zu: min_density %g needs %zu weights but %d:%d "
                                  "allows %zu; lower min_density",
                                  l, opt->min_density, floor_l, opt->nm_n, opt->nm_m, cap_l);
-        select_ranked(layers, l, l + 1, floor_l, RANK_HIGHEST, MASK_LOCKED);
+        select_ranked(layers, l, l + 1, floor_l, RANK_HIGHEST, MASK_LOCKED, hist);
         cap += cap_l;
         floors += floor_l;
     }
@@ -248,7 +265,7 @@ static top_status mask_global(prune_layer *layers, size_t n_layers,
                              1.0 - (double)opt->nm_n / opt->nm_m);
     if (keep < floors)
         keep = floors;
-    select_ranked(layers, 0, n_layers, cap - keep, RANK_LOWEST, MASK_PRUNED);
+    select_ranked(layers, 0, n_layers, cap - keep, RANK_LOWEST, MASK_PRUNED, hist);
     return TOP_OK;
 }
 
@@ -270,10 +287,14 @@ top_status prune_mask_compute(prune_layer *layers, size_t n_layers,
             apply_nm(&layers[l], opt->nm_n, opt->nm_m);
     }
 
+    size_t *hist = malloc(65536 * sizeof *hist);
+    if (!hist)
+        return top_error_set(err, TOP_ERR_NOMEM, "cannot allocate the mask histogram");
     if (opt->scope == PRUNE_SCOPE_PER_LAYER)
-        st = mask_per_layer(layers, n_layers, opt, err);
+        st = mask_per_layer(layers, n_layers, opt, hist, err);
     else
-        st = mask_global(layers, n_layers, opt, total, err);
+        st = mask_global(layers, n_layers, opt, total, hist, err);
+    free(hist);
 
     /* Locked floors become plain keeps; on error the masks are cleared. */
     for (size_t l = 0; l < n_layers; l++)

@@ -121,7 +121,7 @@ static void accumulate_normal_equations(double *a, double *b, const float *x,
     }
 }
 
-/* Solves (a + alpha I) z = b in place of b; a holds its upper triangle.
+/* Solves (a + alpha I) z = b in place of b; a contains its upper triangle.
  *   a: (D, D)  b: (D, C) */
 static top_status solve_ridge(double *a, double *b, size_t d, size_t c, double alpha,
                               top_error *err)

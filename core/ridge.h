@@ -8,9 +8,9 @@
  *   (Xc^T S Xc + alpha I) B = Xc^T S Yc,  Xc = X - x_mean, S = diag(sw)
  *   coef = B^T (C, D),  intercept = y_mean - coef x_mean
  *
- * With two classes scikit-learn fits one column and predicts by its sign;
- * here both columns are fitted, the second is the negation of the first, and
- * the argmax gives the same predictions.
+ * With two classes scikit-learn fits one column and predicts by its sign.
+ * Here both columns are fitted and the second is the negation of the first,
+ * so the argmax gives the same predictions.
  *
  * Features arrive as float32 (n, D) row-major; the normal equations are
  * accumulated and solved in double by Cholesky (dpotrf + dpotrs). Reentrant.

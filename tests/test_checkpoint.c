@@ -360,9 +360,13 @@ static void test_truncated_files_rejected(void)
         return;
     uint8_t *buf = malloc((size_t)size);
     FILE *f = fopen(path, "rb");
-    CHECK(f && fread(buf, 1, (size_t)size, f) == (size_t)size);
-    if (f)
-        fclose(f);
+    CHECK(f != NULL);
+    if (!f) {
+        free(buf);
+        return;
+    }
+    CHECK_INT_EQ(fread(buf, 1, (size_t)size, f), size);
+    fclose(f);
 
     size_t accepted = 0;
     for (long len = 0; len <= size; len++) {

@@ -637,7 +637,7 @@ static void test_obs_layer_blocks_and_dead_features(void)
             CHECK_CLOSE_AT(s[start + i], want, 1e-5 * (1 + want), start + i);
         }
     }
-    /* A dead weight costs 0.5 w^2 lambda: only the damping sees it. */
+    /* A dead weight costs 0.5 w^2 lambda, because only the damping gives it a cost. */
     CHECK_CLOSE_AT(s[5], 0.5 * w[5] * w[5] * lambda, 1e-6 * (1 + s[5]), 5);
 
     /* Update: pruned weights exactly 0, survivors finite. */

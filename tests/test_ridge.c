@@ -87,7 +87,10 @@ static void test_ridge_matches_numpy_fixture(void)
     size_t n = json_array_size(jx), nt = json_array_size(jt);
     size_t d = json_array_size(json_array_get(jx, 0));
     size_t c = (size_t)json_integer_value(json_object_get(doc, "n_classes"));
-    CHECK(n > 0 && n <= MAX_N && nt <= MAX_N && d > 0 && d <= MAX_D && c >= 2);
+    CHECK(n > 0 && n <= MAX_N);
+    CHECK(nt <= MAX_N);
+    CHECK(d > 0 && d <= MAX_D);
+    CHECK(c >= 2);
     if (!(n > 0 && n <= MAX_N && nt <= MAX_N && d > 0 && d <= MAX_D)) {
         json_decref(doc);
         return;
