@@ -50,29 +50,30 @@ typedef enum dataset_kind {
 struct dataset {
     dataset_kind kind;
     char *uri;
-    char *pixel_source;         /* file named in pixel read errors */
+    char *pixel_source; /* file named in pixel read errors */
     size_t n;
     int n_classes;
-    char **class_names;         /* (K) */
-    int *labels;                /* (N) */
-    int height, width, channels;/* 0 for folders: sizes vary per file */
-    size_t image_bytes;         /* H * W * C */
+    char **class_names;          /* (K) */
+    int *labels;                 /* (N) */
+    int height, width, channels; /* 0 for folders: sizes vary per file */
+    size_t image_bytes;          /* H * W * C */
     size_t budget;
     image_limits limits;
 
-    unsigned char *pixels;      /* resident (N, H, W, C), or NULL */
+    unsigned char *pixels; /* resident (N, H, W, C), or NULL */
     size_t resident;
-    int fd;                     /* streaming: pixels at data_offset, or -1 */
-    FILE *spill;                /* anonymous temporary file behind fd, or NULL */
+    int fd;      /* streaming: pixels at data_offset, or -1 */
+    FILE *spill; /* anonymous temporary file behind fd, or NULL */
     off_t data_offset;
-    char **files;               /* folders: (N) paths */
+    char **files; /* folders: (N) paths */
     st_file *bundle;
     const unsigned char *bundle_pixels;
 };
 
 /* ---- small helpers ------------------------------------------------------ */
 
-static char *dup_string(const char *s) {
+static char *dup_string(const char *s)
+{
     size_t len = strlen(s);
     char *copy = malloc(len + 1);
     if (copy)
@@ -80,12 +81,14 @@ static char *dup_string(const char *s) {
     return copy;
 }
 
-static uint32_t read_be32(const unsigned char *p) {
+static uint32_t read_be32(const unsigned char *p)
+{
     return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | p[3];
 }
 
 static top_status dataset_alloc(dataset **out, dataset_kind kind, const char *uri,
-                                const dataset_options *opt, top_error *err) {
+                                const dataset_options *opt, top_error *err)
+{
     dataset *ds = calloc(1, sizeof *ds);
     if (!ds || !(ds->uri = dup_string(uri))) {
         free(ds);
@@ -93,7 +96,8 @@ static top_status dataset_alloc(dataset **out, dataset_kind kind, const char *ur
     }
     ds->kind = kind;
     ds->fd = -1;
-    ds->budget = (opt && opt->memory_budget) ? opt->memory_budget : DATASET_DEFAULT_MEMORY_BUDGET;
+    ds->budget =
+        (opt && opt->memory_budget) ? opt->memory_budget : DATASET_DEFAULT_MEMORY_BUDGET;
     if (opt)
         ds->limits = opt->limits;
     if (ds->limits.max_width <= 0)
@@ -106,7 +110,8 @@ static top_status dataset_alloc(dataset **out, dataset_kind kind, const char *ur
     return TOP_OK;
 }
 
-void dataset_close(dataset *ds) {
+void dataset_close(dataset *ds)
+{
     if (!ds)
         return;
     if (ds->class_names)
@@ -130,7 +135,8 @@ void dataset_close(dataset *ds) {
 }
 
 /* Sets the class count from the labels and names classes "0", "1", ... */
-static top_status name_classes_by_number(dataset *ds, top_error *err) {
+static top_status name_classes_by_number(dataset *ds, top_error *err)
+{
     int max_label = -1;
     for (size_t i = 0; i < ds->n; i++)
         if (ds->labels[i] > max_label)
@@ -150,8 +156,8 @@ static top_status name_classes_by_number(dataset *ds, top_error *err) {
     return TOP_OK;
 }
 
-top_status dataset_set_class_names(dataset *ds, const char *const *names, int n,
-                                   top_error *err) {
+top_status dataset_set_class_names(dataset *ds, const char *const *names, int n, top_error *err)
+{
     if (!ds || !names || n < ds->n_classes || n > DATASET_MAX_CLASSES)
         return top_error_set(err, TOP_ERR_INVALID,
                              "dataset_set_class_names: %d names for %d classes; give one name "
@@ -181,14 +187,15 @@ top_status dataset_set_class_names(dataset *ds, const char *const *names, int n,
 
 typedef struct byte_reader {
     const char *what;
-    gzFile gz;                              /* file source (gzip or plain) */
-    const unsigned char *mem;               /* memory source */
+    gzFile gz;                /* file source (gzip or plain) */
+    const unsigned char *mem; /* memory source */
     size_t mem_size, mem_pos;
-    z_stream zs;                            /* gzip in memory */
+    z_stream zs; /* gzip in memory */
     int inflating, inflate_done;
 } byte_reader;
 
-static top_status reader_open_file(byte_reader *r, const char *path, top_error *err) {
+static top_status reader_open_file(byte_reader *r, const char *path, top_error *err)
+{
     memset(r, 0, sizeof *r);
     r->what = path;
     r->gz = gzopen(path, "rb");
@@ -200,7 +207,8 @@ static top_status reader_open_file(byte_reader *r, const char *path, top_error *
 }
 
 static top_status reader_open_memory(byte_reader *r, const void *data, size_t size,
-                                     const char *what, top_error *err) {
+                                     const char *what, top_error *err)
+{
     memset(r, 0, sizeof *r);
     r->what = what;
     r->mem = data;
@@ -215,7 +223,8 @@ static top_status reader_open_memory(byte_reader *r, const void *data, size_t si
     return TOP_OK;
 }
 
-static void reader_close(byte_reader *r) {
+static void reader_close(byte_reader *r)
+{
     if (r->gz)
         gzclose(r->gz);
     if (r->inflating)
@@ -224,7 +233,8 @@ static void reader_close(byte_reader *r) {
 }
 
 static top_status reader_inflate(byte_reader *r, unsigned char *buf, size_t n, size_t *got,
-                                 top_error *err) {
+                                 top_error *err)
+{
     while (*got < n && !r->inflate_done) {
         size_t want = n - *got > UINT32_MAX ? UINT32_MAX : n - *got;
         r->zs.next_out = buf + *got;
@@ -243,8 +253,8 @@ static top_status reader_inflate(byte_reader *r, unsigned char *buf, size_t n, s
 }
 
 /* Reads up to n bytes; *got < n only at the end of the data. */
-static top_status reader_read(byte_reader *r, void *buf, size_t n, size_t *got,
-                              top_error *err) {
+static top_status reader_read(byte_reader *r, void *buf, size_t n, size_t *got, top_error *err)
+{
     *got = 0;
     if (r->gz) {
         while (*got < n) {
@@ -275,7 +285,8 @@ static top_status reader_read(byte_reader *r, void *buf, size_t n, size_t *got,
 
 /* Reads exactly n bytes or fails with a truncation error naming `part`. */
 static top_status reader_read_exact(byte_reader *r, void *buf, size_t n, const char *part,
-                                    top_error *err) {
+                                    top_error *err)
+{
     size_t got;
     top_status st = reader_read(r, buf, n, &got, err);
     if (st != TOP_OK)
@@ -291,7 +302,8 @@ static top_status reader_read_exact(byte_reader *r, void *buf, size_t n, const c
 
 /* Parses an IDX header of u8 data with ndim dims; magic is 0x0000080N. */
 static top_status idx_read_header(uint32_t *dims, byte_reader *r, uint32_t magic, int ndim,
-                                  top_error *err) {
+                                  top_error *err)
+{
     unsigned char hdr[16];
     size_t bytes = 4 + 4 * (size_t)ndim;
     top_status st = reader_read_exact(r, hdr, bytes, "the idx header", err);
@@ -299,10 +311,9 @@ static top_status idx_read_header(uint32_t *dims, byte_reader *r, uint32_t magic
         return st;
     uint32_t found = read_be32(hdr);
     if (found != magic)
-        return top_error_set(err, TOP_ERR_FORMAT,
-                             "%s: wrong idx magic 0x%08x, expected 0x%08x (%s)", r->what,
-                             found, magic,
-                             magic == IDX_IMAGES_MAGIC ? "u8 images, 3 dims" : "u8 labels, 1 dim");
+        return top_error_set(
+            err, TOP_ERR_FORMAT, "%s: wrong idx magic 0x%08x, expected 0x%08x (%s)", r->what,
+            found, magic, magic == IDX_IMAGES_MAGIC ? "u8 images, 3 dims" : "u8 labels, 1 dim");
     for (int d = 0; d < ndim; d++)
         dims[d] = read_be32(hdr + 4 + 4 * d);
     if (dims[0] == 0 || dims[0] > DATASET_MAX_IMAGES)
@@ -312,8 +323,9 @@ static top_status idx_read_header(uint32_t *dims, byte_reader *r, uint32_t magic
 }
 
 /* Labels are read in chunks, so a header that claims more labels than the
- * file holds costs no more memory than the file's real size. */
-static top_status idx_read_labels(dataset *ds, byte_reader *r, top_error *err) {
+ * file contains costs no more memory than the file's real size. */
+static top_status idx_read_labels(dataset *ds, byte_reader *r, top_error *err)
+{
     uint32_t dims[1];
     top_status st = idx_read_header(dims, r, IDX_LABELS_MAGIC, 1, err);
     if (st != TOP_OK)
@@ -347,11 +359,12 @@ static top_status idx_read_labels(dataset *ds, byte_reader *r, top_error *err) {
 }
 
 /* Copies the rest of r into an anonymous temporary file read by offset. */
-static top_status idx_spill(dataset *ds, byte_reader *r, size_t total, top_error *err) {
+static top_status idx_spill(dataset *ds, byte_reader *r, size_t total, top_error *err)
+{
     ds->spill = tmpfile();
     if (!ds->spill)
-        return top_error_set(err, TOP_ERR_IO, "%s: cannot create a temporary file: %s",
-                             r->what, strerror(errno));
+        return top_error_set(err, TOP_ERR_IO, "%s: cannot create a temporary file: %s", r->what,
+                             strerror(errno));
     ds->fd = fileno(ds->spill);
     ds->data_offset = 0;
     unsigned char *chunk = malloc(READ_CHUNK);
@@ -374,8 +387,8 @@ static top_status idx_spill(dataset *ds, byte_reader *r, size_t total, top_error
 }
 
 /* Plain file over the budget: read by offset from the file itself. */
-static top_status idx_stream_plain(dataset *ds, const char *path, size_t total,
-                                   top_error *err) {
+static top_status idx_stream_plain(dataset *ds, const char *path, size_t total, top_error *err)
+{
     ds->fd = open(path, O_RDONLY | O_CLOEXEC);
     if (ds->fd < 0)
         return top_error_set(err, TOP_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
@@ -394,8 +407,8 @@ static top_status idx_stream_plain(dataset *ds, const char *path, size_t total,
  * Reads the image header and then the pixels: whole when they fit the
  * budget, else by offset. `path` is NULL for memory sources.
  */
-static top_status idx_read_images(dataset *ds, byte_reader *r, const char *path,
-                                  top_error *err) {
+static top_status idx_read_images(dataset *ds, byte_reader *r, const char *path, top_error *err)
+{
     uint32_t dims[3];
     top_status st = idx_read_header(dims, r, IDX_IMAGES_MAGIC, 3, err);
     if (st != TOP_OK)
@@ -407,9 +420,9 @@ static top_status idx_read_images(dataset *ds, byte_reader *r, const char *path,
     if (dims[1] == 0 || dims[2] == 0 || dims[1] > (uint32_t)ds->limits.max_height ||
         dims[2] > (uint32_t)ds->limits.max_width ||
         (size_t)dims[1] * dims[2] > ds->limits.max_pixels)
-        return top_error_set(err, TOP_ERR_LIMIT,
-                             "%s: images are %ux%u, outside 1x1 .. %dx%d", r->what, dims[2],
-                             dims[1], ds->limits.max_width, ds->limits.max_height);
+        return top_error_set(err, TOP_ERR_LIMIT, "%s: images are %ux%u, outside 1x1 .. %dx%d",
+                             r->what, dims[2], dims[1], ds->limits.max_width,
+                             ds->limits.max_height);
     ds->height = (int)dims[1];
     ds->width = (int)dims[2];
     ds->channels = 1;
@@ -422,8 +435,8 @@ static top_status idx_read_images(dataset *ds, byte_reader *r, const char *path,
 
     if (total <= ds->budget) {
         if (!(ds->pixels = malloc(total)))
-            return top_error_set(err, TOP_ERR_NOMEM, "%s: out of memory for %zu bytes",
-                                 r->what, total);
+            return top_error_set(err, TOP_ERR_NOMEM, "%s: out of memory for %zu bytes", r->what,
+                                 total);
         ds->resident = total;
         return reader_read_exact(r, ds->pixels, total, "the images", err);
     }
@@ -436,7 +449,8 @@ static top_status idx_read_images(dataset *ds, byte_reader *r, const char *path,
     return idx_spill(ds, r, total, err);
 }
 
-static top_status open_idx(dataset *ds, const char *spec, top_error *err) {
+static top_status open_idx(dataset *ds, const char *spec, top_error *err)
+{
     const char *comma = strchr(spec, ',');
     if (!comma || comma == spec || !comma[1] || strchr(comma + 1, ','))
         return top_error_set(err, TOP_ERR_INVALID,
@@ -466,7 +480,8 @@ static top_status open_idx(dataset *ds, const char *spec, top_error *err) {
 
 top_status dataset_open_idx_memory(dataset **out, const void *images, size_t images_size,
                                    const void *labels, size_t labels_size, const char *what,
-                                   const dataset_options *opt, top_error *err) {
+                                   const dataset_options *opt, top_error *err)
+{
     if (!out)
         return top_error_set(err, TOP_ERR_INVALID, "dataset_open_idx_memory: out is NULL");
     *out = NULL;
@@ -482,7 +497,8 @@ top_status dataset_open_idx_memory(dataset **out, const void *images, size_t ima
         st = idx_read_labels(ds, &r, err);
         reader_close(&r);
     }
-    if (st == TOP_OK && (st = reader_open_memory(&r, images, images_size, what, err)) == TOP_OK) {
+    if (st == TOP_OK &&
+        (st = reader_open_memory(&r, images, images_size, what, err)) == TOP_OK) {
         st = idx_read_images(ds, &r, NULL, err);
         reader_close(&r);
     }
@@ -503,23 +519,27 @@ typedef struct name_list {
     size_t count, cap;
 } name_list;
 
-static void name_list_free(name_list *l) {
+static void name_list_free(name_list *l)
+{
     for (size_t i = 0; i < l->count; i++)
         free(l->names[i]);
     free(l->names);
     memset(l, 0, sizeof *l);
 }
 
-static int compare_names(const void *a, const void *b) {
+static int compare_names(const void *a, const void *b)
+{
     return strcmp(*(char *const *)a, *(char *const *)b);
 }
 
 /* Lists the entries of dir (names starting with '.' skipped), sorted. */
-static top_status list_dir(name_list *out, const char *dir, top_error *err) {
+static top_status list_dir(name_list *out, const char *dir, top_error *err)
+{
     memset(out, 0, sizeof *out);
     DIR *d = opendir(dir);
     if (!d)
-        return top_error_set(err, TOP_ERR_IO, "%s: cannot open folder: %s", dir, strerror(errno));
+        return top_error_set(err, TOP_ERR_IO, "%s: cannot open folder: %s", dir,
+                             strerror(errno));
     top_status st = TOP_OK;
     struct dirent *e;
     while ((e = readdir(d)) != NULL) {
@@ -549,7 +569,8 @@ static top_status list_dir(name_list *out, const char *dir, top_error *err) {
     return st;
 }
 
-static char *join_path(const char *dir, const char *name) {
+static char *join_path(const char *dir, const char *name)
+{
     size_t a = strlen(dir), b = strlen(name);
     char *p = malloc(a + b + 2);
     if (p) {
@@ -561,7 +582,8 @@ static char *join_path(const char *dir, const char *name) {
 }
 
 /* Reads the width and height of a JPEG from its first SOF marker. */
-static int probe_jpeg(FILE *f, unsigned long *w, unsigned long *h) {
+static int probe_jpeg(FILE *f, unsigned long *w, unsigned long *h)
+{
     if (fseek(f, 2, SEEK_SET) != 0)
         return -1;
     for (int guard = 0; guard < 100000; guard++) {
@@ -597,7 +619,8 @@ static int probe_jpeg(FILE *f, unsigned long *w, unsigned long *h) {
  * Checks that path starts like a PNG or JPEG and that its header dimensions
  * fit the limits, without decoding the pixels.
  */
-static top_status probe_image(const char *path, const image_limits *lim, top_error *err) {
+static top_status probe_image(const char *path, const image_limits *lim, top_error *err)
+{
     FILE *f = fopen(path, "rb");
     if (!f)
         return top_error_set(err, TOP_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
@@ -629,7 +652,8 @@ static top_status probe_image(const char *path, const image_limits *lim, top_err
 
 /* Appends the files of one class folder (probed) to ds. */
 static top_status folder_add_class(dataset *ds, size_t *cap, const char *class_dir, int label,
-                                   top_error *err) {
+                                   top_error *err)
+{
     name_list files;
     top_status st = list_dir(&files, class_dir, err);
     if (st != TOP_OK)
@@ -674,7 +698,8 @@ static top_status folder_add_class(dataset *ds, size_t *cap, const char *class_d
     return st;
 }
 
-static top_status open_folder(dataset *ds, const char *dir, top_error *err) {
+static top_status open_folder(dataset *ds, const char *dir, top_error *err)
+{
     name_list classes;
     top_status st = list_dir(&classes, dir, err);
     if (st != TOP_OK)
@@ -714,25 +739,47 @@ static top_status open_folder(dataset *ds, const char *dir, top_error *err) {
 /* ---- safetensors bundles ------------------------------------------------ */
 
 /* Reads one integer label of any integer dtype; returns -1 if out of range. */
-static long long bundle_label_at(const unsigned char *p, st_dtype dtype, size_t i) {
+static long long bundle_label_at(const unsigned char *p, st_dtype dtype, size_t i)
+{
     switch (dtype) {
     case ST_DTYPE_U8: return p[i];
     case ST_DTYPE_I8: return (int8_t)p[i];
-    case ST_DTYPE_U16: { uint16_t v; memcpy(&v, p + 2 * i, 2); return v; }
-    case ST_DTYPE_I16: { int16_t v; memcpy(&v, p + 2 * i, 2); return v; }
-    case ST_DTYPE_U32: { uint32_t v; memcpy(&v, p + 4 * i, 4); return v; }
-    case ST_DTYPE_I32: { int32_t v; memcpy(&v, p + 4 * i, 4); return v; }
+    case ST_DTYPE_U16: {
+        uint16_t v;
+        memcpy(&v, p + 2 * i, 2);
+        return v;
+    }
+    case ST_DTYPE_I16: {
+        int16_t v;
+        memcpy(&v, p + 2 * i, 2);
+        return v;
+    }
+    case ST_DTYPE_U32: {
+        uint32_t v;
+        memcpy(&v, p + 4 * i, 4);
+        return v;
+    }
+    case ST_DTYPE_I32: {
+        int32_t v;
+        memcpy(&v, p + 4 * i, 4);
+        return v;
+    }
     case ST_DTYPE_U64: {
         uint64_t v;
         memcpy(&v, p + 8 * i, 8);
         return v > (uint64_t)INT32_MAX ? -1 : (long long)v;
     }
-    case ST_DTYPE_I64: { int64_t v; memcpy(&v, p + 8 * i, 8); return v; }
+    case ST_DTYPE_I64: {
+        int64_t v;
+        memcpy(&v, p + 8 * i, 8);
+        return v;
+    }
     default: return -1;
     }
 }
 
-static top_status bundle_read_labels(dataset *ds, const st_tensor_info *t, top_error *err) {
+static top_status bundle_read_labels(dataset *ds, const st_tensor_info *t, top_error *err)
+{
     int integer = t->dtype == ST_DTYPE_U8 || t->dtype == ST_DTYPE_I8 ||
                   t->dtype == ST_DTYPE_U16 || t->dtype == ST_DTYPE_I16 ||
                   t->dtype == ST_DTYPE_U32 || t->dtype == ST_DTYPE_I32 ||
@@ -756,40 +803,53 @@ static top_status bundle_read_labels(dataset *ds, const st_tensor_info *t, top_e
 }
 
 /* Applies __metadata__ "class_names" (a JSON array of strings) if present. */
-static top_status bundle_read_names(dataset *ds, top_error *err) {
+static top_status bundle_read_names(dataset *ds, top_error *err)
+{
     const char *text = st_metadata_get(ds->bundle, "class_names");
     if (!text)
         return TOP_OK;
+
+    top_status st = TOP_OK;
+    const char **names = NULL;
     json_error_t jerr;
     json_t *arr = json_loads(text, 0, &jerr);
-    top_status st = TOP_OK;
     size_t n = json_is_array(arr) ? json_array_size(arr) : 0;
-    const char **names = n ? calloc(n, sizeof *names) : NULL;
-    if (!json_is_array(arr) || n == 0 || n > DATASET_MAX_CLASSES)
+    if (n == 0 || n > DATASET_MAX_CLASSES) {
         st = top_error_set(err, TOP_ERR_FORMAT,
                            "%s: metadata \"class_names\" must be a JSON array of 1..%d strings",
                            ds->uri, DATASET_MAX_CLASSES);
-    else if (!names)
-        st = top_error_set(err, TOP_ERR_NOMEM, "%s: out of memory", ds->uri);
-    for (size_t i = 0; st == TOP_OK && i < n; i++) {
-        names[i] = json_string_value(json_array_get(arr, i));
-        if (!names[i])
-            st = top_error_set(err, TOP_ERR_FORMAT,
-                               "%s: metadata \"class_names\" entry %zu is not a string",
-                               ds->uri, i);
+        goto done;
     }
-    if (st == TOP_OK && (int)n < ds->n_classes)
+    if ((int)n < ds->n_classes) {
         st = top_error_set(err, TOP_ERR_FORMAT,
                            "%s: metadata \"class_names\" has %zu names but labels reach %d",
                            ds->uri, n, ds->n_classes - 1);
-    if (st == TOP_OK)
-        st = dataset_set_class_names(ds, names, (int)n, err);
+        goto done;
+    }
+    names = calloc(n, sizeof *names);
+    if (!names) {
+        st = top_error_set(err, TOP_ERR_NOMEM, "%s: out of memory", ds->uri);
+        goto done;
+    }
+    for (size_t i = 0; i < n; i++) {
+        names[i] = json_string_value(json_array_get(arr, i));
+        if (!names[i]) {
+            st = top_error_set(err, TOP_ERR_FORMAT,
+                               "%s: metadata \"class_names\" entry %zu is not a string",
+                               ds->uri, i);
+            goto done;
+        }
+    }
+    st = dataset_set_class_names(ds, names, (int)n, err);
+
+done:
     free(names);
     json_decref(arr);
     return st;
 }
 
-static top_status open_bundle(dataset *ds, const char *path, top_error *err) {
+static top_status open_bundle(dataset *ds, const char *path, top_error *err)
+{
     top_status st = st_open(&ds->bundle, path, err);
     if (st != TOP_OK)
         return st;
@@ -831,7 +891,8 @@ static top_status open_bundle(dataset *ds, const char *path, top_error *err) {
 
 /* ---- the OpenCV digits grid --------------------------------------------- */
 
-static top_status open_grid(dataset *ds, const char *path, top_error *err) {
+static top_status open_grid(dataset *ds, const char *path, top_error *err)
+{
     size_t total = (size_t)GRID_WIDTH * GRID_HEIGHT;
     if (ds->budget < total)
         return top_error_set(err, TOP_ERR_LIMIT,
@@ -885,7 +946,8 @@ static top_status open_grid(dataset *ds, const char *path, top_error *err) {
 /* ---- open, get, accessors ----------------------------------------------- */
 
 top_status dataset_open(dataset **out, const char *uri, const dataset_options *opt,
-                        top_error *err) {
+                        top_error *err)
+{
     if (!out || !uri)
         return top_error_set(err, TOP_ERR_INVALID, "dataset_open: out or uri is NULL");
     *out = NULL;
@@ -929,7 +991,8 @@ top_status dataset_open(dataset **out, const char *uri, const dataset_options *o
 
 /* Reads exactly n bytes at offset, retrying short reads. */
 static top_status pread_exact(int fd, void *buf, size_t n, off_t offset, const char *what,
-                              size_t index, top_error *err) {
+                              size_t index, top_error *err)
+{
     size_t done = 0;
     while (done < n) {
         ssize_t k = pread(fd, (unsigned char *)buf + done, n - done, offset + (off_t)done);
@@ -943,7 +1006,8 @@ static top_status pread_exact(int fd, void *buf, size_t n, off_t offset, const c
     return TOP_OK;
 }
 
-top_status dataset_get(const dataset *ds, size_t i, image_u8 *out, top_error *err) {
+top_status dataset_get(const dataset *ds, size_t i, image_u8 *out, top_error *err)
+{
     if (!ds || !out)
         return top_error_set(err, TOP_ERR_INVALID, "dataset_get: ds or out is NULL");
     memset(out, 0, sizeof *out);
@@ -976,19 +1040,36 @@ top_status dataset_get(const dataset *ds, size_t i, image_u8 *out, top_error *er
     return TOP_OK;
 }
 
-size_t dataset_count(const dataset *ds) { return ds ? ds->n : 0; }
-int dataset_class_count(const dataset *ds) { return ds ? ds->n_classes : 0; }
-const int *dataset_labels(const dataset *ds) { return ds ? ds->labels : NULL; }
-const char *dataset_uri(const dataset *ds) { return ds ? ds->uri : NULL; }
-size_t dataset_resident_bytes(const dataset *ds) { return ds ? ds->resident : 0; }
+size_t dataset_count(const dataset *ds)
+{
+    return ds ? ds->n : 0;
+}
+int dataset_class_count(const dataset *ds)
+{
+    return ds ? ds->n_classes : 0;
+}
+const int *dataset_labels(const dataset *ds)
+{
+    return ds ? ds->labels : NULL;
+}
+const char *dataset_uri(const dataset *ds)
+{
+    return ds ? ds->uri : NULL;
+}
+size_t dataset_resident_bytes(const dataset *ds)
+{
+    return ds ? ds->resident : 0;
+}
 
-const char *dataset_class_name(const dataset *ds, int c) {
+const char *dataset_class_name(const dataset *ds, int c)
+{
     if (!ds || c < 0 || c >= ds->n_classes)
         return NULL;
     return ds->class_names[c];
 }
 
-int dataset_is_streaming(const dataset *ds) {
+int dataset_is_streaming(const dataset *ds)
+{
     return ds && ds->kind != DATASET_KIND_GRID && !ds->pixels;
 }
 
@@ -997,7 +1078,8 @@ int dataset_is_streaming(const dataset *ds) {
 #define SPLITMIX_GAMMA 0x9e3779b97f4a7c15ull
 #define TEST_STREAM_OFFSET 0x5851f42d4c957f2dull
 
-uint64_t task_splitmix64(uint64_t *state) {
+uint64_t task_splitmix64(uint64_t *state)
+{
     uint64_t z = (*state += SPLITMIX_GAMMA);
     z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
     z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
@@ -1005,7 +1087,8 @@ uint64_t task_splitmix64(uint64_t *state) {
 }
 
 /* Uniform in 0 .. bound - 1 (bound > 0), by rejecting the biased tail. */
-static uint64_t uniform_below(uint64_t *state, uint64_t bound) {
+static uint64_t uniform_below(uint64_t *state, uint64_t bound)
+{
     uint64_t limit = UINT64_MAX - UINT64_MAX % bound;
     uint64_t r;
     do
@@ -1015,7 +1098,8 @@ static uint64_t uniform_below(uint64_t *state, uint64_t bound) {
 }
 
 /* Fisher-Yates: for i from n - 1 down to 1, swap a[i] with a[j], j in 0..i. */
-static void shuffle_indices(size_t *a, size_t n, uint64_t state) {
+static void shuffle_indices(size_t *a, size_t n, uint64_t state)
+{
     for (size_t i = n; i > 1; i--) {
         size_t j = (size_t)uniform_below(&state, i);
         size_t t = a[i - 1];
@@ -1025,7 +1109,8 @@ static void shuffle_indices(size_t *a, size_t n, uint64_t state) {
 }
 
 /* Shuffles a split's indices and labels together. */
-static void shuffle_split(task_split *s, uint64_t state) {
+static void shuffle_split(task_split *s, uint64_t state)
+{
     for (size_t i = s->count; i > 1; i--) {
         size_t j = (size_t)uniform_below(&state, i);
         size_t ti = s->indices[i - 1];
@@ -1037,11 +1122,13 @@ static void shuffle_split(task_split *s, uint64_t state) {
     }
 }
 
-static uint64_t class_stream(uint64_t seed, int source_class) {
+static uint64_t class_stream(uint64_t seed, int source_class)
+{
     return seed ^ (SPLITMIX_GAMMA * (uint64_t)(source_class + 1));
 }
 
-void task_free(task *t) {
+void task_free(task *t)
+{
     if (!t)
         return;
     free(t->classes);
@@ -1054,7 +1141,8 @@ void task_free(task *t) {
 }
 
 static top_status split_alloc(task_split *s, const dataset *source, size_t count,
-                              top_error *err) {
+                              top_error *err)
+{
     s->source = source;
     s->count = 0;
     s->indices = malloc((count ? count : 1) * sizeof *s->indices);
@@ -1064,7 +1152,8 @@ static top_status split_alloc(task_split *s, const dataset *source, size_t count
     return TOP_OK;
 }
 
-static void split_append(task_split *s, const size_t *idx, size_t n, int label) {
+static void split_append(task_split *s, const size_t *idx, size_t n, int label)
+{
     for (size_t i = 0; i < n; i++) {
         s->indices[s->count] = idx[i];
         s->labels[s->count] = label;
@@ -1073,8 +1162,8 @@ static void split_append(task_split *s, const size_t *idx, size_t n, int label) 
 }
 
 /* The indices of ds with label c, ascending, in a new array (*n of them). */
-static top_status class_pool(size_t **pool, size_t *n, const dataset *ds, int c,
-                             top_error *err) {
+static top_status class_pool(size_t **pool, size_t *n, const dataset *ds, int c, top_error *err)
+{
     *n = 0;
     for (size_t i = 0; i < ds->n; i++)
         *n += ds->labels[i] == c;
@@ -1089,7 +1178,8 @@ static top_status class_pool(size_t **pool, size_t *n, const dataset *ds, int c,
 }
 
 static top_status task_check_spec(const dataset *train, const dataset *test,
-                                  const task_spec *spec, top_error *err) {
+                                  const task_spec *spec, top_error *err)
+{
     if (!train || !spec)
         return top_error_set(err, TOP_ERR_INVALID, "task_make: train or spec is NULL");
     if (spec->calib_per_class == TASK_ALL || spec->fit_per_class == TASK_ALL)
@@ -1119,7 +1209,8 @@ static top_status task_check_spec(const dataset *train, const dataset *test,
 
 /* Counts what each split needs and checks every class has enough images. */
 static top_status task_plan(size_t counts[3], const task *t, const dataset *train,
-                            const dataset *test, const task_spec *spec, top_error *err) {
+                            const dataset *test, const task_spec *spec, top_error *err)
+{
     counts[0] = counts[1] = counts[2] = 0;
     for (int j = 0; j < t->n_classes; j++) {
         int c = t->classes[j];
@@ -1148,7 +1239,8 @@ static top_status task_plan(size_t counts[3], const task *t, const dataset *trai
 }
 
 static top_status task_draw_class(task *t, int j, const dataset *train, const dataset *test,
-                                  const task_spec *spec, top_error *err) {
+                                  const task_spec *spec, top_error *err)
+{
     int c = t->classes[j];
     size_t *pool, n;
     top_status st = class_pool(&pool, &n, train, c, err);
@@ -1177,7 +1269,8 @@ static top_status task_draw_class(task *t, int j, const dataset *train, const da
 }
 
 top_status task_make(task *out, const dataset *train, const dataset *test,
-                     const task_spec *spec, top_error *err) {
+                     const task_spec *spec, top_error *err)
+{
     if (!out)
         return top_error_set(err, TOP_ERR_INVALID, "task_make: out is NULL");
     memset(out, 0, sizeof *out);
@@ -1214,7 +1307,8 @@ top_status task_make(task *out, const dataset *train, const dataset *test,
 }
 
 top_status task_class_groups(int *groups, int n_classes, int n_groups, uint64_t seed,
-                             top_error *err) {
+                             top_error *err)
+{
     if (!groups || n_classes <= 0 || n_classes > DATASET_MAX_CLASSES || n_groups <= 0 ||
         n_groups > n_classes)
         return top_error_set(err, TOP_ERR_INVALID,
@@ -1233,7 +1327,7 @@ top_status task_class_groups(int *groups, int n_classes, int n_groups, uint64_t 
         int *dst = groups + (size_t)g * (size_t)per;
         for (int k = 0; k < per; k++)
             dst[k] = (int)order[(size_t)g * (size_t)per + (size_t)k];
-        for (int a = 1; a < per; a++)       /* insertion sort: groups are small */
+        for (int a = 1; a < per; a++) /* insertion sort: groups are small */
             for (int b = a; b > 0 && dst[b - 1] > dst[b]; b--) {
                 int tmp = dst[b];
                 dst[b] = dst[b - 1];
@@ -1249,7 +1343,7 @@ top_status task_class_groups(int *groups, int n_classes, int n_groups, uint64_t 
 /*
  * Two slots alternate: the worker fills batch k into slot k % 2 while the
  * consumer reads batch k - 1 from the other. A slot is `full` from the moment
- * the worker finishes it until the consumer asks for the batch after it.
+ * the worker finishes it until the consumer requests the batch after it.
  * mu guards full, failed, werr and taken; stop is also read by the worker
  * between images without the lock.
  */
@@ -1263,11 +1357,11 @@ struct batch_iter {
     const task_split *split;
     graph_preprocess pp;
     int batch_size;
-    size_t sample_floats;       /* C * H * W */
+    size_t sample_floats; /* C * H * W */
     size_t n_batches, taken;
-    int holding;                /* the consumer holds slot (taken - 1) % 2 */
+    int holding; /* the consumer reads slot (taken - 1) % 2 */
     batch_slot slots[2];
-    batch end;                  /* n = 0 */
+    batch end; /* n = 0 */
 
     pthread_t thread;
     int started;
@@ -1279,7 +1373,8 @@ struct batch_iter {
 };
 
 /* Decodes and preprocesses batch k into slot s (worker thread, no lock). */
-static top_status batch_fill(batch_iter *it, batch_slot *s, size_t k, top_error *err) {
+static top_status batch_fill(batch_iter *it, batch_slot *s, size_t k, top_error *err)
+{
     size_t first = k * (size_t)it->batch_size;
     size_t left = it->split->count - first;
     int n = left < (size_t)it->batch_size ? (int)left : it->batch_size;
@@ -1302,7 +1397,8 @@ static top_status batch_fill(batch_iter *it, batch_slot *s, size_t k, top_error 
     return TOP_OK;
 }
 
-static void *batch_worker(void *arg) {
+static void *batch_worker(void *arg)
+{
     batch_iter *it = arg;
     for (size_t k = 0; k < it->n_batches; k++) {
         batch_slot *s = &it->slots[k % 2];
@@ -1331,7 +1427,8 @@ static void *batch_worker(void *arg) {
     return NULL;
 }
 
-static top_status batch_iter_alloc(batch_iter *it, top_error *err) {
+static top_status batch_iter_alloc(batch_iter *it, top_error *err)
+{
     size_t floats;
     if (top_size_mul(&floats, it->sample_floats, (size_t)it->batch_size) != 0 ||
         floats > TENSOR_MAX_ELEMENTS)
@@ -1352,8 +1449,9 @@ static top_status batch_iter_alloc(batch_iter *it, top_error *err) {
     return TOP_OK;
 }
 
-top_status batch_iter_new(batch_iter **out, const task_split *split,
-                          const graph_preprocess *pp, int batch_size, top_error *err) {
+top_status batch_iter_new(batch_iter **out, const task_split *split, const graph_preprocess *pp,
+                          int batch_size, top_error *err)
+{
     if (!out || !split || !pp || !split->source || (split->count && !split->indices))
         return top_error_set(err, TOP_ERR_INVALID, "batch_iter_new: NULL argument");
     *out = NULL;
@@ -1393,7 +1491,8 @@ top_status batch_iter_new(batch_iter **out, const task_split *split,
     return TOP_OK;
 }
 
-top_status batch_iter_next(batch_iter *it, const batch **b, top_error *err) {
+top_status batch_iter_next(batch_iter *it, const batch **b, top_error *err)
+{
     if (!it || !b)
         return top_error_set(err, TOP_ERR_INVALID, "batch_iter_next: NULL argument");
     pthread_mutex_lock(&it->mu);
@@ -1423,7 +1522,8 @@ top_status batch_iter_next(batch_iter *it, const batch **b, top_error *err) {
     return TOP_OK;
 }
 
-void batch_iter_free(batch_iter *it) {
+void batch_iter_free(batch_iter *it)
+{
     if (!it)
         return;
     if (it->started) {

@@ -40,13 +40,12 @@
 #define DATASET_DEFAULT_MEMORY_BUDGET ((size_t)1 << 30)
 #define DATASET_MAX_CLASSES 100000
 #define DATASET_MAX_IMAGES ((size_t)1 << 31)
-#define DATASET_CLASS_NAME_MAX 256
 
 typedef struct dataset dataset;
 
 typedef struct dataset_options {
-    size_t memory_budget;       /* bytes of pixels held resident; 0: the default */
-    image_limits limits;        /* per-image bounds; zeros: image.h defaults */
+    size_t memory_budget; /* bytes of pixels held resident; 0: the default */
+    image_limits limits;  /* per-image bounds; zeros: image.h defaults */
 } dataset_options;
 
 /* Opens a data set from a URI (forms above). opt may be NULL. */
@@ -95,7 +94,7 @@ int dataset_is_streaming(const dataset *ds);
 #define TASK_ALL ((size_t)-1)
 
 typedef struct task_spec {
-    const int *classes;     /* source class ids; task class j is classes[j]; NULL: all */
+    const int *classes; /* source class ids; task class j is classes[j]; NULL: all */
     int n_classes;
     size_t calib_per_class; /* calibration images per class */
     size_t fit_per_class;   /* head-fitting images per class */
@@ -104,15 +103,15 @@ typedef struct task_spec {
 } task_spec;
 
 typedef struct task_split {
-    const dataset *source;  /* the data set the indices refer to (not owned) */
+    const dataset *source; /* the data set the indices refer to (not owned) */
     size_t count;
-    size_t *indices;        /* (count) image indices in source */
-    int *labels;            /* (count) task labels, 0 .. n_classes - 1 */
+    size_t *indices; /* (count) image indices in source */
+    int *labels;     /* (count) task labels, 0 .. n_classes - 1 */
 } task_split;
 
 typedef struct task {
     int n_classes;
-    int *classes;           /* (n_classes) source class id of each task class */
+    int *classes; /* (n_classes) source class id of each task class */
     task_split calib, fit, eval;
 } task;
 
@@ -148,11 +147,11 @@ uint64_t task_splitmix64(uint64_t *state);
 /* ---- batches ------------------------------------------------------------ */
 
 typedef struct batch {
-    int n;                  /* images in this batch; 0 at the end */
-    size_t first;           /* position in the split of the first image */
-    float *x;               /* (n, C, H, W) per the preprocess */
-    int *labels;            /* (n) */
-    const size_t *indices;  /* (n) image indices in the data set */
+    int n;                 /* images in this batch; 0 at the end */
+    size_t first;          /* position in the split of the first image */
+    float *x;              /* (n, C, H, W) per the preprocess */
+    int *labels;           /* (n) */
+    const size_t *indices; /* (n) image indices in the data set */
 } batch;
 
 typedef struct batch_iter batch_iter;
@@ -162,8 +161,8 @@ typedef struct batch_iter batch_iter;
  * order into two alternating buffers of batch_size images. The split and its
  * data set must outlive the iterator.
  */
-top_status batch_iter_new(batch_iter **out, const task_split *split,
-                          const graph_preprocess *pp, int batch_size, top_error *err);
+top_status batch_iter_new(batch_iter **out, const task_split *split, const graph_preprocess *pp,
+                          int batch_size, top_error *err);
 /*
  * Waits for the next batch and points *b at it; it stays valid until the next
  * call or batch_iter_free. At the end, (*b)->n is 0. A decoding error ends the

@@ -6,9 +6,9 @@
  * here (libjpeg's default handler would call exit()). Width, height and pixel
  * count are checked against the limits from the header, before the pixel
  * buffer is allocated. A JPEG that ends early is an error, although libjpeg
- * only warns and pads it with gray. PNG output: gray stays 1 channel; palette,
- * gray+alpha, RGB and RGBA become 1 or 3 channels of 8 bits (16-bit samples
- * keep their high byte, alpha is dropped, not composited).
+ * only warns and pads it with gray. PNG gray stays 1 channel, and palette,
+ * gray+alpha, RGB and RGBA become 1 or 3 channels of 8 bits. 16-bit samples
+ * keep their high byte, and alpha is dropped, not composited.
  *
  * Preprocessing, per output pixel (y, x) and channel c:
  *   src = y * (in - 1) / (out - 1)                     align_corners = 1
@@ -44,7 +44,8 @@
 
 static const unsigned char png_magic[8] = {0x89, 'P', 'N', 'G', '\r', '\n', 0x1a, '\n'};
 
-static void resolve_limits(image_limits *out, const image_limits *lim) {
+static void resolve_limits(image_limits *out, const image_limits *lim)
+{
     out->max_width = (lim && lim->max_width > 0) ? lim->max_width : IMAGE_DEFAULT_MAX_SIDE;
     out->max_height = (lim && lim->max_height > 0) ? lim->max_height : IMAGE_DEFAULT_MAX_SIDE;
     out->max_pixels = (lim && lim->max_pixels > 0) ? lim->max_pixels : IMAGE_DEFAULT_MAX_PIXELS;
@@ -52,7 +53,8 @@ static void resolve_limits(image_limits *out, const image_limits *lim) {
 
 /* Checks a header's dimensions against the limits; returns the pixel count. */
 static top_status check_dims(size_t *pixels, unsigned long width, unsigned long height,
-                             const image_limits *lim, const char *what, top_error *err) {
+                             const image_limits *lim, const char *what, top_error *err)
+{
     if (width == 0 || height == 0)
         return top_error_set(err, TOP_ERR_FORMAT, "%s: image has zero size (%lux%lu)", what,
                              width, height);
@@ -74,10 +76,11 @@ static top_status check_dims(size_t *pixels, unsigned long width, unsigned long 
 typedef struct png_source {
     const unsigned char *data;
     size_t size, pos;
-    char message[200];      /* libpng's fatal error text */
+    char message[200]; /* libpng's fatal error text */
 } png_source;
 
-static void png_read_memory(png_structp png, png_bytep out, size_t n) {
+static void png_read_memory(png_structp png, png_bytep out, size_t n)
+{
     png_source *src = png_get_io_ptr(png);
     if (n > src->size - src->pos)
         png_error(png, "file is truncated");
@@ -85,19 +88,22 @@ static void png_read_memory(png_structp png, png_bytep out, size_t n) {
     src->pos += n;
 }
 
-static void png_on_error(png_structp png, png_const_charp message) {
+static void png_on_error(png_structp png, png_const_charp message)
+{
     png_source *src = png_get_error_ptr(png);
     snprintf(src->message, sizeof src->message, "%s", message);
     png_longjmp(png, 1);
 }
 
-static void png_on_warning(png_structp png, png_const_charp message) {
+static void png_on_warning(png_structp png, png_const_charp message)
+{
     (void)png;
     (void)message;
 }
 
 /* Asks libpng for 8-bit gray or 8-bit RGB, without alpha. */
-static void png_set_transforms(png_structp png, png_infop info) {
+static void png_set_transforms(png_structp png, png_infop info)
+{
     int color = png_get_color_type(png, info);
     if (color == PNG_COLOR_TYPE_PALETTE)
         png_set_palette_to_rgb(png);
@@ -122,7 +128,8 @@ typedef struct png_job {
  * Kept apart so that no local of the caller changes between setjmp and
  * longjmp. */
 static int png_decode_steps(png_job *job, image_u8 *out, const image_limits *lim,
-                            const char *what, top_error *err) {
+                            const char *what, top_error *err)
+{
     png_structp png = job->png;
     png_infop info = job->info;
     if (setjmp(png_jmpbuf(png)))
@@ -140,8 +147,8 @@ static int png_decode_steps(png_job *job, image_u8 *out, const image_limits *lim
     int height = (int)png_get_image_height(png, info);
     if ((channels != 1 && channels != 3) ||
         png_get_rowbytes(png, info) != (size_t)width * (size_t)channels) {
-        top_error_set(err, TOP_ERR_UNSUPPORTED, "%s: png layout with %d channels is not supported",
-                      what, channels);
+        top_error_set(err, TOP_ERR_UNSUPPORTED,
+                      "%s: png layout with %d channels is not supported", what, channels);
         return -2;
     }
 
@@ -164,7 +171,8 @@ static int png_decode_steps(png_job *job, image_u8 *out, const image_limits *lim
 }
 
 static top_status decode_png(image_u8 *out, const void *data, size_t size, const char *what,
-                             const image_limits *lim, top_error *err) {
+                             const image_limits *lim, top_error *err)
+{
     png_source src = {.data = data, .size = size};
     png_job job = {0};
     top_status st = TOP_OK;
@@ -203,7 +211,8 @@ typedef struct jpeg_error {
     char message[JMSG_LENGTH_MAX];
 } jpeg_error;
 
-static void jpeg_on_error(j_common_ptr cinfo) {
+static void jpeg_on_error(j_common_ptr cinfo)
+{
     jpeg_error *e = (jpeg_error *)cinfo->err;
     e->mgr.format_message(cinfo, e->message);
     longjmp(e->jump, 1);
@@ -211,7 +220,8 @@ static void jpeg_on_error(j_common_ptr cinfo) {
 
 /* libjpeg only warns when data ends early and pads the image with gray; a
  * truncated file is an error here. Other warnings are ignored. */
-static void jpeg_on_message(j_common_ptr cinfo, int level) {
+static void jpeg_on_message(j_common_ptr cinfo, int level)
+{
     jpeg_error *e = (jpeg_error *)cinfo->err;
     if (level == -1 && (e->mgr.msg_code == JWRN_JPEG_EOF || e->mgr.msg_code == JWRN_HIT_MARKER))
         jpeg_on_error(cinfo);
@@ -226,7 +236,8 @@ typedef struct jpeg_job {
 /* Runs every libjpeg call that may longjmp; returns 0, -1 after a libjpeg
  * error or -2 after an error recorded in err. */
 static int jpeg_decode_steps(jpeg_job *job, image_u8 *out, const void *data, size_t size,
-                             const image_limits *lim, const char *what, top_error *err) {
+                             const image_limits *lim, const char *what, top_error *err)
+{
     struct jpeg_decompress_struct *cinfo = &job->cinfo;
     if (setjmp(job->jerr.jump))
         return -1;
@@ -266,10 +277,12 @@ static int jpeg_decode_steps(jpeg_job *job, image_u8 *out, const void *data, siz
 }
 
 static top_status decode_jpeg(image_u8 *out, const void *data, size_t size, const char *what,
-                              const image_limits *lim, top_error *err) {
+                              const image_limits *lim, top_error *err)
+{
     jpeg_job *job = calloc(1, sizeof *job);
     if (!job)
-        return top_error_set(err, TOP_ERR_NOMEM, "%s: out of memory for the jpeg decoder", what);
+        return top_error_set(err, TOP_ERR_NOMEM, "%s: out of memory for the jpeg decoder",
+                             what);
     job->cinfo.err = jpeg_std_error(&job->jerr.mgr);
     job->jerr.mgr.error_exit = jpeg_on_error;
     job->jerr.mgr.emit_message = jpeg_on_message;
@@ -277,8 +290,8 @@ static top_status decode_jpeg(image_u8 *out, const void *data, size_t size, cons
     top_status st = TOP_OK;
     int rc = jpeg_decode_steps(job, out, data, size, lim, what, err);
     if (rc == -1)
-        st = top_error_set(err, TOP_ERR_FORMAT, "%s: invalid jpeg: %s", what,
-                           job->jerr.message);
+        st =
+            top_error_set(err, TOP_ERR_FORMAT, "%s: invalid jpeg: %s", what, job->jerr.message);
     else if (rc == -2)
         st = err ? err->status : TOP_ERR_FORMAT;
     if (st == TOP_OK) {
@@ -294,7 +307,8 @@ static top_status decode_jpeg(image_u8 *out, const void *data, size_t size, cons
 /* ---- entry points ------------------------------------------------------- */
 
 top_status image_decode(image_u8 *out, const void *data, size_t size, const char *what,
-                        const image_limits *lim, top_error *err) {
+                        const image_limits *lim, top_error *err)
+{
     if (!out)
         return top_error_set(err, TOP_ERR_INVALID, "image_decode: out is NULL");
     memset(out, 0, sizeof *out);
@@ -315,8 +329,8 @@ top_status image_decode(image_u8 *out, const void *data, size_t size, const char
                          what, size);
 }
 
-top_status image_load(image_u8 *out, const char *path, const image_limits *lim,
-                      top_error *err) {
+top_status image_load(image_u8 *out, const char *path, const image_limits *lim, top_error *err)
+{
     if (!out || !path)
         return top_error_set(err, TOP_ERR_INVALID, "image_load: out or path is NULL");
     memset(out, 0, sizeof *out);
@@ -340,7 +354,8 @@ top_status image_load(image_u8 *out, const char *path, const image_limits *lim,
     }
     data = malloc(end > 0 ? (size_t)end : 1);
     if (!data) {
-        st = top_error_set(err, TOP_ERR_NOMEM, "%s: out of memory reading %ld bytes", path, end);
+        st =
+            top_error_set(err, TOP_ERR_NOMEM, "%s: out of memory reading %ld bytes", path, end);
         goto done;
     }
     if (fread(data, 1, (size_t)end, f) != (size_t)end) {
@@ -355,7 +370,8 @@ done:
     return st;
 }
 
-void image_free(image_u8 *img) {
+void image_free(image_u8 *img)
+{
     if (!img)
         return;
     free(img->pixels);
@@ -376,7 +392,8 @@ typedef struct axis_map {
  * samples to n_mid samples (offset > 0 is a center crop of that resize).
  */
 static void axis_map_fill(axis_map *m, int n_in, int n_mid, int offset, int n_out,
-                          int align_corners) {
+                          int align_corners)
+{
     double ratio;
     if (align_corners && n_mid > 1)
         ratio = (double)(n_in - 1) / (double)(n_mid - 1);
@@ -401,7 +418,8 @@ static void axis_map_fill(axis_map *m, int n_in, int n_mid, int offset, int n_ou
 
 /* One source sample converted to the output channel count: gray is
  * replicated to RGB, RGB becomes gray by ITU-R BT.601 luma. */
-static double sample_at(const image_u8 *img, int y, int x, int c, int out_channels) {
+static double sample_at(const image_u8 *img, int y, int x, int c, int out_channels)
+{
     const unsigned char *p =
         img->pixels + ((size_t)y * (size_t)img->width + (size_t)x) * (size_t)img->channels;
     if (img->channels == out_channels)
@@ -413,8 +431,8 @@ static double sample_at(const image_u8 *img, int y, int x, int c, int out_channe
 
 /* Virtual resize target and crop offsets for pp (see graph_preprocess). */
 static top_status plan_geometry(int *mid_h, int *mid_w, int *top, int *left,
-                                const image_u8 *img, const graph_preprocess *pp,
-                                top_error *err) {
+                                const image_u8 *img, const graph_preprocess *pp, top_error *err)
+{
     *mid_h = pp->height;
     *mid_w = pp->width;
     *top = *left = 0;
@@ -442,9 +460,11 @@ static top_status plan_geometry(int *mid_h, int *mid_w, int *top, int *left,
 }
 
 static top_status check_preprocess_args(const float *out, const image_u8 *img,
-                                        const graph_preprocess *pp, top_error *err) {
+                                        const graph_preprocess *pp, top_error *err)
+{
     if (!out || !img || !pp || !img->pixels)
-        return top_error_set(err, TOP_ERR_INVALID, "image_preprocess: NULL argument or empty image");
+        return top_error_set(err, TOP_ERR_INVALID,
+                             "image_preprocess: NULL argument or empty image");
     if (img->channels != 1 && img->channels != 3)
         return top_error_set(err, TOP_ERR_INVALID,
                              "image_preprocess: image has %d channels, expected 1 or 3",
@@ -465,15 +485,17 @@ static top_status check_preprocess_args(const float *out, const image_u8 *img,
                              IMAGE_DEFAULT_MAX_SIDE);
     for (int c = 0; c < pp->channels; c++)
         if (!(pp->std[c] != 0.0f) || !isfinite(pp->std[c]))
-            return top_error_set(err, TOP_ERR_INVALID,
-                                 "image_preprocess: std[%d] = %g; it must be finite and nonzero",
-                                 c, (double)pp->std[c]);
+            return top_error_set(
+                err, TOP_ERR_INVALID,
+                "image_preprocess: std[%d] = %g; it must be finite and nonzero", c,
+                (double)pp->std[c]);
     return TOP_OK;
 }
 
 /* out: (C, H, W) with C, H, W from pp.  img: (h, w, c) u8. */
 top_status image_preprocess(float *out, const image_u8 *img, const graph_preprocess *pp,
-                            top_error *err) {
+                            top_error *err)
+{
     top_status st = check_preprocess_args(out, img, pp, err);
     if (st != TOP_OK)
         return st;
@@ -510,7 +532,8 @@ top_status image_preprocess(float *out, const image_u8 *img, const graph_preproc
                 double t = tl + (tr - tl) * fx;
                 double b = bl + (br - bl) * fx;
                 float v = (float)(t + (b - t) * fy);
-                plane[(size_t)y * (size_t)W + (size_t)x] = (v * pp->scale - pp->mean[c]) / pp->std[c];
+                plane[(size_t)y * (size_t)W + (size_t)x] =
+                    (v * pp->scale - pp->mean[c]) / pp->std[c];
             }
         }
     }

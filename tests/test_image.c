@@ -18,12 +18,14 @@
 #include "image.h"
 #include "test.h"
 
-static const char *data_dir(void) {
+static const char *data_dir(void)
+{
     const char *d = getenv("TOPIARY_DATA_DIR");
     return d && *d ? d : "data";
 }
 
-static uint64_t fnv1a64(const unsigned char *p, size_t n) {
+static uint64_t fnv1a64(const unsigned char *p, size_t n)
+{
     uint64_t h = 0xcbf29ce484222325ull;
     for (size_t i = 0; i < n; i++) {
         h ^= p[i];
@@ -32,14 +34,16 @@ static uint64_t fnv1a64(const unsigned char *p, size_t n) {
     return h;
 }
 
-static json_t *load_json(const char *path) {
+static json_t *load_json(const char *path)
+{
     json_error_t e;
     json_t *doc = json_load_file(path, 0, &e);
     CHECK_MSG(doc != NULL, "cannot read %s: %s (line %d)", path, e.text, e.line);
     return doc;
 }
 
-static unsigned char *read_file(const char *path, size_t *size) {
+static unsigned char *read_file(const char *path, size_t *size)
+{
     FILE *f = fopen(path, "rb");
     if (!f)
         return NULL;
@@ -56,7 +60,8 @@ static unsigned char *read_file(const char *path, size_t *size) {
     return buf;
 }
 
-static int write_file(const char *path, const void *data, size_t size) {
+static int write_file(const char *path, const void *data, size_t size)
+{
     FILE *f = fopen(path, "wb");
     if (!f)
         return -1;
@@ -65,7 +70,8 @@ static int write_file(const char *path, const void *data, size_t size) {
 }
 
 /* Real files: size, channels, 64 sampled pixels and a hash of all bytes. */
-static void test_real_images_match_pillow(void) {
+static void test_real_images_match_pillow(void)
+{
     json_t *doc = load_json("tests/golden/image_pixels.json");
     if (!doc)
         return;
@@ -73,7 +79,8 @@ static void test_real_images_match_pillow(void) {
     CHECK(json_array_size(images) >= 7);
     size_t i;
     json_t *entry;
-    json_array_foreach(images, i, entry) {
+    json_array_foreach(images, i, entry)
+    {
         char path[1024];
         snprintf(path, sizeof path, "%s/datasets/%s", data_dir(),
                  json_string_value(json_object_get(entry, "file")));
@@ -94,39 +101,43 @@ static void test_real_images_match_pillow(void) {
         size_t j;
         json_t *s;
         int mismatches = 0;
-        json_array_foreach(json_object_get(entry, "samples"), j, s) {
+        json_array_foreach(json_object_get(entry, "samples"), j, s)
+        {
             int y = (int)json_integer_value(json_array_get(s, 0));
             int x = (int)json_integer_value(json_array_get(s, 1));
             for (int c = 0; c < img.channels; c++) {
                 int want = (int)json_integer_value(json_array_get(s, 2 + (size_t)c));
                 int got = img.pixels[((size_t)y * (size_t)img.width + (size_t)x) *
-                                         (size_t)img.channels + (size_t)c];
+                                         (size_t)img.channels +
+                                     (size_t)c];
                 if (got != want && mismatches++ < 5)
-                    TEST_FAIL_AT("%s pixel (%d, %d) channel %d = %d, Pillow gives %d", path,
-                                 y, x, c, got, want);
+                    TEST_FAIL_AT("%s pixel (%d, %d) channel %d = %d, Pillow gives %d", path, y,
+                                 x, c, got, want);
             }
         }
         char hash[17];
-        snprintf(hash, sizeof hash, "%016llx",
-                 (unsigned long long)fnv1a64(img.pixels, (size_t)img.width *
-                                                             (size_t)img.height *
-                                                             (size_t)img.channels));
+        snprintf(
+            hash, sizeof hash, "%016llx",
+            (unsigned long long)fnv1a64(img.pixels, (size_t)img.width * (size_t)img.height *
+                                                        (size_t)img.channels));
         const char *want_hash = json_string_value(json_object_get(entry, "fnv1a64"));
-        CHECK_MSG(strcmp(hash, want_hash) == 0, "%s: pixel hash %s, Pillow's is %s", path,
-                  hash, want_hash);
+        CHECK_MSG(strcmp(hash, want_hash) == 0, "%s: pixel hash %s, Pillow's is %s", path, hash,
+                  want_hash);
         image_free(&img);
     }
     json_decref(doc);
 }
 
 /* Palette, 16-bit, gray+alpha, 1-bit and RGBA PNGs become 8-bit gray or RGB. */
-static void test_png_layouts_convert(void) {
+static void test_png_layouts_convert(void)
+{
     json_t *doc = load_json("tests/golden/image_pixels.json");
     if (!doc)
         return;
     size_t i;
     json_t *entry;
-    json_array_foreach(json_object_get(doc, "synthetic"), i, entry) {
+    json_array_foreach(json_object_get(doc, "synthetic"), i, entry)
+    {
         char path[512];
         snprintf(path, sizeof path, "tests/golden/png/%s",
                  json_string_value(json_object_get(entry, "file")));
@@ -156,7 +167,8 @@ static void test_png_layouts_convert(void) {
 }
 
 /* image_decode from memory gives the same pixels as image_load. */
-static void test_decode_memory_matches_load(void) {
+static void test_decode_memory_matches_load(void)
+{
     char path[1024];
     snprintf(path, sizeof path, "%s/datasets/photos/dog.jpg", data_dir());
     size_t size;
@@ -177,14 +189,16 @@ static void test_decode_memory_matches_load(void) {
 }
 
 /* Every case of the fixture: PyTorch bilinear (and torchvision resize+crop). */
-static void test_resize_matches_pytorch(void) {
+static void test_resize_matches_pytorch(void)
+{
     json_t *doc = load_json("tests/golden/resize_bilinear.json");
     if (!doc)
         return;
     size_t i;
     json_t *cs;
     CHECK(json_array_size(json_object_get(doc, "cases")) >= 17);
-    json_array_foreach(json_object_get(doc, "cases"), i, cs) {
+    json_array_foreach(json_object_get(doc, "cases"), i, cs)
+    {
         image_u8 img = {
             .height = (int)json_integer_value(json_object_get(cs, "in_height")),
             .width = (int)json_integer_value(json_object_get(cs, "in_width")),
@@ -199,8 +213,10 @@ static void test_resize_matches_pytorch(void) {
             .height = (int)json_integer_value(json_object_get(cs, "out_height")),
             .width = (int)json_integer_value(json_object_get(cs, "out_width")),
             .align_corners = (int)json_integer_value(json_object_get(cs, "align_corners")),
-            .resize_short_side = (int)json_integer_value(json_object_get(cs, "resize_short_side")),
-            .scale = 1.0f, .std = {1, 1, 1},
+            .resize_short_side =
+                (int)json_integer_value(json_object_get(cs, "resize_short_side")),
+            .scale = 1.0f,
+            .std = {1, 1, 1},
         };
         json_t *want = json_object_get(cs, "expected");
         size_t n = (size_t)pp.channels * (size_t)pp.height * (size_t)pp.width;
@@ -232,11 +248,17 @@ static void test_resize_matches_pytorch(void) {
 
 /* TF.js resizeBilinear(alignCorners = true) on [2, 2; 4, 4] -> 3x3 (its own
  * unit test's values), then scale, mean and std. */
-static void test_preprocess_align_corners_and_normalise(void) {
+static void test_preprocess_align_corners_and_normalise(void)
+{
     unsigned char px[4] = {2, 2, 4, 4};
     image_u8 img = {.height = 2, .width = 2, .channels = 1, .pixels = px};
-    graph_preprocess pp = {.channels = 1, .height = 3, .width = 3, .align_corners = 1,
-                           .scale = 0.5f, .mean = {1.0f}, .std = {2.0f}};
+    graph_preprocess pp = {.channels = 1,
+                           .height = 3,
+                           .width = 3,
+                           .align_corners = 1,
+                           .scale = 0.5f,
+                           .mean = {1.0f},
+                           .std = {2.0f}};
     float out[9];
     CHECK(image_preprocess(out, &img, &pp, NULL) == TOP_OK);
     const float resized[9] = {2, 2, 2, 3, 3, 3, 4, 4, 4};
@@ -245,11 +267,17 @@ static void test_preprocess_align_corners_and_normalise(void) {
 }
 
 /* Gray replicates to RGB; RGB becomes gray by BT.601 luma. */
-static void test_preprocess_channel_conversion(void) {
+static void test_preprocess_channel_conversion(void)
+{
     unsigned char gray[1] = {200};
     image_u8 g = {.height = 1, .width = 1, .channels = 1, .pixels = gray};
-    graph_preprocess to_rgb = {.channels = 3, .height = 1, .width = 1, .align_corners = 1,
-                               .scale = 1.0f, .mean = {0, 10, 20}, .std = {1, 1, 2}};
+    graph_preprocess to_rgb = {.channels = 3,
+                               .height = 1,
+                               .width = 1,
+                               .align_corners = 1,
+                               .scale = 1.0f,
+                               .mean = {0, 10, 20},
+                               .std = {1, 1, 2}};
     float rgb[3];
     CHECK(image_preprocess(rgb, &g, &to_rgb, NULL) == TOP_OK);
     CHECK_CLOSE_AT(rgb[0], 200.0, 1e-5, 0);
@@ -258,14 +286,15 @@ static void test_preprocess_channel_conversion(void) {
 
     unsigned char color[3] = {255, 0, 100};
     image_u8 c = {.height = 1, .width = 1, .channels = 3, .pixels = color};
-    graph_preprocess to_gray = {.channels = 1, .height = 1, .width = 1, .scale = 1.0f,
-                                .std = {1}};
+    graph_preprocess to_gray = {
+        .channels = 1, .height = 1, .width = 1, .scale = 1.0f, .std = {1}};
     float v;
     CHECK(image_preprocess(&v, &c, &to_gray, NULL) == TOP_OK);
     CHECK_CLOSE(v, 0.299 * 255 + 0.114 * 100, 1e-4);
 }
 
-static void test_preprocess_rejects_bad_arguments(void) {
+static void test_preprocess_rejects_bad_arguments(void)
+{
     unsigned char px[4] = {0};
     image_u8 img = {.height = 2, .width = 2, .channels = 1, .pixels = px};
     graph_preprocess pp = {.channels = 1, .height = 4, .width = 4, .scale = 1, .std = {0}};
@@ -276,7 +305,7 @@ static void test_preprocess_rejects_bad_arguments(void) {
     CHECK_MSG(strstr(err.message, "std[0]") != NULL, "message: %s", err.message);
 
     pp.std[0] = 1;
-    pp.resize_short_side = 2;          /* a 2x2 resize cannot hold a 4x4 crop */
+    pp.resize_short_side = 2; /* a 2x2 resize cannot hold a 4x4 crop */
     top_error_clear(&err);
     CHECK_INT_EQ(image_preprocess(out, &img, &pp, &err), TOP_ERR_INVALID);
     CHECK_MSG(strstr(err.message, "center crop") != NULL, "message: %s", err.message);
@@ -284,7 +313,8 @@ static void test_preprocess_rejects_bad_arguments(void) {
 
 /* Loads path and expects status st with a message naming the file and `what`. */
 static void expect_load_error(const char *path, const image_limits *lim, top_status st,
-                              const char *what) {
+                              const char *what)
+{
     image_u8 img;
     top_error err;
     top_error_clear(&err);
@@ -300,7 +330,8 @@ static void expect_load_error(const char *path, const image_limits *lim, top_sta
 }
 
 /* Writes the first `keep` bytes of src to dst. */
-static int write_prefix(const char *dst, const char *src, double keep) {
+static int write_prefix(const char *dst, const char *src, double keep)
+{
     size_t size;
     unsigned char *data = read_file(src, &size);
     if (!data)
@@ -310,7 +341,8 @@ static int write_prefix(const char *dst, const char *src, double keep) {
     return rc;
 }
 
-static void test_bad_files_give_clear_errors(void) {
+static void test_bad_files_give_clear_errors(void)
+{
     char dir[] = "/tmp/topiary-image-XXXXXX";
     if (!mkdtemp(dir)) {
         TEST_FAIL_AT("mkdtemp failed");
@@ -359,7 +391,8 @@ static void test_bad_files_give_clear_errors(void) {
     rmdir(dir);
 }
 
-int main(void) {
+int main(void)
+{
     TEST_RUN(test_real_images_match_pillow);
     TEST_RUN(test_png_layouts_convert);
     TEST_RUN(test_decode_memory_matches_load);

@@ -2,10 +2,10 @@
  * libFuzzer target: the IDX reader from memory (plain or gzip).
  *
  * Input layout: byte 0 and 1 give, little-endian, the length L of the labels
- * part (capped by the input size); the labels are the next L bytes and the
+ * part, capped by the input size. The labels are the next L bytes and the
  * images are the rest. Every input must open with consistent counts and
- * readable images, or fail with a message; the memory budget is small so
- * that a header that claims a huge data set is rejected.
+ * readable images, or fail with a message. The memory budget is small, so a
+ * header that claims a huge data set is rejected.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -15,7 +15,8 @@
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
-int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
+{
     if (size < 2)
         return 0;
     size_t labels_size = (size_t)data[0] | (size_t)data[1] << 8;

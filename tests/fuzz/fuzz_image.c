@@ -11,7 +11,8 @@
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
-int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
+{
     image_limits lim = {.max_width = 2048, .max_height = 2048, .max_pixels = (size_t)1 << 20};
     image_u8 img;
     top_error err;
