@@ -265,16 +265,10 @@ static void test_mask_exact_counts_all_modes(void)
     free_layers(scores, masks);
 }
 
-/* The global unstructured mask prunes exactly the first round(q * total)
- * weights of the (score, layer, index) sort. */
-static void test_mask_matches_full_sort(void)
+/* Checks that the global unstructured mask prunes exactly the first
+ * round(q * total) weights of the (score, layer, index) sort. */
+static void check_against_full_sort(prune_layer *layers, double q)
 {
-    prune_layer layers[N_LAYERS];
-    float *scores[N_LAYERS];
-    uint8_t *masks[N_LAYERS];
-    rng_seed(11);
-    make_layers(layers, scores, masks, 3); /* heavy ties */
-
     size_t total = 0;
     for (size_t l = 0; l < N_LAYERS; l++)
         total += layers[l].count;
@@ -282,23 +276,50 @@ static void test_mask_matches_full_sort(void)
     size_t k = 0;
     for (size_t l = 0; l < N_LAYERS; l++)
         for (size_t i = 0; i < layers[l].count; i++)
-            keys[k++] = (ref_key){scores[l][i], l, i};
+            keys[k++] = (ref_key){layers[l].scores[i], l, i};
     qsort(keys, total, sizeof *keys, compare_ref);
 
-    prune_mask_options o = {0.37, PRUNE_SCOPE_GLOBAL, 0, 0, 0.0};
+    prune_mask_options o = {q, PRUNE_SCOPE_GLOBAL, 0, 0, 0.0};
     top_error err;
     top_error_clear(&err);
     CHECK_INT_EQ(prune_mask_compute(layers, N_LAYERS, &o, &err), TOP_OK);
-    size_t p = (size_t)floor(0.37 * (double)total + 0.5);
+    size_t p = (size_t)floor(q * (double)total + 0.5);
     for (size_t i = 0; i < total; i++) {
         int expected = i >= p;
-        int got = masks[keys[i].layer][keys[i].index];
-        CHECK_MSG(got == expected, "sorted position %zu (layer %zu index %zu): mask %d, expected %d",
-                  i, keys[i].layer, keys[i].index, got, expected);
+        int got = layers[keys[i].layer].mask[keys[i].index];
+        CHECK_MSG(got == expected,
+                  "q %g sorted position %zu (layer %zu index %zu, score %g): mask %d, "
+                  "expected %d", q, i, keys[i].layer, keys[i].index, keys[i].score, got,
+                  expected);
         if (got != expected)
             break;
     }
     free(keys);
+}
+
+static void test_mask_matches_full_sort(void)
+{
+    prune_layer layers[N_LAYERS];
+    float *scores[N_LAYERS];
+    uint8_t *masks[N_LAYERS];
+    rng_seed(11);
+    make_layers(layers, scores, masks, 3); /* heavy ties */
+    check_against_full_sort(layers, 0.37);
+    check_against_full_sort(layers, 0.999);
+
+    /* Signed scores spread over many magnitudes, with +-0 and +-inf. */
+    for (size_t l = 0; l < N_LAYERS; l++)
+        for (size_t i = 0; i < layers[l].count; i++) {
+            double v = rng_normal() * pow(10.0, (int)(rng_uniform() * 12) - 6);
+            scores[l][i] = (float)v;
+            if (i % 17 == 3)
+                scores[l][i] = i % 2 ? -0.0f : 0.0f;
+            if (i % 29 == 5)
+                scores[l][i] = i % 2 ? -INFINITY : INFINITY;
+        }
+    check_against_full_sort(layers, 0.21);
+    check_against_full_sort(layers, 0.5);
+    check_against_full_sort(layers, 0.93);
     free_layers(scores, masks);
 }
 
