@@ -18,8 +18,8 @@
  * and F64 tensors are converted to float32.
  * Thread-safety: all state lives in one import context on the stack.
  * Not supported: grouped 3x3 convolutions (ResNeXt) and ViT variants with
- * extra tensors (layer scale, register tokens, pre-logits, pooled heads); the
- * extra tensors make the import fail with their names.
+ * extra tensors (layer scale, register tokens, pre-logits, pooled heads). Such
+ * checkpoints fail to import with the name of the first tensor that differs.
  */
 #include "import_torch.h"
 
@@ -34,6 +34,7 @@
 #define ANY_DIM (-1)
 #define RESNET_BN_EPS 1e-5f
 #define VIT_LN_EPS 1e-6f
+#define VIT_MAX_IMAGE_SIDE 8192     /* keeps T = 1 + (side / P)^2 within int */
 
 /* A tensor shape of rank <= 4 as a value, written SHAPE(64, 3, 7, 7). */
 typedef struct shape4 {
@@ -621,11 +622,13 @@ static top_status vit_detect(const torch_ctx *c, const vit_names *nm, vit_dims *
     while (t->shape[1] > 1 && (grid + 1) * (grid + 1) <= t->shape[1] - 1)
         grid++;
     if (t->shape[0] != 1 || t->shape[1] < 2 || grid * grid != t->shape[1] - 1 ||
-        grid * v->patch > 65536 || t->shape[2] != v->d)
+        grid * v->patch > VIT_MAX_IMAGE_SIDE || t->shape[2] != v->d)
         return top_error_set(err, TOP_ERR_SHAPE,
                              "tensor '%s' has shape %s, expected (1, 1 + G*G, %d) for a "
-                             "square grid of G*G patches", nm->pos,
-                             tensor_shape_str(got, sizeof got, t->ndim, t->shape), v->d);
+                             "square grid of G*G patches of side %d and an image side of "
+                             "at most %d", nm->pos,
+                             tensor_shape_str(got, sizeof got, t->ndim, t->shape), v->d,
+                             v->patch, VIT_MAX_IMAGE_SIDE);
     v->tokens = (int)t->shape[1];
     v->image = (int)grid * v->patch;
 

@@ -376,7 +376,8 @@ static void test_resnet_param_roles(void)
     /* The 3x3 conv carries the stride (torchvision v1.5 Bottleneck). */
     int conv2 = graph_find_node(g, "layer2.0.conv2");
     int conv1 = graph_find_node(g, "layer2.0.conv1");
-    CHECK(conv2 >= 0 && conv1 >= 0);
+    CHECK(conv2 >= 0);
+    CHECK(conv1 >= 0);
     if (conv2 >= 0 && conv1 >= 0) {
         CHECK_INT_EQ(g->nodes[conv2].attrs.conv.stride_h, 2);
         CHECK_INT_EQ(g->nodes[conv1].attrs.conv.stride_h, 1);
@@ -542,7 +543,8 @@ static void check_vit(const ckpt *c, const char *arch, int heads, int64_t out_di
         if (g->nodes[i].op == OP_LAYERNORM && ln < 0)
             ln = i;
     }
-    CHECK(mhsa >= 0 && ln >= 0);
+    CHECK(mhsa >= 0);
+    CHECK(ln >= 0);
     if (mhsa >= 0)
         CHECK_INT_EQ(g->nodes[mhsa].attrs.heads, heads);
     if (ln >= 0)
@@ -791,7 +793,8 @@ static void golden_check_backward(golden_run *r, const char *model, double *wors
                       (size_t)r->g->preprocess.width;
     r->dy = malloc(r->out_numel * sizeof *r->dy);
     r->dx = malloc(in_numel * sizeof *r->dx);
-    CHECK(r->dy && r->dx);
+    CHECK(r->dy != NULL);
+    CHECK(r->dx != NULL);
     if (!r->dy || !r->dx)
         return;
     double loss = cross_entropy_forward_backward(r->dy, graph_node_output(r->g, r->g->output),

@@ -4,8 +4,8 @@
 #
 # The fixtures (about 180 MB, not committed) are generated when they are
 # missing or were made by another version of the generator. Generating needs
-# Debian's /usr/bin/python3 with python3-torch and python3-torchvision; without
-# them this test fails and says so, it does not skip.
+# Debian's /usr/bin/python3 with python3-torch and python3-torchvision. Without
+# them this test fails with a message naming the packages instead of skipping.
 #   TOPIARY_TORCH_GOLDEN_DIR  fixture directory (default build/golden/torch)
 #   TOPIARY_TORCH_PYTHON      interpreter with torch (default /usr/bin/python3)
 set -u

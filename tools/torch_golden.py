@@ -11,11 +11,11 @@ For each model this writes two safetensors files into the output directory
                               grad.<param> for the listed parameters
 
 Models: torchvision resnet18 and resnet50 with random weights and randomised
-batch-norm statistics; a small torchvision VisionTransformer (image 32,
-patch 8, 2 layers, 2 heads, hidden 32, MLP 64, 10 classes) saved under
-torchvision 0.14 names, under the older mlp.linear_1/linear_2 names and under
-timm names; and the same ViT without its head under timm names, as DINO
-backbones are shipped (its output is the class-token feature).
+batch-norm statistics. A small torchvision VisionTransformer (image 32,
+patch 8, 2 layers, 2 heads, hidden 32, MLP 64, 10 classes) is saved three
+times: under torchvision 0.14 names, under the older mlp.linear_1/linear_2
+names and under timm names. The same ViT without its head, under timm names,
+stands for a DINO backbone, whose output is the class-token feature.
 
 The safetensors format is written by hand (8-byte little-endian header
 length, JSON header padded with spaces to a multiple of 8, raw data) because
@@ -97,7 +97,7 @@ def calibrate_batchnorm(model, image_size):
 
 def randomize_vit(model):
     """Replace torchvision's initialisation (zero head, zero class token) with
-    random values of unit-order activations."""
+    random values that keep the activations of order one."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("ln_1.weight") or name.endswith("ln_2.weight") or name == "encoder.ln.weight":
