@@ -2,7 +2,7 @@
 # Golden tests of the PyTorch importers against PyTorch itself: runs
 # $BUILD/tests/test_torch --golden DIR on the fixtures of tools/torch_golden.py.
 #
-# The fixtures (about 180 MB, not committed) are generated when they are
+# The fixtures (about 170 MB, not committed) are generated when they are
 # missing or were made by another version of the generator. Generating needs
 # Debian's /usr/bin/python3 with python3-torch and python3-torchvision. Without
 # them this test fails with a message naming the packages instead of skipping.
