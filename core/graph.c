@@ -40,10 +40,10 @@
 
 /* Buffers of one node for the batch size of the last forward. */
 typedef struct node_run {
-    float *y;                       /* output (N, sample) */
-    float *dy;                      /* gradient of the output, set by backward */
-    float *saved[RUN_MAX_SAVED];    /* tensors the op keeps for its backward */
-    int needs_grad;                 /* the node leads to the backward's seed */
+    float *y;                    /* output (N, sample) */
+    float *dy;                   /* gradient of the output, set by backward */
+    float *saved[RUN_MAX_SAVED]; /* tensors the op keeps for its backward */
+    int needs_grad;              /* the node leads to the backward's seed */
 } node_run;
 
 typedef struct op_info {
@@ -225,8 +225,7 @@ static top_status grow_array(void **array, int *cap, int count, size_t elem_size
     if (count < *cap)
         return TOP_OK;
     if (*cap > INT_MAX / 2)
-        return top_error_set(err, TOP_ERR_LIMIT, "the graph has too many %s (%d)", what,
-                             count);
+        return top_error_set(err, TOP_ERR_LIMIT, "the graph has too many %s (%d)", what, count);
     int new_cap = *cap ? *cap * 2 : 16;
     size_t bytes;
     if (top_size_mul(&bytes, (size_t)new_cap, elem_size))
@@ -244,11 +243,15 @@ static top_status grow_array(void **array, int *cap, int count, size_t elem_size
 static top_status check_name(const char *name, const char *what, top_error *err)
 {
     if (!name || !name[0])
-        return top_error_set(err, TOP_ERR_INVALID, "the %s name is missing; give every %s a "
-                             "unique, non-empty name", what, what);
+        return top_error_set(err, TOP_ERR_INVALID,
+                             "the %s name is missing; give every %s a "
+                             "unique, non-empty name",
+                             what, what);
     if (strlen(name) >= GRAPH_NAME_MAX)
-        return top_error_set(err, TOP_ERR_INVALID, "the %s name '%.64s...' has %zu bytes; "
-                             "the limit is %d", what, name, strlen(name), GRAPH_NAME_MAX - 1);
+        return top_error_set(err, TOP_ERR_INVALID,
+                             "the %s name '%.64s...' has %zu bytes; "
+                             "the limit is %d",
+                             what, name, strlen(name), GRAPH_NAME_MAX - 1);
     return TOP_OK;
 }
 
@@ -272,20 +275,21 @@ static top_status check_node_inputs(const graph *g, op_kind op, const char *name
     if (op == OP_INPUT && g->n_nodes > 0)
         return top_error_set(err, TOP_ERR_INVALID,
                              "node '%s' (input): the input node must be the first node and "
-                             "the only one; the graph already has %d nodes", name,
-                             g->n_nodes);
+                             "the only one; the graph already has %d nodes",
+                             name, g->n_nodes);
     return TOP_OK;
 }
 
 top_status graph_add_node(graph *g, op_kind op, const char *name, const int *inputs,
-                          int n_inputs, const node_attrs *attrs, int *index,
-                          top_error *err)
+                          int n_inputs, const node_attrs *attrs, int *index, top_error *err)
 {
     if (!g)
         return top_error_set(err, TOP_ERR_INVALID, "graph_add_node: the graph is NULL");
     if (g->finalized)
-        return top_error_set(err, TOP_ERR_STATE, "node '%s': the graph is finalized; add "
-                             "nodes before graph_finalize", name ? name : "");
+        return top_error_set(err, TOP_ERR_STATE,
+                             "node '%s': the graph is finalized; add "
+                             "nodes before graph_finalize",
+                             name ? name : "");
     if ((int)op < 0 || op >= OP_COUNT)
         return top_error_set(err, TOP_ERR_INVALID, "node '%s': op %d is not an op_kind",
                              name ? name : "", (int)op);
@@ -294,8 +298,10 @@ top_status graph_add_node(graph *g, op_kind op, const char *name, const int *inp
         return st;
     int other = graph_find_node(g, name);
     if (other >= 0)
-        return top_error_set(err, TOP_ERR_INVALID, "node name '%s' is already used by node "
-                             "%d; node names must be unique", name, other);
+        return top_error_set(err, TOP_ERR_INVALID,
+                             "node name '%s' is already used by node "
+                             "%d; node names must be unique",
+                             name, other);
     st = check_node_inputs(g, op, name, inputs, n_inputs, err);
     if (st != TOP_OK)
         return st;
@@ -325,27 +331,38 @@ static top_status check_param_args(const graph *g, int node, int slot, const cha
                                    const tensor *value, int src_ndim, top_error *err)
 {
     if (node < 0 || node >= g->n_nodes)
-        return top_error_set(err, TOP_ERR_INVALID, "parameter '%s': node %d does not exist "
-                             "(the graph has %d nodes)", name, node, g->n_nodes);
+        return top_error_set(err, TOP_ERR_INVALID,
+                             "parameter '%s': node %d does not exist "
+                             "(the graph has %d nodes)",
+                             name, node, g->n_nodes);
     const graph_node *nd = &g->nodes[node];
     const op_info *info = &op_table[nd->op];
     if (slot < 0 || slot >= info->n_slots)
-        return top_error_set(err, TOP_ERR_INVALID, "parameter '%s': node '%s' (%s) has "
-                             "parameter slots 0..%d, not %d", name, nd->name, info->name,
-                             info->n_slots - 1, slot);
+        return top_error_set(err, TOP_ERR_INVALID,
+                             "parameter '%s': node '%s' (%s) has "
+                             "parameter slots 0..%d, not %d",
+                             name, nd->name, info->name, info->n_slots - 1, slot);
     if (nd->params[slot] >= 0)
-        return top_error_set(err, TOP_ERR_INVALID, "parameter '%s': slot %d (%s) of node "
-                             "'%s' already holds '%s'", name, slot, info->slots[slot],
-                             nd->name, g->params[nd->params[slot]].name);
+        return top_error_set(err, TOP_ERR_INVALID,
+                             "parameter '%s': slot %d (%s) of node "
+                             "'%s' already holds '%s'",
+                             name, slot, info->slots[slot], nd->name,
+                             g->params[nd->params[slot]].name);
     if (graph_find_param(g, name) >= 0)
-        return top_error_set(err, TOP_ERR_INVALID, "parameter name '%s' is already used; "
-                             "parameter names must be unique", name);
+        return top_error_set(err, TOP_ERR_INVALID,
+                             "parameter name '%s' is already used; "
+                             "parameter names must be unique",
+                             name);
     if (!value || !value->data || value->ndim < 1 || value->ndim > TENSOR_MAX_DIMS)
-        return top_error_set(err, TOP_ERR_INVALID, "parameter '%s': the value is empty or "
-                             "its rank is outside 1..%d", name, TENSOR_MAX_DIMS);
+        return top_error_set(err, TOP_ERR_INVALID,
+                             "parameter '%s': the value is empty or "
+                             "its rank is outside 1..%d",
+                             name, TENSOR_MAX_DIMS);
     if (src_ndim < 0 || src_ndim > TENSOR_MAX_DIMS)
-        return top_error_set(err, TOP_ERR_INVALID, "parameter '%s': source rank %d is "
-                             "outside 0..%d", name, src_ndim, TENSOR_MAX_DIMS);
+        return top_error_set(err, TOP_ERR_INVALID,
+                             "parameter '%s': source rank %d is "
+                             "outside 0..%d",
+                             name, src_ndim, TENSOR_MAX_DIMS);
     return TOP_OK;
 }
 
@@ -356,16 +373,20 @@ top_status graph_add_param(graph *g, int node, int slot, const char *name, param
     if (!g)
         return top_error_set(err, TOP_ERR_INVALID, "graph_add_param: the graph is NULL");
     if (g->finalized)
-        return top_error_set(err, TOP_ERR_STATE, "parameter '%s': the graph is finalized; "
-                             "add parameters before graph_finalize", name ? name : "");
+        return top_error_set(err, TOP_ERR_STATE,
+                             "parameter '%s': the graph is finalized; "
+                             "add parameters before graph_finalize",
+                             name ? name : "");
     top_status st = check_name(name, "parameter", err);
     if (st == TOP_OK)
         st = check_param_args(g, node, slot, name, value, src_ndim, err);
     if (st != TOP_OK)
         return st;
     if (src_ndim > 0 && !src_shape)
-        return top_error_set(err, TOP_ERR_INVALID, "parameter '%s': src_ndim is %d but "
-                             "src_shape is NULL", name, src_ndim);
+        return top_error_set(err, TOP_ERR_INVALID,
+                             "parameter '%s': src_ndim is %d but "
+                             "src_shape is NULL",
+                             name, src_ndim);
     st = grow_array((void **)&g->params, &g->cap_params, g->n_params, sizeof *g->params,
                     "parameters", err);
     if (st != TOP_OK)
@@ -439,8 +460,10 @@ static top_status expect_rank(const graph *g, const graph_node *nd, int k, int r
     if (rank_mask & (1 << in->ndim))
         return TOP_OK;
     char have[96];
-    return top_error_set(err, TOP_ERR_SHAPE, "node '%s' (%s): input '%s' has shape %s, but "
-                         "the op needs %s", nd->name, op_kind_str(nd->op), in->name,
+    return top_error_set(err, TOP_ERR_SHAPE,
+                         "node '%s' (%s): input '%s' has shape %s, but "
+                         "the op needs %s",
+                         nd->name, op_kind_str(nd->op), in->name,
                          shape_str(have, sizeof have, in), expected);
 }
 
@@ -457,10 +480,11 @@ static top_status check_param(const graph *g, const graph_node *nd, int slot, in
     if (p < 0) {
         if (!required)
             return TOP_OK;
-        return top_error_set(err, TOP_ERR_NOT_FOUND, "node '%s' (%s): the %s parameter "
+        return top_error_set(err, TOP_ERR_NOT_FOUND,
+                             "node '%s' (%s): the %s parameter "
                              "(slot %d) is missing; attach a tensor of shape %s",
-                             nd->name, op_kind_str(nd->op), op_table[nd->op].slots[slot],
-                             slot, want);
+                             nd->name, op_kind_str(nd->op), op_table[nd->op].slots[slot], slot,
+                             want);
     }
     const tensor *t = &g->params[p].value;
     int same = t->ndim == ndim;
@@ -468,8 +492,10 @@ static top_status check_param(const graph *g, const graph_node *nd, int slot, in
         same = t->shape[d] == expected[d];
     if (same)
         return TOP_OK;
-    return top_error_set(err, TOP_ERR_SHAPE, "node '%s' (%s): parameter '%s' (%s) has shape "
-                         "%s, expected %s", nd->name, op_kind_str(nd->op), g->params[p].name,
+    return top_error_set(err, TOP_ERR_SHAPE,
+                         "node '%s' (%s): parameter '%s' (%s) has shape "
+                         "%s, expected %s",
+                         nd->name, op_kind_str(nd->op), g->params[p].name,
                          op_table[nd->op].slots[slot],
                          tensor_shape_str(have, sizeof have, t->ndim, t->shape), want);
 }
@@ -478,9 +504,11 @@ static top_status infer_input(graph_node *nd, top_error *err)
 {
     const conv2d_shape *s = &nd->attrs.conv;
     if (s->c < 1 || s->h < 1 || s->w < 1)
-        return top_error_set(err, TOP_ERR_INVALID, "node '%s' (input): attrs.conv.c, .h, .w "
+        return top_error_set(err, TOP_ERR_INVALID,
+                             "node '%s' (input): attrs.conv.c, .h, .w "
                              "are (%d, %d, %d); set the model's input channels, height and "
-                             "width (each at least 1)", nd->name, s->c, s->h, s->w);
+                             "width (each at least 1)",
+                             nd->name, s->c, s->h, s->w);
     set_shape(nd, 3, s->c, s->h, s->w);
     return TOP_OK;
 }
@@ -500,10 +528,11 @@ static top_status conv_geometry(conv2d_shape *s, const graph *g, const graph_nod
     top_error_clear(&local);
     top_status st = conv2d_shape_derive(s, &local);
     if (st != TOP_OK)
-        return top_error_set(err, st, "node '%s' (%s): %s (input '%s' of %d x %d x %d, "
-                             "kernel %d x %d, %d groups, batch %d)", nd->name,
-                             op_kind_str(nd->op), local.message, in->name, s->c, s->h, s->w,
-                             s->r, s->s, s->groups, n);
+        return top_error_set(err, st,
+                             "node '%s' (%s): %s (input '%s' of %d x %d x %d, "
+                             "kernel %d x %d, %d groups, batch %d)",
+                             nd->name, op_kind_str(nd->op), local.message, in->name, s->c, s->h,
+                             s->w, s->r, s->s, s->groups, n);
     return TOP_OK;
 }
 
@@ -529,15 +558,15 @@ static top_status check_eps(const graph_node *nd, top_error *err)
 {
     if (nd->attrs.eps > 0 && isfinite(nd->attrs.eps))
         return TOP_OK;
-    return top_error_set(err, TOP_ERR_INVALID, "node '%s' (%s): attrs.eps is %g; set the "
-                         "epsilon of the source model (a positive number)", nd->name,
-                         op_kind_str(nd->op), (double)nd->attrs.eps);
+    return top_error_set(err, TOP_ERR_INVALID,
+                         "node '%s' (%s): attrs.eps is %g; set the "
+                         "epsilon of the source model (a positive number)",
+                         nd->name, op_kind_str(nd->op), (double)nd->attrs.eps);
 }
 
 static top_status infer_batchnorm(const graph *g, graph_node *nd, top_error *err)
 {
-    top_status st = expect_rank(g, nd, 0, (1 << 1) | (1 << 3), "a (C) or (C, H, W) input",
-                                err);
+    top_status st = expect_rank(g, nd, 0, (1 << 1) | (1 << 3), "a (C) or (C, H, W) input", err);
     if (st == TOP_OK)
         st = check_eps(nd, err);
     if (st != TOP_OK)
@@ -555,8 +584,10 @@ static top_status infer_unary(const graph *g, graph_node *nd, top_error *err)
     if (nd->op == OP_DROPOUT) {
         float rate = nd->attrs.dropout_rate;
         if (!(rate >= 0 && rate < 1))
-            return top_error_set(err, TOP_ERR_INVALID, "node '%s' (dropout): rate %g is "
-                                 "outside [0, 1)", nd->name, (double)rate);
+            return top_error_set(err, TOP_ERR_INVALID,
+                                 "node '%s' (dropout): rate %g is "
+                                 "outside [0, 1)",
+                                 nd->name, (double)rate);
     }
     copy_shape(nd, input_node(g, nd, 0));
     return TOP_OK;
@@ -572,9 +603,10 @@ static top_status infer_add(const graph *g, graph_node *nd, top_error *err)
             same = in->dims[d] == first->dims[d];
         if (!same) {
             char a[96], b[96];
-            return top_error_set(err, TOP_ERR_SHAPE, "node '%s' (add): input %d '%s' has "
-                                 "shape %s, but input 0 '%s' has shape %s", nd->name, k,
-                                 in->name, shape_str(a, sizeof a, in), first->name,
+            return top_error_set(err, TOP_ERR_SHAPE,
+                                 "node '%s' (add): input %d '%s' has "
+                                 "shape %s, but input 0 '%s' has shape %s",
+                                 nd->name, k, in->name, shape_str(a, sizeof a, in), first->name,
                                  shape_str(b, sizeof b, first));
         }
     }
@@ -587,18 +619,19 @@ static top_status infer_concat(const graph *g, graph_node *nd, top_error *err)
     const graph_node *first = input_node(g, nd, 0);
     int64_t channels = 0;
     for (int k = 0; k < nd->n_inputs; k++) {
-        top_status st = expect_rank(g, nd, k, (1 << 1) | (1 << 3), "(C) or (C, H, W) inputs",
-                                    err);
+        top_status st =
+            expect_rank(g, nd, k, (1 << 1) | (1 << 3), "(C) or (C, H, W) inputs", err);
         if (st != TOP_OK)
             return st;
         const graph_node *in = input_node(g, nd, k);
-        if (in->ndim != first->ndim ||
-            (in->ndim == 3 && (in->dims[1] != first->dims[1] || in->dims[2] != first->dims[2]))) {
+        if (in->ndim != first->ndim || (in->ndim == 3 && (in->dims[1] != first->dims[1] ||
+                                                          in->dims[2] != first->dims[2]))) {
             char a[96], b[96];
-            return top_error_set(err, TOP_ERR_SHAPE, "node '%s' (concat): input %d '%s' has "
+            return top_error_set(err, TOP_ERR_SHAPE,
+                                 "node '%s' (concat): input %d '%s' has "
                                  "shape %s, but input 0 '%s' has shape %s; inputs may differ "
-                                 "only in channels", nd->name, k, in->name,
-                                 shape_str(a, sizeof a, in), first->name,
+                                 "only in channels",
+                                 nd->name, k, in->name, shape_str(a, sizeof a, in), first->name,
                                  shape_str(b, sizeof b, first));
         }
         channels += in->dims[0];
@@ -621,9 +654,11 @@ static top_status pool_geometry(pool2d_shape *s, const graph *g, const graph_nod
     top_error_clear(&local);
     top_status st = pool2d_shape_derive(s, &local);
     if (st != TOP_OK)
-        return top_error_set(err, st, "node '%s' (%s): %s (input '%s' of %d x %d x %d, "
-                             "window %d x %d, batch %d)", nd->name, op_kind_str(nd->op),
-                             local.message, in->name, s->c, s->h, s->w, s->r, s->s, n);
+        return top_error_set(err, st,
+                             "node '%s' (%s): %s (input '%s' of %d x %d x %d, "
+                             "window %d x %d, batch %d)",
+                             nd->name, op_kind_str(nd->op), local.message, in->name, s->c, s->h,
+                             s->w, s->r, s->s, n);
     return TOP_OK;
 }
 
@@ -652,15 +687,17 @@ static top_status infer_dense(const graph *g, graph_node *nd, top_error *err)
 {
     top_status st = expect_rank(g, nd, 0, (1 << 1) | (1 << 2),
                                 "a (IN) or (T, IN) input (add a flatten or a global average "
-                                "pool before the dense layer)", err);
+                                "pool before the dense layer)",
+                                err);
     if (st != TOP_OK)
         return st;
     const graph_node *in = input_node(g, nd, 0);
     int64_t out = nd->attrs.dense_out;
     if (out < 1)
-        return top_error_set(err, TOP_ERR_INVALID, "node '%s' (dense): attrs.dense_out is "
-                             "%lld; set the number of output features", nd->name,
-                             (long long)out);
+        return top_error_set(err, TOP_ERR_INVALID,
+                             "node '%s' (dense): attrs.dense_out is "
+                             "%lld; set the number of output features",
+                             nd->name, (long long)out);
     int64_t weight[2] = {out, last_dim(in)};
     st = check_param(g, nd, PARAM_WEIGHT, 1, 2, weight, err);
     if (st == TOP_OK)
@@ -685,7 +722,8 @@ static top_status infer_zeropad(const graph *g, graph_node *nd, top_error *err)
         return st;
     const node_attrs *a = &nd->attrs;
     if (a->pad_top < 0 || a->pad_bottom < 0 || a->pad_left < 0 || a->pad_right < 0)
-        return top_error_set(err, TOP_ERR_INVALID, "node '%s' (zeropad): the paddings "
+        return top_error_set(err, TOP_ERR_INVALID,
+                             "node '%s' (zeropad): the paddings "
                              "(top %d, bottom %d, left %d, right %d) must not be negative",
                              nd->name, a->pad_top, a->pad_bottom, a->pad_left, a->pad_right);
     const graph_node *in = input_node(g, nd, 0);
@@ -720,9 +758,10 @@ static top_status infer_mhsa(const graph *g, graph_node *nd, top_error *err)
     int64_t d = in->dims[1];
     int heads = nd->attrs.heads;
     if (heads < 1 || d % heads != 0)
-        return top_error_set(err, TOP_ERR_INVALID, "node '%s' (mhsa): %d heads do not divide "
-                             "the model width %lld; set attrs.heads to a divisor", nd->name,
-                             heads, (long long)d);
+        return top_error_set(err, TOP_ERR_INVALID,
+                             "node '%s' (mhsa): %d heads do not divide "
+                             "the model width %lld; set attrs.heads to a divisor",
+                             nd->name, heads, (long long)d);
     int64_t qkv_weight[2] = {3 * d, d}, qkv_bias = 3 * d, out_weight[2] = {d, d};
     st = check_param(g, nd, PARAM_QKV_WEIGHT, 1, 2, qkv_weight, err);
     if (st == TOP_OK)
@@ -767,9 +806,10 @@ static top_status infer_token_select(const graph *g, graph_node *nd, top_error *
     const graph_node *in = input_node(g, nd, 0);
     int index = nd->attrs.token_index;
     if (index < 0 || index >= in->dims[0])
-        return top_error_set(err, TOP_ERR_INVALID, "node '%s' (token_select): token index %d "
-                             "is outside 0..%lld of input '%s'", nd->name, index,
-                             (long long)in->dims[0] - 1, in->name);
+        return top_error_set(err, TOP_ERR_INVALID,
+                             "node '%s' (token_select): token index %d "
+                             "is outside 0..%lld of input '%s'",
+                             nd->name, index, (long long)in->dims[0] - 1, in->name);
     set_shape(nd, 1, in->dims[1], 0, 0);
     return TOP_OK;
 }
@@ -814,8 +854,10 @@ static top_status infer_node(graph *g, int i, top_error *err)
     for (int d = 0; d < nd->ndim; d++)
         if (nd->dims[d] < 1 || nd->dims[d] > INT_MAX) {
             char shape[96];
-            return top_error_set(err, TOP_ERR_LIMIT, "node '%s' (%s): output shape %s has a "
-                                 "dimension outside 1..%d", nd->name, op_kind_str(nd->op),
+            return top_error_set(err, TOP_ERR_LIMIT,
+                                 "node '%s' (%s): output shape %s has a "
+                                 "dimension outside 1..%d",
+                                 nd->name, op_kind_str(nd->op),
                                  shape_str(shape, sizeof shape, nd), INT_MAX);
         }
     return tensor_shape_numel(&nd->sample_numel, nd->ndim, nd->dims, nd->name, err);
@@ -826,11 +868,14 @@ top_status graph_finalize(graph *g, top_error *err)
     if (!g)
         return top_error_set(err, TOP_ERR_INVALID, "graph_finalize: the graph is NULL");
     if (g->n_nodes == 0 || g->nodes[0].op != OP_INPUT)
-        return top_error_set(err, TOP_ERR_INVALID, "the graph has no input node; add an "
+        return top_error_set(err, TOP_ERR_INVALID,
+                             "the graph has no input node; add an "
                              "OP_INPUT node first");
     if (g->output >= g->n_nodes)
-        return top_error_set(err, TOP_ERR_INVALID, "the output node %d does not exist (the "
-                             "graph has %d nodes)", g->output, g->n_nodes);
+        return top_error_set(err, TOP_ERR_INVALID,
+                             "the output node %d does not exist (the "
+                             "graph has %d nodes)",
+                             g->output, g->n_nodes);
     for (int i = 0; i < g->n_nodes; i++) {
         top_status st = infer_node(g, i, err);
         if (st != TOP_OK)
@@ -852,18 +897,13 @@ static int size_mul3(size_t *out, size_t a, size_t b, size_t c)
 }
 
 /* Floats of each tensor that node i saves for its backward, for batch n. */
-static int saved_floats(const graph_node *nd, int n,
-                        size_t floats[RUN_MAX_SAVED])
+static int saved_floats(const graph_node *nd, int n, size_t floats[RUN_MAX_SAVED])
 {
     int bad = 0;
     memset(floats, 0, RUN_MAX_SAVED * sizeof *floats);
     switch (nd->op) {
-    case OP_BATCHNORM:
-        floats[0] = floats[1] = (size_t)nd->dims[0];
-        break;
-    case OP_LAYERNORM:
-        floats[0] = floats[1] = rows_of(nd, n);
-        break;
+    case OP_BATCHNORM: floats[0] = floats[1] = (size_t)nd->dims[0]; break;
+    case OP_LAYERNORM: floats[0] = floats[1] = rows_of(nd, n); break;
     case OP_MHSA: {
         size_t t = (size_t)nd->dims[0], d = (size_t)nd->dims[1];
         bad |= size_mul3(&floats[0], (size_t)n, t, 3 * d);
@@ -871,15 +911,12 @@ static int saved_floats(const graph_node *nd, int n,
         bad |= size_mul3(&floats[2], (size_t)n, t, d);
         break;
     }
-    case OP_DROPOUT:
-        bad |= top_size_mul(&floats[0], (size_t)n, nd->sample_numel);
-        break;
+    case OP_DROPOUT: bad |= top_size_mul(&floats[0], (size_t)n, nd->sample_numel); break;
     case OP_PATCH_EMBED:
         bad |= size_mul3(&floats[0], (size_t)n, (size_t)nd->attrs.conv.k,
                          (size_t)nd->attrs.conv.p * (size_t)nd->attrs.conv.q);
         break;
-    default:
-        break;
+    default: break;
     }
     return bad ? -1 : 0;
 }
@@ -903,8 +940,10 @@ static top_status workspace_floats(const graph *g, const graph_node *nd, int n, 
         if (st == TOP_OK &&
             (size_mul3(out, (size_t)n, (size_t)s.k, (size_t)s.p * (size_t)s.q) ||
              top_size_add(out, round_up_floats(*out), conv2d_workspace_floats(&s))))
-            st = top_error_set(err, TOP_ERR_OVERFLOW, "node '%s': the workspace size "
-                               "overflows at batch %d", nd->name, n);
+            st = top_error_set(err, TOP_ERR_OVERFLOW,
+                               "node '%s': the workspace size "
+                               "overflows at batch %d",
+                               nd->name, n);
         return st;
     case OP_MHSA:
         *out = mhsa_workspace_floats((int)nd->dims[0], (int)nd->dims[1], nd->attrs.heads);
@@ -914,8 +953,7 @@ static top_status workspace_floats(const graph *g, const graph_node *nd, int n, 
         if (nd->attrs.flatten_nhwc)
             *out = (size_t)n * nd->sample_numel;
         return TOP_OK;
-    default:
-        return TOP_OK;
+    default: return TOP_OK;
     }
 }
 
@@ -927,14 +965,17 @@ static top_status buffer_alloc(float **out, size_t floats, const graph_node *nd,
     if (floats == 0)
         return TOP_OK;
     if (floats > TENSOR_MAX_ELEMENTS)
-        return top_error_set(err, TOP_ERR_LIMIT, "node '%s' (%s): the %s buffer needs %zu "
-                             "floats, above the limit of %zu; use a smaller batch", nd->name,
-                             op_kind_str(nd->op), what, floats, (size_t)TENSOR_MAX_ELEMENTS);
+        return top_error_set(err, TOP_ERR_LIMIT,
+                             "node '%s' (%s): the %s buffer needs %zu "
+                             "floats, above the limit of %zu; use a smaller batch",
+                             nd->name, op_kind_str(nd->op), what, floats,
+                             (size_t)TENSOR_MAX_ELEMENTS);
     *out = top_aligned_alloc(floats * sizeof(float));
     if (!*out)
-        return top_error_set(err, TOP_ERR_NOMEM, "node '%s' (%s): allocating the %s buffer "
-                             "(%zu bytes) failed; use a smaller batch", nd->name,
-                             op_kind_str(nd->op), what, floats * sizeof(float));
+        return top_error_set(err, TOP_ERR_NOMEM,
+                             "node '%s' (%s): allocating the %s buffer "
+                             "(%zu bytes) failed; use a smaller batch",
+                             nd->name, op_kind_str(nd->op), what, floats * sizeof(float));
     return TOP_OK;
 }
 
@@ -946,14 +987,18 @@ static top_status node_alloc(graph *g, int i, int n, size_t *work, top_error *er
     if (!nd->run) {
         nd->run = calloc(1, sizeof(node_run));
         if (!nd->run)
-            return top_error_set(err, TOP_ERR_NOMEM, "node '%s': allocating its run state "
-                                 "(%zu bytes) failed", nd->name, sizeof(node_run));
+            return top_error_set(err, TOP_ERR_NOMEM,
+                                 "node '%s': allocating its run state "
+                                 "(%zu bytes) failed",
+                                 nd->name, sizeof(node_run));
     }
     node_run *run = nd->run;
     size_t out_floats, saved[RUN_MAX_SAVED], need;
     if (top_size_mul(&out_floats, (size_t)n, nd->sample_numel) || saved_floats(nd, n, saved))
-        return top_error_set(err, TOP_ERR_OVERFLOW, "node '%s' (%s): the buffer sizes "
-                             "overflow at batch %d", nd->name, op_kind_str(nd->op), n);
+        return top_error_set(err, TOP_ERR_OVERFLOW,
+                             "node '%s' (%s): the buffer sizes "
+                             "overflow at batch %d",
+                             nd->name, op_kind_str(nd->op), n);
     top_status st = buffer_alloc(&run->y, out_floats, nd, "output", err);
     for (int k = 0; k < RUN_MAX_SAVED && st == TOP_OK; k++)
         st = buffer_alloc(&run->saved[k], saved[k], nd, "saved", err);
@@ -1042,11 +1087,13 @@ static top_status forward_batchnorm(graph *g, const graph_node *nd, int n, top_e
         return TOP_OK;
     }
     if ((size_t)n * (size_t)hw < 2)
-        return top_error_set(err, TOP_ERR_INVALID, "node '%s' (batchnorm): training mode "
+        return top_error_set(err, TOP_ERR_INVALID,
+                             "node '%s' (batchnorm): training mode "
                              "needs more than one value per channel, but the batch has %d "
-                             "sample(s) of %d value(s); use a larger batch", nd->name, n, hw);
-    batchnorm_forward_train(run->y, run->saved[0], run->saved[1], x, gamma, beta,
-                            nd->attrs.eps, n, c, hw);
+                             "sample(s) of %d value(s); use a larger batch",
+                             nd->name, n, hw);
+    batchnorm_forward_train(run->y, run->saved[0], run->saved[1], x, gamma, beta, nd->attrs.eps,
+                            n, c, hw);
     batchnorm_update_running(g, nd, x, n, c, hw);
     return TOP_OK;
 }
@@ -1147,8 +1194,8 @@ static void forward_transformer(graph *g, const graph_node *nd, int n)
         /* x: (N, T, D)  y: (N, T, D) */
         mhsa_forward(run->y, run->saved[0], run->saved[1], run->saved[2], x,
                      param_data(g, nd, PARAM_QKV_WEIGHT), param_data(g, nd, PARAM_QKV_BIAS),
-                     param_data(g, nd, PARAM_OUT_WEIGHT), param_data(g, nd, PARAM_OUT_BIAS),
-                     n, (int)nd->dims[0], (int)nd->dims[1], nd->attrs.heads, g->workspace);
+                     param_data(g, nd, PARAM_OUT_WEIGHT), param_data(g, nd, PARAM_OUT_BIAS), n,
+                     (int)nd->dims[0], (int)nd->dims[1], nd->attrs.heads, g->workspace);
     } else {
         /* x: (N, T, D)  y: (N, D) */
         token_select_forward(run->y, x, n, (int)in->dims[0], (int)in->dims[1],
@@ -1205,16 +1252,21 @@ static top_status forward_node(graph *g, int i, int n, top_error *err)
 top_status graph_forward(graph *g, const float *x, int n, graph_mode mode, top_error *err)
 {
     if (!g || !x)
-        return top_error_set(err, TOP_ERR_INVALID, "graph_forward: the graph or the input "
+        return top_error_set(err, TOP_ERR_INVALID,
+                             "graph_forward: the graph or the input "
                              "batch is NULL");
     if (!g->finalized)
         return top_error_set(err, TOP_ERR_STATE, "graph_forward: call graph_finalize first");
     if (n < 1)
-        return top_error_set(err, TOP_ERR_INVALID, "graph_forward: batch size %d is not "
-                             "positive", n);
+        return top_error_set(err, TOP_ERR_INVALID,
+                             "graph_forward: batch size %d is not "
+                             "positive",
+                             n);
     if (mode != GRAPH_MODE_INFERENCE && mode != GRAPH_MODE_TRAIN)
-        return top_error_set(err, TOP_ERR_INVALID, "graph_forward: mode %d is not a "
-                             "graph_mode", (int)mode);
+        return top_error_set(err, TOP_ERR_INVALID,
+                             "graph_forward: mode %d is not a "
+                             "graph_mode",
+                             (int)mode);
     top_status st = graph_prepare(g, n, err);
     if (st != TOP_OK)
         return st;
@@ -1256,8 +1308,8 @@ static top_status backward_conv(graph *g, const graph_node *nd, int n, top_error
     if (st != TOP_OK)
         return st;
     conv2d_backward(input_dy(g, nd, 0), param_grad(g, nd, PARAM_WEIGHT),
-                    param_grad(g, nd, PARAM_BIAS), ((node_run *)nd->run)->dy,
-                    input_y(g, nd, 0), param_data(g, nd, PARAM_WEIGHT), &s, g->workspace);
+                    param_grad(g, nd, PARAM_BIAS), ((node_run *)nd->run)->dy, input_y(g, nd, 0),
+                    param_data(g, nd, PARAM_WEIGHT), &s, g->workspace);
     return TOP_OK;
 }
 
@@ -1344,9 +1396,9 @@ static void backward_dense(graph *g, const graph_node *nd, int n)
     /* dy: (ROWS, OUT)  dx: (ROWS, IN)  dw: (OUT, IN)  db: (OUT) */
     const graph_node *in = input_node(g, nd, 0);
     dense_backward(input_dy(g, nd, 0), param_grad(g, nd, PARAM_WEIGHT),
-                   param_grad(g, nd, PARAM_BIAS), ((node_run *)nd->run)->dy,
-                   input_y(g, nd, 0), param_data(g, nd, PARAM_WEIGHT), rows_of(nd, n),
-                   (int)last_dim(in), (int)last_dim(nd));
+                   param_grad(g, nd, PARAM_BIAS), ((node_run *)nd->run)->dy, input_y(g, nd, 0),
+                   param_data(g, nd, PARAM_WEIGHT), rows_of(nd, n), (int)last_dim(in),
+                   (int)last_dim(nd));
 }
 
 static void backward_reshape(graph *g, const graph_node *nd, int n)
@@ -1363,9 +1415,8 @@ static void backward_reshape(graph *g, const graph_node *nd, int n)
                      (int)in->dims[2]);
         add_into(dx, g->workspace, count);
     } else if (nd->op == OP_ZEROPAD) {
-        zeropad2d_backward(dx, run->dy, n, (int)in->dims[0], (int)in->dims[1],
-                           (int)in->dims[2], a->pad_top, a->pad_bottom, a->pad_left,
-                           a->pad_right);
+        zeropad2d_backward(dx, run->dy, n, (int)in->dims[0], (int)in->dims[1], (int)in->dims[2],
+                           a->pad_top, a->pad_bottom, a->pad_left, a->pad_right);
     } else if (nd->op == OP_DROPOUT && g->mode == GRAPH_MODE_TRAIN && a->dropout_rate > 0) {
         dropout_backward(dx, run->dy, run->saved[0], count);
     } else {
@@ -1382,8 +1433,7 @@ static void backward_transformer(graph *g, const graph_node *nd, int n)
     if (nd->op == OP_LAYERNORM) {
         layernorm_backward(dx, param_grad(g, nd, PARAM_GAMMA), param_grad(g, nd, PARAM_BETA),
                            run->dy, x, run->saved[0], run->saved[1],
-                           param_data(g, nd, PARAM_GAMMA), rows_of(nd, n),
-                           (int)last_dim(nd));
+                           param_data(g, nd, PARAM_GAMMA), rows_of(nd, n), (int)last_dim(nd));
     } else if (nd->op == OP_MHSA) {
         mhsa_backward(dx, param_grad(g, nd, PARAM_QKV_WEIGHT),
                       param_grad(g, nd, PARAM_QKV_BIAS), param_grad(g, nd, PARAM_OUT_WEIGHT),
@@ -1487,9 +1537,10 @@ static top_status prepare_grads(graph *g, int n, int want_dx, top_error *err)
             size_t bytes = g->params[p].value.numel * sizeof(float);
             g->params[p].grad = top_aligned_alloc(bytes);
             if (!g->params[p].grad)
-                return top_error_set(err, TOP_ERR_NOMEM, "node '%s': allocating the gradient "
-                                     "of parameter '%s' (%zu bytes) failed", nd->name,
-                                     g->params[p].name, bytes);
+                return top_error_set(err, TOP_ERR_NOMEM,
+                                     "node '%s': allocating the gradient "
+                                     "of parameter '%s' (%zu bytes) failed",
+                                     nd->name, g->params[p].name, bytes);
             memset(g->params[p].grad, 0, bytes);
         }
     }
@@ -1501,11 +1552,14 @@ top_status graph_backward(graph *g, int from, const float *dy, float *dx, top_er
     if (!g || !dy)
         return top_error_set(err, TOP_ERR_INVALID, "graph_backward: the graph or dy is NULL");
     if (g->batch == 0)
-        return top_error_set(err, TOP_ERR_STATE, "graph_backward: no forward pass to "
+        return top_error_set(err, TOP_ERR_STATE,
+                             "graph_backward: no forward pass to "
                              "back-propagate through; call graph_forward first");
     if (from < 0 || from >= g->n_nodes)
-        return top_error_set(err, TOP_ERR_INVALID, "graph_backward: node %d does not exist "
-                             "(the graph has %d nodes)", from, g->n_nodes);
+        return top_error_set(err, TOP_ERR_INVALID,
+                             "graph_backward: node %d does not exist "
+                             "(the graph has %d nodes)",
+                             from, g->n_nodes);
     int n = g->batch;
     size_t floats = (size_t)n * g->nodes[from].sample_numel;
     mark_needs_grad(g, from);
