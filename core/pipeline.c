@@ -1,0 +1,870 @@
+/*
+ * The offline pruning job (see pipeline.h for the steps and the formulas).
+ *
+ * Shapes: N images per batch, D feature width, C classes of a task.
+ *   features: (n, D) float32, row-major; ridge coef (C, D) in double.
+ *
+ * Memory: the graph keeps every activation of the last forward, so a batch
+ * of B images at 224 x 224 costs about B x 80 MB for MobileNetV2; features
+ * of the head-fit and evaluation splits are held whole.
+ *
+ * Thread-safety: everything lives in one pipeline_ctx on the caller's stack;
+ * the batch iterators add one decoding thread each.
+ *
+ * Not done here: structured or N:M masks, block OBS and layer-wise OBS, the
+ * --size option (the graph has no way to change its input size yet).
+ */
+#include "pipeline.h"
+
+#include <errno.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+
+#include "checkpoint.h"
+#include "dataset.h"
+#include "model.h"
+#include "prune.h"
+#include "ridge.h"
+#include "safetensors.h"
+#include "sha256.h"
+
+typedef struct pipeline_task {
+    dataset *ds;
+    task t;
+    ridge_model head;
+    float *fit_x, *eval_x;          /* (fit count, D), (eval count, D) */
+    double dense_accuracy, pruned_accuracy;
+} pipeline_task;
+
+typedef struct pipeline_ctx {
+    const pipeline_options *opt;
+    pipeline_progress_fn progress;
+    void *user;
+    const volatile int *cancel;
+    graph *g;
+    int feature;                    /* feature node */
+    size_t dim;                     /* D */
+    int *prunable;                  /* (n_prunable) param indices */
+    int n_prunable;
+    pipeline_task calib;            /* ds NULL when there is none */
+    pipeline_task eval[PIPELINE_MAX_EVAL_TASKS];
+    int bn_ran, bn_layers;
+    size_t bn_images;
+    double lambda;                  /* obd damping used */
+    double timings[8];
+    json_t *checkpoints;
+} pipeline_ctx;
+
+enum { T_LOAD, T_DENSE, T_SALIENCY, T_MASK, T_BN, T_PRUNED, T_CKPT, T_TOTAL };
+static const char *const timing_names[] = {
+    "load", "dense_features", "saliency", "mask", "bn_recalibration", "pruned_eval",
+    "checkpoints", "total",
+};
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static void report_progress(const pipeline_ctx *c, const char *stage, size_t done,
+                            size_t total)
+{
+    if (c->progress)
+        c->progress(c->user, stage, done, total);
+}
+
+static top_status check_cancel(const pipeline_ctx *c, top_error *err)
+{
+    if (c->cancel && *c->cancel)
+        return top_error_set(err, TOP_ERR_CANCELLED, "the pruning job was cancelled");
+    return TOP_OK;
+}
+
+void pipeline_options_init(pipeline_options *opt)
+{
+    memset(opt, 0, sizeof *opt);
+    opt->method = PIPELINE_METHOD_MAGNITUDE;
+    opt->sparsity = 0.5;
+    opt->calib_count = 64;
+    opt->calib_fit_count = 200;
+    opt->eval_fit_count = 200;
+    opt->eval_count = 200;
+    opt->ridge_alpha = 1.0;
+    opt->ridge_balanced = 1;
+    opt->damping_mode = PIPELINE_DAMPING_RELATIVE;
+    opt->damping = 1e-3;
+    opt->bn_recalibration = -1;
+    opt->batch_size = 16;
+}
+
+static top_status validate_options(const pipeline_options *o, top_error *err)
+{
+    if (!o->model_path)
+        return top_error_set(err, TOP_ERR_INVALID, "no model path; pass the model to prune");
+    if (!(o->sparsity >= 0.0 && o->sparsity < 1.0))
+        return top_error_set(err, TOP_ERR_INVALID, "sparsity %g is outside [0, 1); pass a "
+                             "fraction such as 0.5", o->sparsity);
+    if (o->method != PIPELINE_METHOD_MAGNITUDE && o->method != PIPELINE_METHOD_OBD)
+        return top_error_set(err, TOP_ERR_INVALID, "method %d is unknown; use magnitude "
+                             "or obd", (int)o->method);
+    if (o->method == PIPELINE_METHOD_OBD && !o->calib_uri)
+        return top_error_set(err, TOP_ERR_INVALID, "method obd needs a calibration task; "
+                             "pass a calibration data set or use magnitude");
+    if (o->bn_recalibration == 1 && !o->calib_uri)
+        return top_error_set(err, TOP_ERR_INVALID, "batch-norm recalibration needs a "
+                             "calibration task; pass one or turn recalibration off");
+    if (o->calib_uri && (o->calib_count < 2 || o->calib_fit_count < 2))
+        return top_error_set(err, TOP_ERR_INVALID, "calibration split %zu,%zu is too small; "
+                             "use at least 2 images in each", o->calib_count,
+                             o->calib_fit_count);
+    if (o->n_eval < 1 || o->n_eval > PIPELINE_MAX_EVAL_TASKS)
+        return top_error_set(err, TOP_ERR_INVALID, "%d evaluation tasks; pass 1 to %d",
+                             o->n_eval, PIPELINE_MAX_EVAL_TASKS);
+    if (o->eval_fit_count < 2 || o->eval_count < 1)
+        return top_error_set(err, TOP_ERR_INVALID, "evaluation split %zu,%zu is too small; "
+                             "use at least 2 head-fit images and 1 evaluation image",
+                             o->eval_fit_count, o->eval_count);
+    if (!(o->ridge_alpha > 0.0) || !(o->damping >= 0.0) || !isfinite(o->damping))
+        return top_error_set(err, TOP_ERR_INVALID, "ridge alpha %g or damping %g is out of "
+                             "range; alpha must be > 0 and damping >= 0", o->ridge_alpha,
+                             o->damping);
+    if (o->batch_size < 2 || o->batch_size > 1024)
+        return top_error_set(err, TOP_ERR_INVALID, "batch size %d is outside 2..1024",
+                             o->batch_size);
+    return TOP_OK;
+}
+
+/* ---- model and prunable set ------------------------------------------------- */
+
+/* The last global average pool, else the flatten of the last pooled map. */
+static int default_feature_node(const graph *g)
+{
+    for (int i = g->n_nodes - 1; i > 0; i--)
+        if (g->nodes[i].op == OP_GLOBAL_AVGPOOL)
+            return i;
+    for (int i = g->n_nodes - 1; i > 0; i--) {
+        const graph_node *nd = &g->nodes[i];
+        if (nd->op != OP_FLATTEN || nd->n_inputs != 1)
+            continue;
+        const graph_node *in = &g->nodes[nd->inputs[0]];
+        if ((in->op == OP_AVGPOOL || in->op == OP_MAXPOOL) && in->ndim == 3 &&
+            in->dims[1] == 1 && in->dims[2] == 1)
+            return i;
+    }
+    return -1;
+}
+
+static top_status load_model(pipeline_ctx *c, top_error *err)
+{
+    top_status st = model_load(&c->g, c->opt->model_path, err);
+    if (st != TOP_OK)
+        return st;
+    const char *name = c->opt->feature_node;
+    c->feature = name ? graph_find_node(c->g, name) : default_feature_node(c->g);
+    if (c->feature < 0)
+        return name ? top_error_set(err, TOP_ERR_NOT_FOUND, "feature node '%s' is not in "
+                                    "the model; pick a name from topiary inspect --nodes",
+                                    name)
+                    : top_error_set(err, TOP_ERR_NOT_FOUND, "the model has no pooled "
+                                    "backbone output; name the feature node");
+    c->dim = c->g->nodes[c->feature].sample_numel;
+
+    c->prunable = malloc((size_t)c->g->n_params * sizeof *c->prunable);
+    if (!c->prunable)
+        return top_error_set(err, TOP_ERR_NOMEM, "out of memory for the prunable list");
+    int first_conv = -1;
+    for (int p = 0; p < c->g->n_params; p++) {
+        const graph_param *gp = &c->g->params[p];
+        if (!graph_param_is_prunable(c->g, p) || gp->node >= c->feature)
+            continue;
+        if (first_conv < 0 && c->g->nodes[gp->node].op == OP_CONV2D) {
+            first_conv = p;         /* the stem stays dense */
+            continue;
+        }
+        c->prunable[c->n_prunable++] = p;
+    }
+    if (c->n_prunable == 0)
+        return top_error_set(err, TOP_ERR_INVALID, "no prunable weights before feature node "
+                             "'%s'; name a later feature node",
+                             c->g->nodes[c->feature].name);
+    return TOP_OK;
+}
+
+/* ---- tasks and features -------------------------------------------------- */
+
+static top_status open_task(pipeline_task *pt, const char *uri, size_t calib, size_t fit,
+                            size_t eval, uint64_t seed, top_error *err)
+{
+    top_status st = dataset_open(&pt->ds, uri, NULL, err);
+    if (st != TOP_OK)
+        return st;
+    size_t k = (size_t)dataset_class_count(pt->ds);
+    task_spec spec = {
+        .calib_per_class = (calib + k - 1) / k,
+        .fit_per_class = (fit + k - 1) / k,
+        .eval_per_class = (eval + k - 1) / k,
+        .seed = seed,
+    };
+    st = task_make(&pt->t, pt->ds, NULL, &spec, err);
+    if (st != TOP_OK)
+        return st;
+    /* The splits are shuffled across classes, so a prefix stays mixed. */
+    pt->t.calib.count = calib < pt->t.calib.count ? calib : pt->t.calib.count;
+    pt->t.fit.count = fit < pt->t.fit.count ? fit : pt->t.fit.count;
+    pt->t.eval.count = eval < pt->t.eval.count ? eval : pt->t.eval.count;
+    return TOP_OK;
+}
+
+/* Runs the graph in inference mode over split; feat: (split count, D). */
+static top_status extract_features(float *feat, pipeline_ctx *c, const task_split *split,
+                                   const char *stage, top_error *err)
+{
+    batch_iter *it = NULL;
+    top_status st = batch_iter_new(&it, split, &c->g->preprocess, c->opt->batch_size, err);
+    if (st != TOP_OK)
+        return st;
+    report_progress(c, stage, 0, split->count);
+    for (;;) {
+        const batch *b = NULL;
+        st = batch_iter_next(it, &b, err);
+        if (st == TOP_OK)
+            st = check_cancel(c, err);
+        if (st != TOP_OK || b->n == 0)
+            break;
+        st = graph_forward(c->g, b->x, b->n, GRAPH_MODE_INFERENCE, err);
+        if (st != TOP_OK)
+            break;
+        memcpy(feat + b->first * c->dim, graph_node_output(c->g, c->feature),
+               (size_t)b->n * c->dim * sizeof(float));
+        report_progress(c, stage, b->first + (size_t)b->n, split->count);
+    }
+    batch_iter_free(it);
+    return st;
+}
+
+static top_status alloc_features(float **out, size_t n, size_t dim, top_error *err)
+{
+    size_t bytes;
+    if (top_size_mul(&bytes, n, dim) || top_size_mul(&bytes, bytes, sizeof(float)))
+        return top_error_set(err, TOP_ERR_OVERFLOW, "features of %zu images overflow", n);
+    *out = malloc(bytes ? bytes : 1);
+    if (!*out)
+        return top_error_set(err, TOP_ERR_NOMEM, "out of memory for %zu bytes of features",
+                             bytes);
+    return TOP_OK;
+}
+
+/* Dense features of the fit split -> ridge head; eval features if wanted. */
+static top_status fit_head(pipeline_ctx *c, pipeline_task *pt, int with_eval, top_error *err)
+{
+    top_status st = alloc_features(&pt->fit_x, pt->t.fit.count, c->dim, err);
+    if (st == TOP_OK)
+        st = extract_features(pt->fit_x, c, &pt->t.fit, "dense features", err);
+    ridge_options ro = {.alpha = c->opt->ridge_alpha, .balanced = c->opt->ridge_balanced};
+    if (st == TOP_OK)
+        st = ridge_fit(&pt->head, pt->fit_x, pt->t.fit.labels, pt->t.fit.count, c->dim,
+                       (size_t)pt->t.n_classes, &ro, err);
+    if (st != TOP_OK || !with_eval)
+        return st;
+    st = alloc_features(&pt->eval_x, pt->t.eval.count, c->dim, err);
+    if (st == TOP_OK)
+        st = extract_features(pt->eval_x, c, &pt->t.eval, "dense features", err);
+    if (st == TOP_OK)
+        st = ridge_accuracy(&pt->dense_accuracy, &pt->head, pt->eval_x, pt->t.eval.labels,
+                            pt->t.eval.count, err);
+    return st;
+}
+
+static top_status dense_stage(pipeline_ctx *c, top_error *err)
+{
+    const pipeline_options *o = c->opt;
+    top_status st = TOP_OK;
+    if (o->calib_uri) {
+        size_t fit = o->method == PIPELINE_METHOD_OBD ? o->calib_fit_count : 0;
+        st = open_task(&c->calib, o->calib_uri, o->calib_count, fit, 0, o->seed, err);
+        if (st == TOP_OK && o->method == PIPELINE_METHOD_OBD)
+            st = fit_head(c, &c->calib, 0, err);
+    }
+    for (int i = 0; st == TOP_OK && i < o->n_eval; i++) {
+        st = open_task(&c->eval[i], o->eval_uris[i], 0, o->eval_fit_count, o->eval_count,
+                       o->seed, err);
+        if (st == TOP_OK)
+            st = fit_head(c, &c->eval[i], 1, err);
+    }
+    return st;
+}
+
+/* ---- saliency ---------------------------------------------------------------- */
+
+/* dy = W^T (softmax(scores) - onehot(label)) for one sample.
+ *   feat, dy: (D)  head coef: (C, D)  scores, probs: (C) */
+static void head_loss_grad(float *dy, const ridge_model *head, const float *feat, int label,
+                           double *scores)
+{
+    size_t k = head->n_classes, d = head->n_features;
+    ridge_decision(scores, head, feat, 1);
+    double mx = scores[0], sum = 0.0;
+    for (size_t j = 1; j < k; j++)
+        mx = scores[j] > mx ? scores[j] : mx;
+    for (size_t j = 0; j < k; j++) {
+        scores[j] = exp(scores[j] - mx);
+        sum += scores[j];
+    }
+    for (size_t j = 0; j < k; j++)
+        scores[j] = scores[j] / sum - (j == (size_t)label ? 1.0 : 0.0);
+    for (size_t i = 0; i < d; i++) {
+        double acc = 0.0;
+        for (size_t j = 0; j < k; j++)
+            acc += head->coef[j * d + i] * scores[j];
+        dy[i] = (float)acc;
+    }
+}
+
+/* One image: forward, backward from the feature node, fisher += grad^2. */
+static top_status fisher_sample(double **fisher, pipeline_ctx *c, const float *x, int label,
+                                float *dy, double *scores, top_error *err)
+{
+    top_status st = graph_forward(c->g, x, 1, GRAPH_MODE_INFERENCE, err);
+    if (st != TOP_OK)
+        return st;
+    head_loss_grad(dy, &c->calib.head, graph_node_output(c->g, c->feature), label, scores);
+    graph_zero_grad(c->g);
+    st = graph_backward(c->g, c->feature, dy, NULL, err);
+    if (st != TOP_OK)
+        return st;
+    for (int l = 0; l < c->n_prunable; l++) {
+        const graph_param *gp = &c->g->params[c->prunable[l]];
+        for (size_t i = 0; i < gp->value.numel; i++)
+            fisher[l][i] += (double)gp->grad[i] * gp->grad[i];
+    }
+    return TOP_OK;
+}
+
+/* Accumulates the sum of squared per-sample gradients over the calibration split. */
+static top_status fisher_accumulate(double **fisher, pipeline_ctx *c, top_error *err)
+{
+    const task_split *split = &c->calib.t.calib;
+    float *dy = malloc(c->dim * sizeof *dy);
+    double *scores = malloc(c->calib.head.n_classes * sizeof *scores);
+    batch_iter *it = NULL;
+    top_status st = (!dy || !scores)
+                        ? top_error_set(err, TOP_ERR_NOMEM, "out of memory for the loss "
+                                        "gradient")
+                        : batch_iter_new(&it, split, &c->g->preprocess, c->opt->batch_size,
+                                         err);
+    const graph_preprocess *pp = &c->g->preprocess;
+    size_t per_image = (size_t)pp->channels * (size_t)pp->height * (size_t)pp->width;
+    report_progress(c, "saliency", 0, split->count);
+    while (st == TOP_OK) {
+        const batch *b = NULL;
+        st = batch_iter_next(it, &b, err);
+        if (st != TOP_OK || b->n == 0)
+            break;
+        for (int i = 0; st == TOP_OK && i < b->n; i++) {
+            st = check_cancel(c, err);
+            if (st == TOP_OK)
+                st = fisher_sample(fisher, c, b->x + (size_t)i * per_image, b->labels[i], dy,
+                                   scores, err);
+            report_progress(c, "saliency", b->first + (size_t)i + 1, split->count);
+        }
+    }
+    batch_iter_free(it);
+    free(dy);
+    free(scores);
+    return st;
+}
+
+/* OBD scores: F = sum / n, lambda from the options, 0.5 w^2 (F + lambda). */
+static top_status saliency_obd(float **scores, pipeline_ctx *c, top_error *err)
+{
+    double **fisher = calloc((size_t)c->n_prunable, sizeof *fisher);
+    top_status st = fisher ? TOP_OK : top_error_set(err, TOP_ERR_NOMEM, "out of memory");
+    for (int l = 0; st == TOP_OK && l < c->n_prunable; l++) {
+        fisher[l] = calloc(c->g->params[c->prunable[l]].value.numel, sizeof(double));
+        if (!fisher[l])
+            st = top_error_set(err, TOP_ERR_NOMEM, "out of memory for the Fisher diagonal");
+    }
+    if (st == TOP_OK)
+        st = fisher_accumulate(fisher, c, err);
+
+    double n = (double)c->calib.t.calib.count, total = 0.0, count = 0.0;
+    for (int l = 0; st == TOP_OK && l < c->n_prunable; l++) {
+        size_t numel = c->g->params[c->prunable[l]].value.numel;
+        for (size_t i = 0; i < numel; i++)
+            total += fisher[l][i] / n;
+        count += (double)numel;
+    }
+    c->lambda = c->opt->damping_mode == PIPELINE_DAMPING_ABSOLUTE
+                    ? c->opt->damping
+                    : c->opt->damping * (count > 0 ? total / count : 0.0);
+    for (int l = 0; st == TOP_OK && l < c->n_prunable; l++) {
+        const tensor *w = &c->g->params[c->prunable[l]].value;
+        for (size_t i = 0; i < w->numel; i++)
+            scores[l][i] = (float)(fisher[l][i] / n);   /* reuse as the float Fisher */
+        st = prune_saliency_obd(scores[l], w->data, scores[l], w->numel, c->lambda, err);
+    }
+    for (int l = 0; fisher && l < c->n_prunable; l++)
+        free(fisher[l]);
+    free(fisher);
+    return st;
+}
+
+/* ---- mask ------------------------------------------------------------------ */
+
+static top_status prune_stage(pipeline_ctx *c, top_error *err)
+{
+    size_t n = (size_t)c->n_prunable;
+    float **scores = calloc(n, sizeof *scores);
+    uint8_t **masks = calloc(n, sizeof *masks);
+    prune_layer *layers = calloc(n, sizeof *layers);
+    top_status st = (scores && masks && layers)
+                        ? TOP_OK
+                        : top_error_set(err, TOP_ERR_NOMEM, "out of memory for the masks");
+    for (size_t l = 0; st == TOP_OK && l < n; l++) {
+        const tensor *w = &c->g->params[c->prunable[l]].value;
+        scores[l] = malloc(w->numel * sizeof(float));
+        masks[l] = malloc(w->numel);
+        if (!scores[l] || !masks[l])
+            st = top_error_set(err, TOP_ERR_NOMEM, "out of memory for the scores");
+        else if (c->opt->method == PIPELINE_METHOD_MAGNITUDE)
+            prune_saliency_magnitude(scores[l], w->data, w->numel);
+        layers[l] = (prune_layer){scores[l], masks[l], w->numel,
+                                  w->numel / (size_t)(w->shape[0] > 0 ? w->shape[0] : 1)};
+    }
+    double t0 = now_s();
+    if (st == TOP_OK && c->opt->method == PIPELINE_METHOD_OBD)
+        st = saliency_obd(scores, c, err);
+    c->timings[T_SALIENCY] = now_s() - t0;
+
+    t0 = now_s();
+    report_progress(c, "mask", 0, 1);
+    prune_mask_options mo = {.sparsity = c->opt->sparsity, .scope = PRUNE_SCOPE_GLOBAL};
+    if (st == TOP_OK)
+        st = prune_mask_compute(layers, n, &mo, err);
+    for (size_t l = 0; st == TOP_OK && l < n; l++) {
+        tensor *w = &c->g->params[c->prunable[l]].value;
+        for (size_t i = 0; i < w->numel; i++)
+            if (!masks[l][i])
+                w->data[i] = 0.0f;
+    }
+    c->timings[T_MASK] = now_s() - t0;
+    for (size_t l = 0; l < n; l++) {
+        free(scores ? scores[l] : NULL);
+        free(masks ? masks[l] : NULL);
+    }
+    free(scores);
+    free(masks);
+    free(layers);
+    return st;
+}
+
+/* ---- batch-norm recalibration --------------------------------------------- */
+
+/* Adds the batch mean and unbiased variance of each channel of BN node b's input.
+ *   x: (N, C, HW)  sums: (2, C), means then variances */
+static void bn_accumulate(double *sums, const pipeline_ctx *c, int b, int n)
+{
+    const graph_node *nd = &c->g->nodes[b];
+    const float *x = graph_node_output(c->g, nd->inputs[0]);
+    size_t ch = (size_t)nd->dims[0];
+    size_t hw = nd->sample_numel / ch, m = (size_t)n * hw;
+    for (size_t k = 0; k < ch; k++) {
+        double s = 0.0, ss = 0.0;
+        for (int i = 0; i < n; i++) {
+            const float *p = x + (size_t)i * nd->sample_numel + k * hw;
+            for (size_t j = 0; j < hw; j++)
+                s += p[j];
+        }
+        double mean = s / (double)m;
+        for (int i = 0; i < n; i++) {
+            const float *p = x + (size_t)i * nd->sample_numel + k * hw;
+            for (size_t j = 0; j < hw; j++)
+                ss += ((double)p[j] - mean) * ((double)p[j] - mean);
+        }
+        sums[k] += mean;
+        sums[ch + k] += ss / (double)(m - 1);
+    }
+}
+
+/* Training-mode forwards over the calibration split: every BN normalises with
+ * its batch statistics, as in the PyTorch recipe (momentum None), and the
+ * running statistics become the average over batches of the batch statistics.
+ * A trailing batch of one image is skipped (rank-1 BN needs two values). */
+static top_status bn_pass(double **sums, int *batches, pipeline_ctx *c, top_error *err)
+{
+    const task_split *split = &c->calib.t.calib;
+    batch_iter *it = NULL;
+    top_status st = batch_iter_new(&it, split, &c->g->preprocess, c->opt->batch_size, err);
+    report_progress(c, "bn recalibration", 0, split->count);
+    while (st == TOP_OK) {
+        const batch *b = NULL;
+        st = batch_iter_next(it, &b, err);
+        if (st == TOP_OK)
+            st = check_cancel(c, err);
+        if (st != TOP_OK || b->n == 0)
+            break;
+        if (b->n < 2 && *batches > 0)
+            continue;
+        st = graph_forward(c->g, b->x, b->n, GRAPH_MODE_TRAIN, err);
+        for (int n = 0, i = 0; st == TOP_OK && i < c->g->n_nodes; i++)
+            if (c->g->nodes[i].op == OP_BATCHNORM)
+                bn_accumulate(sums[n++], c, i, b->n);
+        if (st == TOP_OK) {
+            (*batches)++;
+            c->bn_images += (size_t)b->n;
+        }
+        report_progress(c, "bn recalibration", b->first + (size_t)b->n, split->count);
+    }
+    batch_iter_free(it);
+    return st;
+}
+
+static top_status bn_stage(pipeline_ctx *c, top_error *err)
+{
+    int count = 0;
+    for (int i = 0; i < c->g->n_nodes; i++)
+        count += c->g->nodes[i].op == OP_BATCHNORM;
+    double **sums = calloc((size_t)count + 1, sizeof *sums);
+    top_status st = sums ? TOP_OK : top_error_set(err, TOP_ERR_NOMEM, "out of memory");
+    for (int n = 0, i = 0; st == TOP_OK && i < c->g->n_nodes; i++) {
+        if (c->g->nodes[i].op != OP_BATCHNORM)
+            continue;
+        sums[n] = calloc(2 * (size_t)c->g->nodes[i].dims[0], sizeof(double));
+        if (!sums[n++])
+            st = top_error_set(err, TOP_ERR_NOMEM, "out of memory for BN statistics");
+    }
+    int batches = 0;
+    if (st == TOP_OK)
+        st = bn_pass(sums, &batches, c, err);
+    for (int n = 0, i = 0; st == TOP_OK && batches > 0 && i < c->g->n_nodes; i++) {
+        const graph_node *nd = &c->g->nodes[i];
+        if (nd->op != OP_BATCHNORM)
+            continue;
+        size_t ch = (size_t)nd->dims[0];
+        float *mean = c->g->params[nd->params[PARAM_MEAN]].value.data;
+        float *var = c->g->params[nd->params[PARAM_VAR]].value.data;
+        for (size_t k = 0; k < ch; k++) {
+            mean[k] = (float)(sums[n][k] / batches);
+            var[k] = (float)(sums[n][ch + k] / batches);
+        }
+        n++;
+    }
+    c->bn_ran = st == TOP_OK && batches > 0;
+    c->bn_layers = count;
+    for (int n = 0; sums && n < count; n++)
+        free(sums[n]);
+    free(sums);
+    return st;
+}
+
+/* ---- pruned evaluation ----------------------------------------------------- */
+
+static top_status pruned_stage(pipeline_ctx *c, top_error *err)
+{
+    top_status st = TOP_OK;
+    for (int i = 0; st == TOP_OK && i < c->opt->n_eval; i++) {
+        pipeline_task *pt = &c->eval[i];
+        st = extract_features(pt->eval_x, c, &pt->t.eval, "pruned evaluation", err);
+        if (st == TOP_OK)
+            st = ridge_accuracy(&pt->pruned_accuracy, &pt->head, pt->eval_x,
+                                pt->t.eval.labels, pt->t.eval.count, err);
+    }
+    return st;
+}
+
+/* ---- checkpoints ------------------------------------------------------------- */
+
+/* Copies a parameter from the engine layout into its source layout.
+ *   HWIO: (K, C, R, S) -> (R, S, C, K)   HWC1: (C, 1, R, S) -> (R, S, C, 1)
+ *   IO:   (OUT, IN) -> (IN, OUT) */
+static top_status to_source_layout(float *dst, const graph_param *gp, top_error *err)
+{
+    const tensor *t = &gp->value;
+    const float *src = t->data;
+    int64_t r = 1, s = 1, ch = 1, k = 1;
+    if (gp->layout == PARAM_LAYOUT_SAME) {
+        memcpy(dst, src, t->numel * sizeof(float));
+        return TOP_OK;
+    }
+    if (gp->layout == PARAM_LAYOUT_IO && t->ndim == 2) {
+        k = t->shape[0];
+        ch = t->shape[1];
+        for (int64_t o = 0; o < k; o++)
+            for (int64_t i = 0; i < ch; i++)
+                dst[i * k + o] = src[o * ch + i];
+        return TOP_OK;
+    }
+    if (t->ndim != 4)
+        return top_error_set(err, TOP_ERR_SHAPE, "parameter '%s' has rank %d; its source "
+                             "layout needs rank 4", gp->name, t->ndim);
+    k = t->shape[0];
+    ch = gp->layout == PARAM_LAYOUT_HWC1 ? 1 : t->shape[1];
+    r = t->shape[2];
+    s = t->shape[3];
+    for (int64_t a = 0; a < k; a++)             /* out channel (or channel for HWC1) */
+        for (int64_t b = 0; b < ch; b++)
+            for (int64_t y = 0; y < r; y++)
+                for (int64_t x = 0; x < s; x++)
+                    dst[((y * s + x) * ch + b) * k + a] = src[((a * ch + b) * r + y) * s + x];
+    return TOP_OK;
+}
+
+/* DIR/dense.safetensors: every parameter under its source name and layout. */
+static top_status write_dense(const pipeline_ctx *c, const char *path, top_error *err)
+{
+    st_writer *w = NULL;
+    float *buf = NULL;
+    top_status st = st_writer_new(&w, err);
+    for (int p = 0; st == TOP_OK && p < c->g->n_params; p++) {
+        const graph_param *gp = &c->g->params[p];
+        buf = malloc(gp->value.numel ? gp->value.numel * sizeof(float) : 1);
+        if (!buf) {
+            st = top_error_set(err, TOP_ERR_NOMEM, "out of memory for '%s'", gp->name);
+            break;
+        }
+        st = to_source_layout(buf, gp, err);
+        int same = gp->layout == PARAM_LAYOUT_SAME || gp->src_ndim == 0;
+        if (st == TOP_OK)
+            st = st_writer_add(w, gp->name, ST_DTYPE_F32, same ? gp->value.ndim : gp->src_ndim,
+                               same ? gp->value.shape : gp->src_shape, buf,
+                               gp->value.numel * sizeof(float), err);
+        free(buf);
+    }
+    if (st == TOP_OK)
+        st = st_writer_set_metadata(w, "source", c->opt->model_path, err);
+    if (st == TOP_OK)
+        st = st_writer_write(w, path, err);
+    st_writer_free(w);
+    return st;
+}
+
+/* DIR/compressed.safetensors: engine names and layouts, sparse encoding. */
+static top_status write_compressed(const pipeline_ctx *c, const char *path, top_error *err)
+{
+    ckpt_input *in = calloc((size_t)c->g->n_params, sizeof *in);
+    if (!in)
+        return top_error_set(err, TOP_ERR_NOMEM, "out of memory for the checkpoint list");
+    for (int p = 0; p < c->g->n_params; p++) {
+        const graph_param *gp = &c->g->params[p];
+        in[p] = (ckpt_input){.name = gp->name, .dtype = ST_DTYPE_F32, .ndim = gp->value.ndim,
+                             .data = gp->value.data, .bytes = gp->value.numel * sizeof(float)};
+        memcpy(in[p].shape, gp->value.shape, sizeof in[p].shape);
+    }
+    char q[32];
+    snprintf(q, sizeof q, "%.6g", c->opt->sparsity);
+    const ckpt_metadata_entry meta[] = {
+        {"method", c->opt->method == PIPELINE_METHOD_OBD ? "obd" : "magnitude"},
+        {"sparsity", q},
+        {"source", c->opt->model_path},
+    };
+    top_status st = ckpt_write(path, in, (size_t)c->g->n_params, meta, 3, err);
+    free(in);
+    return st;
+}
+
+static top_status describe_file(json_t *obj, const char *path, top_error *err)
+{
+    struct stat sb;
+    char hex[SHA256_HEX_BYTES];
+    if (stat(path, &sb) != 0)
+        return top_error_set(err, TOP_ERR_IO, "cannot stat '%s': %s", path, strerror(errno));
+    top_status st = sha256_file(hex, path, err);
+    if (st != TOP_OK)
+        return st;
+    json_object_set_new(obj, "path", json_string(path));
+    json_object_set_new(obj, "bytes", json_integer((json_int_t)sb.st_size));
+    json_object_set_new(obj, "sha256", json_string(hex));
+    return TOP_OK;
+}
+
+static top_status checkpoint_stage(pipeline_ctx *c, top_error *err)
+{
+    const char *dir = c->opt->out_dir;
+    if (mkdir(dir, 0777) != 0 && errno != EEXIST)
+        return top_error_set(err, TOP_ERR_IO, "cannot create output folder '%s': %s; create "
+                             "its parent or pick another path", dir, strerror(errno));
+    char path[4096];
+    json_t *dense = json_object(), *comp = json_object();
+    c->checkpoints = json_object();
+    json_object_set_new(c->checkpoints, "dense", dense);
+    json_object_set_new(c->checkpoints, "compressed", comp);
+    report_progress(c, "checkpoints", 0, 2);
+    snprintf(path, sizeof path, "%s/dense.safetensors", dir);
+    top_status st = write_dense(c, path, err);
+    if (st == TOP_OK)
+        st = describe_file(dense, path, err);
+    json_object_set_new(dense, "layout", json_string("source"));
+    report_progress(c, "checkpoints", 1, 2);
+    snprintf(path, sizeof path, "%s/compressed.safetensors", dir);
+    if (st == TOP_OK)
+        st = write_compressed(c, path, err);
+    if (st == TOP_OK)
+        st = describe_file(comp, path, err);
+    json_object_set_new(comp, "layout", json_string("engine"));
+    report_progress(c, "checkpoints", 2, 2);
+    return st;
+}
+
+/* ---- report -------------------------------------------------------------------- */
+
+/* Per-layer and global sparsity, counted as zeros in the tensors. */
+static json_t *report_layers(const pipeline_ctx *c, size_t *zeros_out, size_t *count_out)
+{
+    json_t *layers = json_array();
+    size_t zeros = 0, count = 0;
+    for (int l = 0; l < c->n_prunable; l++) {
+        const graph_param *gp = &c->g->params[c->prunable[l]];
+        size_t z = 0;
+        for (size_t i = 0; i < gp->value.numel; i++)
+            z += gp->value.data[i] == 0.0f;
+        zeros += z;
+        count += gp->value.numel;
+        json_array_append_new(layers, json_pack("{s:s, s:I, s:I, s:f}", "name", gp->name,
+                                                "count", (json_int_t)gp->value.numel,
+                                                "zeros", (json_int_t)z, "sparsity",
+                                                gp->value.numel ? (double)z /
+                                                (double)gp->value.numel : 0.0));
+    }
+    *zeros_out = zeros;
+    *count_out = count;
+    return layers;
+}
+
+static json_t *report_task(const pipeline_task *pt, int pruned)
+{
+    return json_pack("{s:s, s:i, s:I, s:I, s:f, s:o}", "uri", dataset_uri(pt->ds), "classes",
+                     pt->t.n_classes, "fit_images", (json_int_t)pt->t.fit.count,
+                     "eval_images", (json_int_t)pt->t.eval.count, "dense_accuracy",
+                     pt->dense_accuracy, "pruned_accuracy",
+                     pruned ? json_real(pt->pruned_accuracy) : json_null());
+}
+
+static json_t *report_build(const pipeline_ctx *c)
+{
+    const pipeline_options *o = c->opt;
+    size_t zeros, count;
+    json_t *r = json_object();
+    json_object_set_new(r, "model", json_string(o->model_path));
+    json_object_set_new(r, "architecture", json_string(c->g->architecture));
+    json_object_set_new(r, "method", json_string(o->method == PIPELINE_METHOD_OBD ? "obd"
+                                                                              : "magnitude"));
+    json_object_set_new(r, "feature_node", json_string(c->g->nodes[c->feature].name));
+    json_object_set_new(r, "feature_dim", json_integer((json_int_t)c->dim));
+    json_object_set_new(r, "sparsity_requested", json_real(o->sparsity));
+    json_t *layers = report_layers(c, &zeros, &count);
+    json_object_set_new(r, "sparsity_achieved", json_real(count ? (double)zeros /
+                                                          (double)count : 0.0));
+    json_object_set_new(r, "prunable_weights", json_integer((json_int_t)count));
+    json_object_set_new(r, "zero_weights", json_integer((json_int_t)zeros));
+    json_object_set_new(r, "layers", layers);
+    if (o->method == PIPELINE_METHOD_OBD)
+        json_object_set_new(r, "damping", json_pack("{s:s, s:f, s:f}", "mode",
+                            o->damping_mode == PIPELINE_DAMPING_ABSOLUTE ? "absolute"
+                                                                         : "relative",
+                            "value", o->damping, "lambda", c->lambda));
+    json_object_set_new(r, "bn_recalibration", json_pack("{s:b, s:i, s:I}", "ran", c->bn_ran,
+                        "layers", c->bn_layers, "images", (json_int_t)c->bn_images));
+    json_object_set_new(r, "calibration", c->calib.ds
+                        ? json_pack("{s:s, s:I, s:I}", "uri", dataset_uri(c->calib.ds),
+                                    "calibration_images", (json_int_t)c->calib.t.calib.count,
+                                    "fit_images", (json_int_t)(c->calib.fit_x
+                                                               ? c->calib.t.fit.count : 0))
+                        : json_null());
+    json_t *tasks = json_array();
+    for (int i = 0; i < o->n_eval; i++)
+        json_array_append_new(tasks, report_task(&c->eval[i], 1));
+    json_object_set_new(r, "tasks", tasks);
+    json_t *t = json_object();
+    for (int i = 0; i <= T_TOTAL; i++)
+        json_object_set_new(t, timing_names[i], json_real(c->timings[i]));
+    json_object_set_new(r, "timings_s", t);
+    json_object_set_new(r, "checkpoints", c->checkpoints ? json_incref(c->checkpoints)
+                                                         : json_null());
+    return r;
+}
+
+/* ---- the job ------------------------------------------------------------------- */
+
+static void task_release(pipeline_task *pt)
+{
+    ridge_model_free(&pt->head);
+    free(pt->fit_x);
+    free(pt->eval_x);
+    if (pt->ds)
+        task_free(&pt->t);
+    dataset_close(pt->ds);
+}
+
+static top_status run_stages(pipeline_ctx *c, top_error *err)
+{
+    double t0 = now_s();
+    report_progress(c, "load", 0, 1);
+    top_status st = load_model(c, err);
+    c->timings[T_LOAD] = now_s() - t0;
+
+    t0 = now_s();
+    if (st == TOP_OK)
+        st = dense_stage(c, err);
+    c->timings[T_DENSE] = now_s() - t0;
+    if (st == TOP_OK)
+        st = prune_stage(c, err);
+
+    t0 = now_s();
+    int bn = c->opt->bn_recalibration < 0 ? c->opt->calib_uri != NULL
+                                          : c->opt->bn_recalibration;
+    if (st == TOP_OK && bn)
+        st = bn_stage(c, err);
+    c->timings[T_BN] = now_s() - t0;
+
+    t0 = now_s();
+    if (st == TOP_OK)
+        st = pruned_stage(c, err);
+    c->timings[T_PRUNED] = now_s() - t0;
+
+    t0 = now_s();
+    if (st == TOP_OK && c->opt->out_dir)
+        st = checkpoint_stage(c, err);
+    c->timings[T_CKPT] = now_s() - t0;
+    return st;
+}
+
+top_status pipeline_run(json_t **report, graph **pruned, const pipeline_options *opt,
+                        pipeline_progress_fn progress, void *user,
+                        const volatile int *cancel, top_error *err)
+{
+    if (!report || !opt)
+        return top_error_set(err, TOP_ERR_INVALID, "pipeline_run: report or options is NULL");
+    *report = NULL;
+    if (pruned)
+        *pruned = NULL;
+    top_status st = validate_options(opt, err);
+    if (st != TOP_OK)
+        return st;
+
+    pipeline_ctx c = {.opt = opt, .progress = progress, .user = user, .cancel = cancel};
+    double t0 = now_s();
+    st = run_stages(&c, err);
+    c.timings[T_TOTAL] = now_s() - t0;
+    if (st == TOP_OK) {
+        *report = report_build(&c);
+        if (!*report)
+            st = top_error_set(err, TOP_ERR_NOMEM, "out of memory for the report");
+    }
+    if (st == TOP_OK && pruned) {
+        *pruned = c.g;
+        c.g = NULL;
+    }
+    task_release(&c.calib);
+    for (int i = 0; i < PIPELINE_MAX_EVAL_TASKS; i++)
+        task_release(&c.eval[i]);
+    json_decref(c.checkpoints);
+    free(c.prunable);
+    graph_free(c.g);
+    return st;
+}

@@ -1,0 +1,109 @@
+/*
+ * The offline pruning job: load a model, fit ridge heads on the dense model's
+ * features, score the prunable weights, prune to a target sparsity,
+ * recalibrate batch norm, evaluate the pruned model zero-shot with the frozen
+ * dense heads, and write checkpoints. One call runs one job from start to end.
+ *
+ * Steps (pipeline_run):
+ *   1. model_load; the feature node is the backbone's pooled output (the last
+ *      global average pool, or the flatten after the last pool), or a named node.
+ *   2. per evaluation task: dense features of the head-fit split -> ridge_fit
+ *      -> dense accuracy on the evaluation split; the head is kept frozen.
+ *   3. saliency over the prunable weights (conv and dense weights of nodes
+ *      before the feature node, without the first conv):
+ *        magnitude  |w|
+ *        obd        0.5 w^2 (F_ii + lambda), F_ii = mean over calibration
+ *                   images of the squared per-sample gradient of the
+ *                   cross-entropy of the calibration task's ridge head
+ *                   (softmax over its decision scores); lambda = damping *
+ *                   mean(F) (relative, default 1e-3) or damping (absolute)
+ *   4. one global unstructured mask (prune_mask_compute); pruned weights = +0.0
+ *   5. batch-norm recalibration: running mean and variance = the average of
+ *      the per-batch mean and unbiased variance of each BN input, over the
+ *      calibration images, in one training-mode pass
+ *   6. pruned accuracy of every evaluation task with its dense head
+ *   7. a JSON report; optional dense and compressed checkpoints
+ *
+ * Split sizes are totals over the task's classes: each class gets
+ * ceil(count / classes) images and the shuffled split is cut to count.
+ *
+ * No global state; progress goes to a callback and the job polls a cancel
+ * flag between batches. One job uses its own graph; jobs may run on several
+ * threads at once.
+ */
+#ifndef TOPIARY_PIPELINE_H
+#define TOPIARY_PIPELINE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include <jansson.h>
+
+#include "graph.h"
+#include "status.h"
+
+#define PIPELINE_MAX_EVAL_TASKS 16
+
+typedef enum pipeline_method {
+    PIPELINE_METHOD_MAGNITUDE,
+    PIPELINE_METHOD_OBD,
+} pipeline_method;
+
+typedef enum pipeline_damping {
+    PIPELINE_DAMPING_RELATIVE,  /* lambda = damping * mean(F) over prunable weights */
+    PIPELINE_DAMPING_ABSOLUTE,  /* lambda = damping */
+} pipeline_damping;
+
+typedef struct pipeline_options {
+    const char *model_path;
+    const char *feature_node;       /* NULL: the pooled backbone output */
+    pipeline_method method;
+    double sparsity;                /* q in [0, 1) */
+
+    const char *calib_uri;          /* NULL: no calibration task */
+    size_t calib_count;             /* calibration images */
+    size_t calib_fit_count;         /* head-fit images of the calibration task (obd) */
+
+    const char *eval_uris[PIPELINE_MAX_EVAL_TASKS];
+    int n_eval;
+    size_t eval_fit_count;          /* head-fit images per evaluation task */
+    size_t eval_count;              /* evaluation images per evaluation task */
+
+    uint64_t seed;
+    double ridge_alpha;             /* > 0; 1.0 is scikit-learn's default */
+    int ridge_balanced;             /* balanced class weights */
+    pipeline_damping damping_mode;
+    double damping;                 /* see pipeline_damping; >= 0 */
+    int bn_recalibration;           /* -1: on iff a calibration task is given */
+    int batch_size;                 /* images per forward (not obd, which uses 1) */
+    const char *out_dir;            /* NULL: no checkpoints */
+} pipeline_options;
+
+/* Fills the defaults: magnitude, q = 0.5, alpha 1.0, balanced, relative
+ * damping 1e-3, BN recalibration automatic, batch 16, seed 0. */
+void pipeline_options_init(pipeline_options *opt);
+
+/* Called at the start of every stage and after each batch: the stage name
+ * ("dense features", "saliency", ...) and done out of total units. */
+typedef void (*pipeline_progress_fn)(void *user, const char *stage, size_t done,
+                                     size_t total);
+
+/*
+ * Runs one job. On success *report is a new JSON object the caller owns
+ * (json_decref), and if pruned is non-NULL *pruned is the pruned graph, which
+ * the caller frees. progress and cancel may be NULL; a raised *cancel makes
+ * the job stop with TOP_ERR_CANCELLED at the next batch.
+ *
+ * Report keys: model, architecture, method, feature_node, feature_dim,
+ * sparsity_requested, sparsity_achieved (zeros counted in the tensors),
+ * prunable_weights, zero_weights, layers [{name, count, zeros, sparsity}],
+ * damping (obd), bn_recalibration {ran, layers, images}, calibration,
+ * tasks [{uri, classes, fit_images, eval_images, dense_accuracy,
+ * pruned_accuracy}], timings_s, checkpoints (with --out: dense and compressed,
+ * each {path, bytes, sha256}).
+ */
+top_status pipeline_run(json_t **report, graph **pruned, const pipeline_options *opt,
+                        pipeline_progress_fn progress, void *user,
+                        const volatile int *cancel, top_error *err);
+
+#endif
