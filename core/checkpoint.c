@@ -46,11 +46,14 @@ static top_status add_sparse(st_writer *w, const ckpt_input *t, size_t numel, si
     size_t mask_bytes = numel / 8 + (numel % 8 != 0);
     uint8_t *mask = calloc(mask_bytes ? mask_bytes : 1, 1);
     uint8_t *values = malloc(nnz ? nnz * 4 : 1);
-    char *mask_name = part_name(t->name, "::mask"), *values_name = part_name(t->name, "::values");
+    char *mask_name = part_name(t->name, "::mask"),
+         *values_name = part_name(t->name, "::values");
     top_status st = TOP_OK;
     if (!mask || !values || !mask_name || !values_name) {
-        st = top_error_set(err, TOP_ERR_NOMEM, "tensor " NAME_FMT ": cannot allocate %zu bytes "
-                           "of mask and values", t->name, mask_bytes + nnz * 4);
+        st = top_error_set(err, TOP_ERR_NOMEM,
+                           "tensor " NAME_FMT ": cannot allocate %zu bytes "
+                           "of mask and values",
+                           t->name, mask_bytes + nnz * 4);
         goto done;
     }
 
@@ -126,9 +129,9 @@ static top_status add_tensor(st_writer *w, json_t *index, const ckpt_input *t, t
         sparse = zeros * 4 > mask_bytes;
     }
 
-    top_status st = sparse ? add_sparse(w, t, numel, nnz, err)
-                           : st_writer_add(w, t->name, t->dtype, t->ndim, t->shape, t->data,
-                                           t->bytes, err);
+    top_status st =
+        sparse ? add_sparse(w, t, numel, nnz, err)
+               : st_writer_add(w, t->name, t->dtype, t->ndim, t->shape, t->data, t->bytes, err);
     if (st != TOP_OK)
         return st;
     if (json_object_set_new(index, t->name, index_entry(t, sparse, nnz)))
@@ -212,7 +215,8 @@ static top_status parse_entry(ckpt_tensor *t, size_t *nonzero, const json_t *ent
         !json_is_string(encoding))
         return top_error_set(err, TOP_ERR_FORMAT,
                              "tensor " NAME_FMT ": index entry needs string dtype, array "
-                             "shape and string encoding; the file is corrupt", name);
+                             "shape and string encoding; the file is corrupt",
+                             name);
 
     t->dtype = ST_DTYPE_COUNT;
     for (int d = 0; d < ST_DTYPE_COUNT; d++)
@@ -232,7 +236,8 @@ static top_status parse_entry(ckpt_tensor *t, size_t *nonzero, const json_t *ent
         if (!json_is_integer(dim) || json_integer_value(dim) < 0)
             return top_error_set(err, TOP_ERR_FORMAT,
                                  "tensor " NAME_FMT ": shape dimension %zu is not a "
-                                 "non-negative integer", name, i);
+                                 "non-negative integer",
+                                 name, i);
         t->shape[i] = (int64_t)json_integer_value(dim);
     }
     if (tensor_shape_numel(&t->numel, t->ndim, t->shape, name, NULL) != TOP_OK)
@@ -244,7 +249,8 @@ static top_status parse_entry(ckpt_tensor *t, size_t *nonzero, const json_t *ent
     if (!t->sparse && strcmp(enc, "dense") != 0)
         return top_error_set(err, TOP_ERR_FORMAT,
                              "tensor " NAME_FMT ": unknown encoding '%.16s'; expected sparse "
-                             "or dense", name, enc);
+                             "or dense",
+                             name, enc);
     if (!t->sparse)
         return TOP_OK;
     json_t *nz = json_object_get(entry, "nonzero");
@@ -252,7 +258,8 @@ static top_status parse_entry(ckpt_tensor *t, size_t *nonzero, const json_t *ent
         (uint64_t)json_integer_value(nz) > t->numel)
         return top_error_set(err, TOP_ERR_FORMAT,
                              "tensor " NAME_FMT ": a sparse entry needs dtype F32 and a "
-                             "nonzero count in [0, %zu]", name, t->numel);
+                             "nonzero count in [0, %zu]",
+                             name, t->numel);
     *nonzero = (size_t)json_integer_value(nz);
     return TOP_OK;
 }
@@ -305,17 +312,20 @@ static top_status decode_sparse(ckpt_tensor *t, const st_file *f, size_t nonzero
     if (bits != nonzero)
         return top_error_set(err, TOP_ERR_FORMAT,
                              "tensor " NAME_FMT ": mask has %zu set bits but there are %zu "
-                             "values; the file is corrupt", t->name, bits, nonzero);
+                             "values; the file is corrupt",
+                             t->name, bits, nonzero);
     if (numel % 8 && mask[mask_bytes - 1] >> (numel % 8))
         return top_error_set(err, TOP_ERR_FORMAT,
                              "tensor " NAME_FMT ": mask bits past element %zu are set; the "
-                             "file is corrupt", t->name, numel);
+                             "file is corrupt",
+                             t->name, numel);
 
     t->bytes = numel * 4;
     t->data = numel ? top_aligned_alloc(t->bytes) : NULL;
     if (numel && !t->data)
-        return top_error_set(err, TOP_ERR_NOMEM, "tensor " NAME_FMT ": cannot allocate %zu bytes",
-                             t->name, t->bytes);
+        return top_error_set(err, TOP_ERR_NOMEM,
+                             "tensor " NAME_FMT ": cannot allocate %zu bytes", t->name,
+                             t->bytes);
     uint8_t *dst = t->data;
     size_t k = 0;
     for (size_t i = 0; i < numel; i++) {
@@ -333,19 +343,22 @@ static top_status decode_dense(ckpt_tensor *t, const st_file *f, top_error *err)
     const st_tensor_info *info = st_find(f, t->name);
     if (!info)
         return top_error_set(err, TOP_ERR_FORMAT,
-                             "tensor " NAME_FMT " is in the index but not in the file", t->name);
+                             "tensor " NAME_FMT " is in the index but not in the file",
+                             t->name);
     int same = info->dtype == t->dtype && info->ndim == t->ndim;
     for (int i = 0; same && i < t->ndim; i++)
         same = info->shape[i] == t->shape[i];
     if (!same)
         return top_error_set(err, TOP_ERR_FORMAT,
                              "tensor " NAME_FMT ": stored dtype or shape disagrees with the "
-                             "index; the file is corrupt", t->name);
+                             "index; the file is corrupt",
+                             t->name);
     t->bytes = info->end - info->begin;
     t->data = t->bytes ? top_aligned_alloc(t->bytes) : NULL;
     if (t->bytes && !t->data)
-        return top_error_set(err, TOP_ERR_NOMEM, "tensor " NAME_FMT ": cannot allocate %zu bytes",
-                             t->name, t->bytes);
+        return top_error_set(err, TOP_ERR_NOMEM,
+                             "tensor " NAME_FMT ": cannot allocate %zu bytes", t->name,
+                             t->bytes);
     if (t->bytes)
         memcpy(t->data, st_tensor_data(f, info), t->bytes);
     return TOP_OK;
@@ -363,10 +376,11 @@ static top_status load_index(json_t **index, const st_file *f, top_error *err)
                              "checkpoint is read with st_open alone",
                              format ? format : "(missing)");
     if (!version || strcmp(version, CKPT_FORMAT_VERSION) != 0)
-        return top_error_set(err, TOP_ERR_UNSUPPORTED,
-                             "format_version '%.16s' is not supported (this build reads "
-                             CKPT_FORMAT_VERSION "); use a newer topiary",
-                             version ? version : "(missing)");
+        return top_error_set(
+            err, TOP_ERR_UNSUPPORTED,
+            "format_version '%.16s' is not supported (this build reads " CKPT_FORMAT_VERSION
+            "); use a newer topiary",
+            version ? version : "(missing)");
     json_error_t jerr;
     *index = text ? json_loads(text, JSON_REJECT_DUPLICATES, &jerr) : NULL;
     if (!json_is_object(*index)) {
@@ -439,7 +453,8 @@ top_status ckpt_read(ckpt_dense *out, const st_file *f, top_error *err)
 
     const char *name;
     json_t *entry;
-    json_object_foreach(index, name, entry) {
+    json_object_foreach(index, name, entry)
+    {
         ckpt_tensor *t = &out->tensors[out->count];
         t->name = strdup(name);
         if (!t->name) {
@@ -455,8 +470,8 @@ top_status ckpt_read(ckpt_dense *out, const st_file *f, top_error *err)
     if (st == TOP_OK && parts != st_tensor_count(f))
         st = top_error_set(err, TOP_ERR_FORMAT,
                            "the file stores %zu tensors but the index accounts for %zu; "
-                           "tensor " NAME_FMT " is not listed", st_tensor_count(f), parts,
-                           first_unlisted(f, index));
+                           "tensor " NAME_FMT " is not listed",
+                           st_tensor_count(f), parts, first_unlisted(f, index));
     json_decref(index);
     if (st != TOP_OK)
         ckpt_dense_free(out);

@@ -43,7 +43,7 @@
 
 /* One tensor to write: little-endian bytes = numel * dtype size. */
 typedef struct ckpt_input {
-    const char *name;       /* must not contain "::" */
+    const char *name; /* must not contain "::" */
     st_dtype dtype;
     int ndim;
     int64_t shape[TENSOR_MAX_DIMS];
@@ -52,7 +52,7 @@ typedef struct ckpt_input {
 } ckpt_input;
 
 typedef struct ckpt_metadata_entry {
-    const char *key;        /* not "format", "format_version" or "tensors" */
+    const char *key; /* not "format", "format_version" or "tensors" */
     const char *value;
 } ckpt_metadata_entry;
 
@@ -73,11 +73,11 @@ typedef struct ckpt_tensor {
     size_t numel;
     void *data;
     size_t bytes;
-    int sparse;             /* 1 if stored as mask + values */
+    int sparse; /* 1 if stored as mask + values */
 } ckpt_tensor;
 
 typedef struct ckpt_dense {
-    ckpt_tensor *tensors;   /* in the order of the "tensors" metadata */
+    ckpt_tensor *tensors; /* in the order of the "tensors" metadata */
     size_t count;
 } ckpt_dense;
 

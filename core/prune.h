@@ -35,21 +35,21 @@ typedef struct prune_layer {
     const float *scores;
     uint8_t *mask;
     size_t count;
-    size_t cols;            /* row length; N:M groups never cross a row */
+    size_t cols; /* row length; N:M groups never cross a row */
 } prune_layer;
 
 typedef enum prune_scope {
-    PRUNE_SCOPE_GLOBAL = 0,     /* one ranking across all layers */
-    PRUNE_SCOPE_PER_LAYER = 1,  /* the same sparsity in every layer */
+    PRUNE_SCOPE_GLOBAL = 0,    /* one ranking across all layers */
+    PRUNE_SCOPE_PER_LAYER = 1, /* the same sparsity in every layer */
 } prune_scope;
 
 #define PRUNE_NM_MAX_GROUP 64
 
 typedef struct prune_mask_options {
-    double sparsity;        /* q in [0, 1]: fraction of weights pruned */
+    double sparsity; /* q in [0, 1]: fraction of weights pruned */
     prune_scope scope;
-    int nm_n, nm_m;         /* N:M (keep at most N of every M); nm_m = 0 is unstructured */
-    double min_density;     /* each layer keeps >= ceil(min_density * count); 0 disables */
+    int nm_n, nm_m;     /* N:M (keep at most N of every M); nm_m = 0 is unstructured */
+    double min_density; /* each layer keeps >= ceil(min_density * count); 0 disables */
 } prune_mask_options;
 
 /*
@@ -89,9 +89,9 @@ double prune_schedule_density(double final_density, int round, int rounds);
 
 /* Damping actually used by a factorisation, after retries. */
 typedef struct obs_damping {
-    double lambda;          /* final damping added to the diagonal */
-    int retries;            /* Cholesky failures retried with lambda *= 10 */
-    size_t blocks;          /* blocks (or Hessians) factorised */
+    double lambda; /* final damping added to the diagonal */
+    int retries;   /* Cholesky failures retried with lambda *= 10 */
+    size_t blocks; /* blocks (or Hessians) factorised */
 } obs_damping;
 
 #define OBS_MAX_RETRIES 6
@@ -101,8 +101,8 @@ void prune_saliency_magnitude(float *scores, const float *w, size_t n);
 
 /* scores[i] = 0.5 * w[i]^2 * (fisher_diag[i] + lambda).  all: (n)
  * fisher_diag is the mean over samples of the squared per-sample gradient. */
-top_status prune_saliency_obd(float *scores, const float *w, const float *fisher_diag,
-                              size_t n, double lambda, top_error *err);
+top_status prune_saliency_obd(float *scores, const float *w, const float *fisher_diag, size_t n,
+                              double lambda, top_error *err);
 
 /*
  * Empirical Fisher of one block: f = (1/N) G^T G, where G is the (N, b) slice
@@ -146,18 +146,18 @@ top_status obs_block_update(float *w, const uint8_t *mask, const double *finv, s
  *   obs_layer_update applies the OBS update of each block to w given mask.
  * Dead features (all-zero gradient columns) are handled by the damping.
  */
-top_status obs_layer_saliency(float *scores, const float *w, const float *grads,
-                              size_t count, size_t n_samples, size_t block,
-                              double lambda, obs_damping *damping, top_error *err);
-top_status obs_layer_update(float *w, const uint8_t *mask, const float *grads,
-                            size_t count, size_t n_samples, size_t block, double lambda,
-                            obs_damping *damping, top_error *err);
+top_status obs_layer_saliency(float *scores, const float *w, const float *grads, size_t count,
+                              size_t n_samples, size_t block, double lambda,
+                              obs_damping *damping, top_error *err);
+top_status obs_layer_update(float *w, const uint8_t *mask, const float *grads, size_t count,
+                            size_t n_samples, size_t block, double lambda, obs_damping *damping,
+                            top_error *err);
 
 /* Memory needed by block OBS over layers of the given sizes (bytes). */
 typedef struct obs_memory {
-    size_t gradients;       /* n_samples * total float per-sample gradients */
-    size_t scores;          /* total floats */
-    size_t workspace;       /* the largest layer's block workspace */
+    size_t gradients; /* n_samples * total float per-sample gradients */
+    size_t scores;    /* total floats */
+    size_t workspace; /* the largest layer's block workspace */
     size_t total;
 } obs_memory;
 
@@ -167,17 +167,17 @@ typedef struct obs_memory {
  * total exceeds budget_bytes (0 = no budget), with a message that names the
  * need, the budget, and what to lower (samples, block size, or method).
  */
-top_status obs_memory_estimate(obs_memory *out, const size_t *layer_counts,
-                               size_t n_layers, size_t block, size_t n_samples,
-                               size_t budget_bytes, top_error *err);
+top_status obs_memory_estimate(obs_memory *out, const size_t *layer_counts, size_t n_layers,
+                               size_t block, size_t n_samples, size_t budget_bytes,
+                               top_error *err);
 
 /* ---- layer-wise OBS (prune_layer_obs.c) ------------------------------------ */
 
 typedef struct layer_obs_options {
-    double sparsity;        /* fraction of the layer's weights pruned, [0, 1] */
-    int nm_n, nm_m;         /* N:M per row instead of sparsity (then sparsity must be 0) */
-    size_t block;           /* columns per lazy-update block (SparseGPT uses 128) */
-    double damping;         /* relative: H += damping * mean(diag H) * I (0.01 typical) */
+    double sparsity;            /* fraction of the layer's weights pruned, [0, 1] */
+    int nm_n, nm_m;             /* N:M per row instead of sparsity (then sparsity must be 0) */
+    size_t block;               /* columns per lazy-update block (SparseGPT uses 128) */
+    double damping;             /* relative: H += damping * mean(diag H) * I (0.01 typical) */
     const volatile int *cancel; /* polled between blocks; nonzero stops (may be NULL) */
 } layer_obs_options;
 
@@ -204,9 +204,9 @@ typedef struct layer_obs_options {
  * as (K, C * R * S). Depthwise convolutions have one small Hessian per
  * channel: call once per channel with W (1, R * S) and that channel's X.
  */
-top_status layer_obs_prune(float *w, uint8_t *mask, const float *x, size_t rows,
-                           size_t cols, size_t n, const layer_obs_options *opt,
-                           obs_damping *damping, top_error *err);
+top_status layer_obs_prune(float *w, uint8_t *mask, const float *x, size_t rows, size_t cols,
+                           size_t n, const layer_obs_options *opt, obs_damping *damping,
+                           top_error *err);
 
 /* Computes *out = ||W X^T - W' X^T||_F^2, accumulated in double.
  *   w, w_pruned: (rows, cols)  x: (n, cols) */

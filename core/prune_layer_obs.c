@@ -43,8 +43,7 @@ static int compare_ranked(const void *pa, const void *pb)
 }
 
 /* h = (2/n) X^T X, full symmetric.  h: (C, C)  x: (n, C)  work: (X_CHUNK_ROWS, C) */
-static void hessian_from_inputs(double *h, const float *x, size_t n, size_t cols,
-                                double *work)
+static void hessian_from_inputs(double *h, const float *x, size_t n, size_t cols, double *work)
 {
     memset(h, 0, cols * cols * sizeof *h);
     for (size_t s0 = 0; s0 < n; s0 += X_CHUNK_ROWS) {
@@ -76,8 +75,8 @@ static top_status inverse_cholesky_upper(double *h, size_t cols, double damping,
     top_status st = obs_invert_spd(h, cols, lambda, report, work, err);
     if (st != TOP_OK)
         return st;
-    lapack_int info = LAPACKE_dpotrf(LAPACK_COL_MAJOR, 'L', (lapack_int)cols, h,
-                                     (lapack_int)cols);
+    lapack_int info =
+        LAPACKE_dpotrf(LAPACK_COL_MAJOR, 'L', (lapack_int)cols, h, (lapack_int)cols);
     if (info != 0)
         return top_error_set(err, TOP_ERR_NUMERIC,
                              "inverse Hessian of %zu inputs is not positive definite at "
@@ -170,12 +169,12 @@ static top_status validate_options(size_t rows, size_t cols, size_t n,
         if (opt->nm_m < 1 || opt->nm_m > PRUNE_NM_MAX_GROUP || opt->nm_n < 0 ||
             opt->nm_n >= opt->nm_m)
             return top_error_set(err, TOP_ERR_INVALID,
-                                 "invalid N:M pattern %d:%d; need 0 <= N < M <= %d",
-                                 opt->nm_n, opt->nm_m, PRUNE_NM_MAX_GROUP);
+                                 "invalid N:M pattern %d:%d; need 0 <= N < M <= %d", opt->nm_n,
+                                 opt->nm_m, PRUNE_NM_MAX_GROUP);
         if (opt->sparsity != 0.0)
             return top_error_set(err, TOP_ERR_INVALID,
-                                 "N:M sets the sparsity; pass sparsity 0 with %d:%d",
-                                 opt->nm_n, opt->nm_m);
+                                 "N:M sets the sparsity; pass sparsity 0 with %d:%d", opt->nm_n,
+                                 opt->nm_m);
         if (opt->block % (size_t)opt->nm_m != 0)
             return top_error_set(err, TOP_ERR_INVALID,
                                  "block %zu is not a multiple of M = %d; use e.g. 128",
@@ -235,9 +234,9 @@ static void choose_unstructured_mask(uint8_t *mask, const layer_work *w, size_t 
     choose_block_mask(mask, w->wd, w->h, rows, cols, c0, b, after - before, w->ranks);
 }
 
-top_status layer_obs_prune(float *w, uint8_t *mask, const float *x, size_t rows,
-                           size_t cols, size_t n, const layer_obs_options *opt,
-                           obs_damping *damping, top_error *err)
+top_status layer_obs_prune(float *w, uint8_t *mask, const float *x, size_t rows, size_t cols,
+                           size_t n, const layer_obs_options *opt, obs_damping *damping,
+                           top_error *err)
 {
     /* w, mask: (R, C)  x: (n, C) */
     top_status st = validate_options(rows, cols, n, opt, err);
@@ -264,8 +263,8 @@ top_status layer_obs_prune(float *w, uint8_t *mask, const float *x, size_t rows,
         size_t b = cols - c0 < block ? cols - c0 : block;
         if (opt->nm_m == 0)
             choose_unstructured_mask(mask, &wk, rows, cols, c0, b, opt->sparsity);
-        prune_block_columns(wk.wd, wk.errs, mask, wk.h, rows, cols, c0, b, opt->nm_n,
-                            opt->nm_m, wk.ranks);
+        prune_block_columns(wk.wd, wk.errs, mask, wk.h, rows, cols, c0, b, opt->nm_n, opt->nm_m,
+                            wk.ranks);
 
         /* Lazy batch update: W[:, c0+b:] -= E U[c0:c0+b, c0+b:]. */
         if (c0 + b < cols)
@@ -291,15 +290,16 @@ top_status layer_obs_reconstruction_error(double *out, const float *w, const flo
     if (top_size_mul(&rc, rows, cols) || top_size_mul(&xc_n, X_CHUNK_ROWS, cols) ||
         top_size_mul(&e_n, X_CHUNK_ROWS, rows) || rc > SIZE_MAX / sizeof(double))
         return top_error_set(err, TOP_ERR_OVERFLOW,
-                             "reconstruction error buffers for (%zu, %zu) overflow", rows, cols);
+                             "reconstruction error buffers for (%zu, %zu) overflow", rows,
+                             cols);
     double *d = malloc((rc ? rc : 1) * sizeof *d);
     double *xc = malloc((xc_n ? xc_n : 1) * sizeof *xc);
     double *e = malloc((e_n ? e_n : 1) * sizeof *e);
     top_status st = TOP_OK;
     if (!d || !xc || !e) {
         st = top_error_set(err, TOP_ERR_NOMEM,
-                           "cannot allocate reconstruction error buffers for (%zu, %zu)",
-                           rows, cols);
+                           "cannot allocate reconstruction error buffers for (%zu, %zu)", rows,
+                           cols);
         goto done;
     }
     for (size_t i = 0; i < rc; i++)

@@ -7,8 +7,8 @@
  * lowest weights of a set, two histogram passes (high 16 bits, then low 16
  * bits within the boundary bucket) find the smallest key t with at least r
  * weights at or below it. Every weight below t is taken, then the weights
- * equal to t in ascending (layer, index) order until r are taken. Taking the r highest mirrors this:
- * keys are complemented and ties are walked in descending order.
+ * equal to t in ascending (layer, index) order until r are taken. Taking the r highest mirrors
+ * this: keys are complemented and ties are walked in descending order.
  *
  * While masks are built, a mask byte is a state: MASK_PRUNED (0), MASK_FREE
  * (1, still rankable) or MASK_LOCKED (2, kept by the density floor). The
@@ -189,9 +189,8 @@ static top_status validate(const prune_layer *layers, size_t n_layers,
                              opt->min_density, 1.0 - opt->sparsity);
     if (opt->scope != PRUNE_SCOPE_GLOBAL && opt->scope != PRUNE_SCOPE_PER_LAYER)
         return top_error_set(err, TOP_ERR_INVALID, "unknown prune scope %d", (int)opt->scope);
-    if (opt->nm_m != 0 &&
-        (opt->nm_m < 1 || opt->nm_m > PRUNE_NM_MAX_GROUP || opt->nm_n < 0 ||
-         opt->nm_n >= opt->nm_m))
+    if (opt->nm_m != 0 && (opt->nm_m < 1 || opt->nm_m > PRUNE_NM_MAX_GROUP || opt->nm_n < 0 ||
+                           opt->nm_n >= opt->nm_m))
         return top_error_set(err, TOP_ERR_INVALID,
                              "invalid N:M pattern %d:%d; need 0 <= N < M <= %d", opt->nm_n,
                              opt->nm_m, PRUNE_NM_MAX_GROUP);
@@ -273,7 +272,8 @@ top_status prune_mask_compute(prune_layer *layers, size_t n_layers,
                               const prune_mask_options *opt, top_error *err)
 {
     if (!opt || (n_layers > 0 && !layers))
-        return top_error_set(err, TOP_ERR_INVALID, "prune_mask_compute: missing layers or options");
+        return top_error_set(err, TOP_ERR_INVALID,
+                             "prune_mask_compute: missing layers or options");
     top_status st = validate(layers, n_layers, opt, err);
     if (st != TOP_OK)
         return st;

@@ -32,13 +32,13 @@ void prune_saliency_magnitude(float *scores, const float *w, size_t n)
         scores[i] = fabsf(w[i]);
 }
 
-top_status prune_saliency_obd(float *scores, const float *w, const float *fisher_diag,
-                              size_t n, double lambda, top_error *err)
+top_status prune_saliency_obd(float *scores, const float *w, const float *fisher_diag, size_t n,
+                              double lambda, top_error *err)
 {
     /* w, fisher_diag, scores: (n) */
     if (!(lambda >= 0.0 && isfinite(lambda)))
-        return top_error_set(err, TOP_ERR_INVALID,
-                             "damping lambda %g must be finite and >= 0", lambda);
+        return top_error_set(err, TOP_ERR_INVALID, "damping lambda %g must be finite and >= 0",
+                             lambda);
     for (size_t i = 0; i < n; i++) {
         double wi = w[i];
         scores[i] = (float)(0.5 * wi * wi * ((double)fisher_diag[i] + lambda));
@@ -66,8 +66,8 @@ void obs_fisher_block(double *f, const float *grads, size_t ld, size_t n_samples
     double scale = n_samples ? 1.0 / (double)n_samples : 0.0;
     memset(f, 0, b * b * sizeof *f);
     if (n_samples > 0)
-        cblas_dsyrk(CblasRowMajor, CblasUpper, CblasTrans, (int)b, (int)n_samples, scale,
-                    work, (int)b, 0.0, f, (int)b);
+        cblas_dsyrk(CblasRowMajor, CblasUpper, CblasTrans, (int)b, (int)n_samples, scale, work,
+                    (int)b, 0.0, f, (int)b);
 
     /* dsyrk fills the upper triangle only. */
     mirror_upper(f, b);
@@ -80,14 +80,15 @@ top_status obs_invert_spd(double *a, size_t b, double lambda, obs_damping *dampi
     if (b == 0)
         return TOP_OK;
     if (!(lambda >= 0.0 && isfinite(lambda)))
-        return top_error_set(err, TOP_ERR_INVALID,
-                             "damping lambda %g must be finite and >= 0", lambda);
+        return top_error_set(err, TOP_ERR_INVALID, "damping lambda %g must be finite and >= 0",
+                             lambda);
     double mean_diag = 0.0;
     for (size_t i = 0; i < b * b; i++)
         if (!isfinite(a[i]))
             return top_error_set(err, TOP_ERR_NUMERIC,
                                  "matrix entry (%zu, %zu) is %g; check the gradients for "
-                                 "NaN or Inf", i / b, i % b, a[i]);
+                                 "NaN or Inf",
+                                 i / b, i % b, a[i]);
     for (size_t i = 0; i < b; i++)
         mean_diag += a[i * b + i] / (double)b;
     memcpy(work, a, b * b * sizeof *a);
@@ -221,8 +222,7 @@ static void obs_work_free(obs_work *w)
     free(w->grad_work);
 }
 
-static top_status check_layer_args(size_t count, size_t n_samples, size_t block,
-                                   top_error *err)
+static top_status check_layer_args(size_t count, size_t n_samples, size_t block, top_error *err)
 {
     if (block == 0)
         return top_error_set(err, TOP_ERR_INVALID, "OBS block size is 0; use e.g. 128");
@@ -237,9 +237,9 @@ static top_status check_layer_args(size_t count, size_t n_samples, size_t block,
     return TOP_OK;
 }
 
-top_status obs_layer_saliency(float *scores, const float *w, const float *grads,
-                              size_t count, size_t n_samples, size_t block,
-                              double lambda, obs_damping *damping, top_error *err)
+top_status obs_layer_saliency(float *scores, const float *w, const float *grads, size_t count,
+                              size_t n_samples, size_t block, double lambda,
+                              obs_damping *damping, top_error *err)
 {
     /* scores, w: (count)  grads: (N, count) */
     top_status st = check_layer_args(count, n_samples, block, err);
@@ -263,9 +263,9 @@ top_status obs_layer_saliency(float *scores, const float *w, const float *grads,
     return st;
 }
 
-top_status obs_layer_update(float *w, const uint8_t *mask, const float *grads,
-                            size_t count, size_t n_samples, size_t block, double lambda,
-                            obs_damping *damping, top_error *err)
+top_status obs_layer_update(float *w, const uint8_t *mask, const float *grads, size_t count,
+                            size_t n_samples, size_t block, double lambda, obs_damping *damping,
+                            top_error *err)
 {
     /* w, mask: (count)  grads: (N, count) */
     top_status st = check_layer_args(count, n_samples, block, err);
@@ -291,9 +291,9 @@ top_status obs_layer_update(float *w, const uint8_t *mask, const float *grads,
     return st;
 }
 
-top_status obs_memory_estimate(obs_memory *out, const size_t *layer_counts,
-                               size_t n_layers, size_t block, size_t n_samples,
-                               size_t budget_bytes, top_error *err)
+top_status obs_memory_estimate(obs_memory *out, const size_t *layer_counts, size_t n_layers,
+                               size_t block, size_t n_samples, size_t budget_bytes,
+                               top_error *err)
 {
     size_t total = 0, largest = 0;
     memset(out, 0, sizeof *out);

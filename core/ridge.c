@@ -37,7 +37,8 @@ static top_status validate_fit(const float *x, const int32_t *labels, size_t n, 
             if (!isfinite(x[i * d + j]))
                 return top_error_set(err, TOP_ERR_INVALID,
                                      "feature %zu of sample %zu is %g; check the backbone "
-                                     "outputs", j, i, (double)x[i * d + j]);
+                                     "outputs",
+                                     j, i, (double)x[i * d + j]);
     }
     return TOP_OK;
 }
@@ -60,7 +61,8 @@ static top_status sample_weights(double *sw, const int32_t *labels, size_t n, si
         if (counts[k] == 0)
             st = top_error_set(err, TOP_ERR_INVALID,
                                "class %zu has no training samples, so balanced weights are "
-                               "undefined; drop the class or disable balanced weights", k);
+                               "undefined; drop the class or disable balanced weights",
+                               k);
     for (size_t i = 0; i < n && st == TOP_OK; i++)
         sw[i] = (double)n / ((double)c * (double)counts[labels[i]]);
     free(counts);
@@ -114,8 +116,8 @@ static void accumulate_normal_equations(double *a, double *b, const float *x,
             for (size_t k = 0; k < c; k++)
                 ys[r * c + k] = root * (target(labels, i, k) - y_mean[k]);
         }
-        cblas_dsyrk(CblasRowMajor, CblasUpper, CblasTrans, (int)d, (int)m, 1.0, xs, (int)d,
-                    1.0, a, (int)d);
+        cblas_dsyrk(CblasRowMajor, CblasUpper, CblasTrans, (int)d, (int)m, 1.0, xs, (int)d, 1.0,
+                    a, (int)d);
         cblas_dgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int)d, (int)c, (int)m, 1.0, xs,
                     (int)d, ys, (int)c, 1.0, b, (int)c);
     }
@@ -135,7 +137,8 @@ static top_status solve_ridge(double *a, double *b, size_t d, size_t c, double a
     if (info != 0)
         return top_error_set(err, TOP_ERR_NUMERIC,
                              "ridge normal equations are not positive definite (info %d, "
-                             "alpha %g); raise alpha", (int)info, alpha);
+                             "alpha %g); raise alpha",
+                             (int)info, alpha);
     return TOP_OK;
 }
 

@@ -24,15 +24,15 @@
 #include "status.h"
 
 typedef struct ridge_options {
-    double alpha;           /* L2 penalty, > 0 (scikit-learn's default is 1.0) */
-    int balanced;           /* nonzero: class_weight="balanced" */
+    double alpha; /* L2 penalty, > 0 (scikit-learn's default is 1.0) */
+    int balanced; /* nonzero: class_weight="balanced" */
 } ridge_options;
 
 typedef struct ridge_model {
-    size_t n_features;      /* D */
-    size_t n_classes;       /* C */
-    double *coef;           /* (C, D), owned */
-    double *intercept;      /* (C), owned */
+    size_t n_features; /* D */
+    size_t n_classes;  /* C */
+    double *coef;      /* (C, D), owned */
+    double *intercept; /* (C), owned */
 } ridge_model;
 
 /*

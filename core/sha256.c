@@ -23,7 +23,10 @@ static const uint32_t round_constants[64] = {
     0xc67178f2,
 };
 
-static uint32_t rotr(uint32_t x, unsigned n) { return (x >> n) | (x << (32 - n)); }
+static uint32_t rotr(uint32_t x, unsigned n)
+{
+    return (x >> n) | (x << (32 - n));
+}
 
 static void compress_block(uint32_t state[8], const uint8_t block[64])
 {

@@ -16,9 +16,9 @@
 
 typedef struct sha256_ctx {
     uint32_t state[8];
-    uint64_t length;        /* bytes hashed so far */
+    uint64_t length; /* bytes hashed so far */
     uint8_t block[64];
-    size_t used;            /* bytes waiting in block */
+    size_t used; /* bytes waiting in block */
 } sha256_ctx;
 
 void sha256_init(sha256_ctx *ctx);
