@@ -1,12 +1,12 @@
 /*
  * Keras functional models (TF.js layers model.json + weight shards) to graph.
  *
- * Steps: parse the JSON (jansson); read the weights manifest into a table of
- * tensors (offset, storage dtype, optional affine quantization) and check that
- * its byte sizes add up to the shard bytes; index the layers by name; order
- * them so that every layer follows its inbound layers; import each layer into
- * one or more graph nodes, converting its weights to the engine layout; check
- * that every manifest weight was used; finalize the graph.
+ * Steps: parse the JSON with jansson. Read the weights manifest into a table
+ * of tensors (offset, storage dtype, optional affine quantization) and check
+ * that its byte sizes add up to the shard bytes. Order the layers so that each
+ * follows its inbound layers, and import each into one or more graph nodes,
+ * converting its weights to the engine layout. Check that every manifest
+ * weight was used, then finalize the graph.
  *
  * Layouts: Keras activations are NHWC and the engine's are NCHW, so only the
  * weights move: conv kernel (R, S, C, K) -> (K, C, R, S), depthwise kernel
@@ -1524,19 +1524,18 @@ static top_status import_model(graph **out, json_t *root, const unsigned char *d
     return st;
 }
 
-static json_t *parse_json(const char *json, size_t len, const char *what, top_error *err)
+static top_status parse_json(json_t **root, const char *json, size_t len, const char *what,
+                             top_error *err)
 {
-    if (len > KERAS_MAX_JSON_BYTES) {
-        top_error_set(err, TOP_ERR_LIMIT, "%s: %zu bytes; the limit for a model.json is %zu",
-                      what, len, KERAS_MAX_JSON_BYTES);
-        return NULL;
-    }
+    if (len > KERAS_MAX_JSON_BYTES)
+        return top_error_set(err, TOP_ERR_LIMIT, "%s: %zu bytes; the limit for a model.json "
+                             "is %zu", what, len, KERAS_MAX_JSON_BYTES);
     json_error_t jerr;
-    json_t *root = json_loadb(json, len, JSON_REJECT_DUPLICATES, &jerr);
-    if (!root)
-        top_error_set(err, TOP_ERR_FORMAT, "%s: invalid JSON at line %d, column %d: %s", what,
-                      jerr.line, jerr.column, jerr.text);
-    return root;
+    *root = json_loadb(json, len, JSON_REJECT_DUPLICATES, &jerr);
+    if (!*root)
+        return top_error_set(err, TOP_ERR_FORMAT, "%s: invalid JSON at line %d, column %d: %s",
+                             what, jerr.line, jerr.column, jerr.text);
+    return TOP_OK;
 }
 
 top_status keras_import_buffers(graph **out, const char *json, size_t json_len,
@@ -1549,11 +1548,12 @@ top_status keras_import_buffers(graph **out, const char *json, size_t json_len,
     if (!json || (!weights && weights_len))
         return top_error_set(err, TOP_ERR_INVALID, "keras_import_buffers: json or weights is "
                              "NULL");
-    json_t *root = parse_json(json, json_len, "model.json", err);
-    if (!root)
-        return err ? err->status : TOP_ERR_FORMAT;
+    json_t *root = NULL;
+    top_status st = parse_json(&root, json, json_len, "model.json", err);
+    if (st != TOP_OK)
+        return st;
     static const unsigned char empty[1];
-    top_status st = import_model(out, root, weights ? weights : empty, weights_len, err);
+    st = import_model(out, root, weights ? weights : empty, weights_len, err);
     json_decref(root);
     return st;
 }
@@ -1657,11 +1657,9 @@ top_status keras_import(graph **out, const char *model_json_path, top_error *err
     top_status st = read_file(&text, &text_len, model_json_path, KERAS_MAX_JSON_BYTES, err);
     if (st != TOP_OK)
         goto done;
-    root = parse_json((const char *)text, text_len, model_json_path, err);
-    if (!root) {
-        st = err ? err->status : TOP_ERR_FORMAT;
+    st = parse_json(&root, (const char *)text, text_len, model_json_path, err);
+    if (st != TOP_OK)
         goto done;
-    }
     st = read_shards(&weights, &weights_len, json_object_get(root, "weightsManifest"),
                      model_json_path, err);
     if (st == TOP_OK)

@@ -2,9 +2,9 @@
  * Import of Keras functional models saved as TF.js layers models: a
  * model.json with {modelTopology, weightsManifest} plus binary weight shards.
  *
- * The importer builds a finalized graph (graph.h) in the engine's NCHW layout:
- * conv kernels HWIO (R, S, C, K) become (K, C, R, S), depthwise kernels
- * (R, S, C, M) become (C*M, 1, R, S) and dense kernels (IN, OUT) become
+ * The importer builds a finalized graph (graph.h) in the engine's NCHW layout.
+ * Conv kernels HWIO (R, S, C, K) become (K, C, R, S), depthwise kernels
+ * (R, S, C, M) become (C*M, 1, R, S), and dense kernels (IN, OUT) become
  * (OUT, IN). Each parameter keeps its manifest name ("block_1_expand/kernel"),
  * its source layout and its source shape, so a checkpoint writer can restore
  * the original tensors. Input preprocessing is recorded in g->preprocess as
@@ -44,9 +44,9 @@
 top_status keras_import(graph **out, const char *model_json_path, top_error *err);
 
 /*
- * The same from memory: json is the model.json document (json_len bytes, not
- * necessarily terminated) and weights holds all shards concatenated in
- * manifest order (weights_len bytes; the manifest's paths are not opened).
+ * The same from memory. json is the model.json document (json_len bytes, not
+ * necessarily terminated), and weights contains all shards concatenated in
+ * manifest order (weights_len bytes). The manifest's paths are not opened.
  */
 top_status keras_import_buffers(graph **out, const char *json, size_t json_len,
                                 const unsigned char *weights, size_t weights_len,

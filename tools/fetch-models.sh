@@ -6,7 +6,7 @@
 #   $TOPIARY_DATA_DIR/models/nsfwjs/<name>/group1-shardNofM.bin
 #
 # TOPIARY_DATA_DIR defaults to data/ in the repository root. Every output file
-# is checked against the sha256 recorded below; a run whose files already
+# is checked against the sha256 recorded below. A run whose files already
 # match does nothing, so the script is safe to run again. Needs bash, npm,
 # node, tar and sha256sum. Exits non-zero with a message on any failure.
 set -euo pipefail

@@ -37,7 +37,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     if (st == TOP_OK) {
         graph_free(g);
     } else if (g != NULL || err.message[0] == '\0') {
-        abort();  /* a failure must leave no graph and must say why */
+        abort();  /* a failure must leave no graph and must set a message */
     }
     return 0;
 }

@@ -21,7 +21,7 @@ const CLASSES = ['Drawing', 'Hentai', 'Neutral', 'Porn', 'Sexy'];
 const MODELS = ['mobilenet_v2', 'inception_v3'];
 
 // Parses a binary PPM (P6) or PGM (P5) with maxval 255 into {height, width,
-// channels, pixels}; gray is kept as one channel.
+// channels, pixels}. A gray image keeps one channel.
 function parsePnm(buf, what) {
   let pos = 0;
   const fields = [];
@@ -37,7 +37,9 @@ function parsePnm(buf, what) {
   }
   pos++; // the single whitespace byte after maxval
   const [magic, w, h, maxval] = fields;
-  const channels = magic === 'P6' ? 3 : magic === 'P5' ? 1 : 0;
+  let channels = 0;
+  if (magic === 'P6') channels = 3;
+  if (magic === 'P5') channels = 1;
   if (!channels || maxval !== '255') throw new Error(`${what}: unsupported PNM header ${fields}`);
   const width = Number(w), height = Number(h);
   const pixels = buf.subarray(pos, pos + width * height * channels);
