@@ -887,6 +887,45 @@ top_status graph_finalize(graph *g, top_error *err)
     return TOP_OK;
 }
 
+/* Re-runs shape inference of a finalized graph for an input of h x w. */
+static top_status graph_reinfer(graph *g, int h, int w, top_error *err)
+{
+    g->nodes[0].attrs.conv.h = h;
+    g->nodes[0].attrs.conv.w = w;
+    for (int i = 0; i < g->n_nodes; i++) {
+        top_status st = infer_node(g, i, err);
+        if (st != TOP_OK)
+            return st;
+    }
+    return TOP_OK;
+}
+
+top_status graph_set_input_size(graph *g, int h, int w, top_error *err)
+{
+    if (!g || !g->finalized)
+        return top_error_set(err, TOP_ERR_STATE,
+                             "graph_set_input_size needs a finalized graph");
+    if (h < 1 || w < 1 || h > 16384 || w > 16384)
+        return top_error_set(err, TOP_ERR_INVALID,
+                             "input size %d x %d is outside 1..16384; pick a size the "
+                             "model's layers accept",
+                             h, w);
+    int old_h = g->nodes[0].attrs.conv.h, old_w = g->nodes[0].attrs.conv.w;
+    graph_release_buffers(g);
+    top_status st = graph_reinfer(g, h, w, err);
+    if (st != TOP_OK) {
+        /* Restore the old shapes; they were valid before, so this succeeds. */
+        graph_reinfer(g, old_h, old_w, NULL);
+        return st;
+    }
+    graph_preprocess *pp = &g->preprocess;
+    if (pp->resize_short_side > 0 && pp->height > 0)
+        pp->resize_short_side = (int)((long)pp->resize_short_side * h / pp->height);
+    pp->height = h;
+    pp->width = w;
+    return TOP_OK;
+}
+
 /* ---- buffers ------------------------------------------------------------------ */
 
 /* Stores a * b * c in *out; returns 0, or -1 on overflow. */

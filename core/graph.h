@@ -192,6 +192,15 @@ top_status graph_add_param(graph *g, int node, int slot, const char *name, param
 top_status graph_finalize(graph *g, top_error *err);
 
 /*
+ * Changes the input height and width of a finalized graph and re-infers every
+ * shape (convolutional models accept any size their strides and pooling
+ * windows allow; a ViT's position embedding fixes its size). Scales the
+ * recorded preprocessing to match. On failure the graph keeps its old size
+ * and err names the node that rejected the new one.
+ */
+top_status graph_set_input_size(graph *g, int h, int w, top_error *err);
+
+/*
  * Runs the graph on x: (N, C, H, W). Keeps every activation for backward.
  *
  * Training mode: batch norm normalises with the batch statistics and updates
