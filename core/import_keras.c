@@ -59,26 +59,26 @@ typedef enum keras_storage {
 
 /* One tensor of the weights manifest. */
 typedef struct keras_weight {
-    const char *name;               /* borrowed from the JSON document */
+    const char *name; /* borrowed from the JSON document */
     int ndim;
     int64_t shape[TENSOR_MAX_DIMS];
     size_t numel;
     keras_storage storage;
-    int affine;                     /* value = q * scale + min */
+    int affine; /* value = q * scale + min */
     double scale, min;
-    size_t offset, bytes;           /* in the concatenated shards */
+    size_t offset, bytes; /* in the concatenated shards */
     int used;
 } keras_weight;
 
 /* One layer of the topology and, once imported, its output. */
 typedef struct keras_layer {
-    const char *name, *class_name;  /* borrowed from the JSON document */
+    const char *name, *class_name; /* borrowed from the JSON document */
     json_t *config;
     int n_in;
-    int in[GRAPH_MAX_INPUTS];       /* indices of the inbound layers */
+    int in[GRAPH_MAX_INPUTS]; /* indices of the inbound layers */
     int done;
-    int node;                       /* graph node of the output */
-    int rank;                       /* 3: (H, W, C), 1: (C) */
+    int node; /* graph node of the output */
+    int rank; /* 3: (H, W, C), 1: (C) */
     int h, w, c;
 } keras_layer;
 
@@ -91,10 +91,10 @@ typedef struct keras_ctx {
     graph *g;
     keras_layer *layers;
     int n_layers;
-    keras_name *layer_names;        /* sorted by name */
+    keras_name *layer_names; /* sorted by name */
     keras_weight *weights;
     int n_weights;
-    keras_name *weight_names;       /* sorted by name */
+    keras_name *weight_names; /* sorted by name */
     const unsigned char *data;
     size_t data_len;
     top_error *err;
@@ -269,7 +269,8 @@ static top_status config_check_keys(keras_ctx *ctx, const keras_layer *l,
 {
     const char *key;
     json_t *v;
-    json_object_foreach(l->config, key, v) {
+    json_object_foreach(l->config, key, v)
+    {
         int ok = strcmp(key, "name") == 0 || strcmp(key, "trainable") == 0 ||
                  key_has_suffix(key, "_initializer") || key_has_suffix(key, "_regularizer") ||
                  key_has_suffix(key, "_constraint");
@@ -285,7 +286,8 @@ static top_status config_check_keys(keras_ctx *ctx, const keras_layer *l,
             char shown[64];
             return top_error_set(ctx->err, TOP_ERR_UNSUPPORTED,
                                  "layer '%s' (%s): config key '%s' (value %s) is not "
-                                 "supported by this importer", l->name, l->class_name, key,
+                                 "supported by this importer",
+                                 l->name, l->class_name, key,
                                  json_brief(shown, sizeof shown, v));
         }
     }
@@ -300,8 +302,7 @@ static top_status manifest_error(keras_ctx *ctx, const char *name, const char *w
     char shown[96];
     return top_error_set(ctx->err, TOP_ERR_FORMAT,
                          "weights manifest: weight '%s': %s is %s; expected %s",
-                         name ? name : "?", what, json_brief(shown, sizeof shown, v),
-                         expected);
+                         name ? name : "?", what, json_brief(shown, sizeof shown, v), expected);
 }
 
 static top_status parse_weight_shape(keras_ctx *ctx, keras_weight *w, json_t *shape)
@@ -338,8 +339,7 @@ static top_status parse_weight_dtype(keras_ctx *ctx, keras_weight *w, json_t *en
     json_t *qdtype = json_object_get(quant, "dtype");
     const char *q = json_string_value(qdtype);
     if (!json_is_object(quant) || !q)
-        return manifest_error(ctx, w->name, "quantization", quant,
-                              "an object with a dtype");
+        return manifest_error(ctx, w->name, "quantization", quant, "an object with a dtype");
     if (strcmp(q, "float16") == 0) {
         w->storage = KERAS_STORAGE_F16;
         return TOP_OK;
@@ -389,7 +389,8 @@ static top_status parse_weight(keras_ctx *ctx, keras_weight *w, json_t *entry, s
         top_size_add(offset, *offset, w->bytes) || *offset > KERAS_MAX_WEIGHT_BYTES)
         return top_error_set(ctx->err, TOP_ERR_LIMIT,
                              "weights manifest: the weights up to '%s' need more than %zu "
-                             "bytes, the importer's limit", w->name, KERAS_MAX_WEIGHT_BYTES);
+                             "bytes, the importer's limit",
+                             w->name, KERAS_MAX_WEIGHT_BYTES);
     w->offset = *offset - w->bytes;
     return TOP_OK;
 }
@@ -400,25 +401,33 @@ static top_status manifest_count(json_t *manifest, size_t *n_weights, size_t *n_
 {
     *n_weights = *n_paths = 0;
     if (!json_is_array(manifest))
-        return top_error_set(err, TOP_ERR_FORMAT, "model.json: weightsManifest is missing or "
+        return top_error_set(err, TOP_ERR_FORMAT,
+                             "model.json: weightsManifest is missing or "
                              "not an array; export the model as a TF.js layers model");
     size_t i;
     json_t *group;
-    json_array_foreach(manifest, i, group) {
+    json_array_foreach(manifest, i, group)
+    {
         json_t *paths = json_object_get(group, "paths");
         json_t *weights = json_object_get(group, "weights");
         if (!json_is_array(paths) || !json_is_array(weights))
-            return top_error_set(err, TOP_ERR_FORMAT, "model.json: weightsManifest group %zu "
-                                 "needs the arrays 'paths' and 'weights'", i);
+            return top_error_set(err, TOP_ERR_FORMAT,
+                                 "model.json: weightsManifest group %zu "
+                                 "needs the arrays 'paths' and 'weights'",
+                                 i);
         *n_paths += json_array_size(paths);
         *n_weights += json_array_size(weights);
     }
     if (*n_weights > KERAS_MAX_WEIGHTS)
-        return top_error_set(err, TOP_ERR_LIMIT, "model.json: the manifest lists %zu weights; "
-                             "the limit is %d", *n_weights, KERAS_MAX_WEIGHTS);
+        return top_error_set(err, TOP_ERR_LIMIT,
+                             "model.json: the manifest lists %zu weights; "
+                             "the limit is %d",
+                             *n_weights, KERAS_MAX_WEIGHTS);
     if (*n_paths > KERAS_MAX_SHARDS)
-        return top_error_set(err, TOP_ERR_LIMIT, "model.json: the manifest lists %zu shards; "
-                             "the limit is %d", *n_paths, KERAS_MAX_SHARDS);
+        return top_error_set(err, TOP_ERR_LIMIT,
+                             "model.json: the manifest lists %zu shards; "
+                             "the limit is %d",
+                             *n_paths, KERAS_MAX_SHARDS);
     return TOP_OK;
 }
 
@@ -436,8 +445,10 @@ static top_status parse_manifest(keras_ctx *ctx, json_t *manifest)
 
     size_t offset = 0, i, j;
     json_t *group, *entry;
-    json_array_foreach(manifest, i, group) {
-        json_array_foreach(json_object_get(group, "weights"), j, entry) {
+    json_array_foreach(manifest, i, group)
+    {
+        json_array_foreach(json_object_get(group, "weights"), j, entry)
+        {
             keras_weight *w = &ctx->weights[ctx->n_weights];
             st = parse_weight(ctx, w, entry, &offset);
             if (st != TOP_OK)
@@ -447,15 +458,18 @@ static top_status parse_manifest(keras_ctx *ctx, json_t *manifest)
         }
     }
     if (offset != ctx->data_len)
-        return top_error_set(ctx->err, TOP_ERR_FORMAT,
-                             "weights manifest: the weights need %zu bytes but the shards hold "
-                             "%zu; the shards are truncated or do not belong to this model.json",
-                             offset, ctx->data_len);
+        return top_error_set(
+            ctx->err, TOP_ERR_FORMAT,
+            "weights manifest: the weights need %zu bytes but the shards hold "
+            "%zu; the shards are truncated or do not belong to this model.json",
+            offset, ctx->data_len);
     qsort(ctx->weight_names, (size_t)ctx->n_weights, sizeof *ctx->weight_names, name_compare);
     for (int k = 1; k < ctx->n_weights; k++)
         if (strcmp(ctx->weight_names[k - 1].name, ctx->weight_names[k].name) == 0)
-            return top_error_set(ctx->err, TOP_ERR_FORMAT, "weights manifest: weight '%s' is "
-                                 "listed twice", ctx->weight_names[k].name);
+            return top_error_set(ctx->err, TOP_ERR_FORMAT,
+                                 "weights manifest: weight '%s' is "
+                                 "listed twice",
+                                 ctx->weight_names[k].name);
     return TOP_OK;
 }
 
@@ -477,16 +491,14 @@ static top_status decode_weight(keras_ctx *ctx, float *src, const keras_weight *
         case KERAS_STORAGE_F16:
             v = half_to_float((uint16_t)(p[2 * i] | p[2 * i + 1] << 8));
             break;
-        case KERAS_STORAGE_U8:
-            v = (float)((double)p[i] * w->scale + w->min);
-            break;
-        default:
-            v = (float)((double)(p[2 * i] | p[2 * i + 1] << 8) * w->scale + w->min);
-            break;
+        case KERAS_STORAGE_U8: v = (float)((double)p[i] * w->scale + w->min); break;
+        default: v = (float)((double)(p[2 * i] | p[2 * i + 1] << 8) * w->scale + w->min); break;
         }
         if (!isfinite(v))
-            return top_error_set(ctx->err, TOP_ERR_NUMERIC, "weight '%s': element %zu is not "
-                                 "finite (%g); the weights are corrupt", w->name, i, (double)v);
+            return top_error_set(ctx->err, TOP_ERR_NUMERIC,
+                                 "weight '%s': element %zu is not "
+                                 "finite (%g); the weights are corrupt",
+                                 w->name, i, (double)v);
         src[i] = v;
     }
     return TOP_OK;
@@ -532,9 +544,7 @@ static int engine_shape(int64_t *dst, param_layout layout, const int64_t *s, int
     case PARAM_LAYOUT_HWC1:
         dst[0] = s[2] * s[3], dst[1] = 1, dst[2] = s[0], dst[3] = s[1];
         return 4;
-    case PARAM_LAYOUT_IO:
-        dst[0] = s[1], dst[1] = s[0];
-        return 2;
+    case PARAM_LAYOUT_IO: dst[0] = s[1], dst[1] = s[0]; return 2;
     default:
         for (int d = 0; d < ndim; d++)
             dst[d] = s[d];
@@ -544,9 +554,9 @@ static int engine_shape(int64_t *dst, param_layout layout, const int64_t *s, int
 
 /* What a layer expects of one of its weights. */
 typedef struct weight_request {
-    const char *suffix;             /* "kernel", "bias", "gamma" ... */
+    const char *suffix; /* "kernel", "bias", "gamma" ... */
     int ndim;
-    int64_t shape[4];               /* source (Keras) shape */
+    int64_t shape[4]; /* source (Keras) shape */
     param_layout layout;
     int slot;
     param_role role;
@@ -561,22 +571,26 @@ static top_status take_weight(keras_ctx *ctx, const keras_layer *l, int node,
 {
     char name[GRAPH_NAME_MAX], want[96], have[96];
     if (snprintf(name, sizeof name, "%s/%s", l->name, req->suffix) >= (int)sizeof name)
-        return top_error_set(ctx->err, TOP_ERR_LIMIT, "layer '%s' (%s): the weight name is "
-                             "longer than %d bytes", l->name, l->class_name,
-                             GRAPH_NAME_MAX - 1);
+        return top_error_set(ctx->err, TOP_ERR_LIMIT,
+                             "layer '%s' (%s): the weight name is "
+                             "longer than %d bytes",
+                             l->name, l->class_name, GRAPH_NAME_MAX - 1);
     int index = name_find(ctx->weight_names, ctx->n_weights, name);
     if (index < 0)
-        return top_error_set(ctx->err, TOP_ERR_NOT_FOUND, "layer '%s' (%s): weight '%s' is "
-                             "missing from the weights manifest", l->name, l->class_name,
-                             name);
+        return top_error_set(ctx->err, TOP_ERR_NOT_FOUND,
+                             "layer '%s' (%s): weight '%s' is "
+                             "missing from the weights manifest",
+                             l->name, l->class_name, name);
     keras_weight *w = &ctx->weights[index];
     int same = w->ndim == req->ndim;
     for (int d = 0; same && d < req->ndim; d++)
         same = w->shape[d] == req->shape[d];
     if (!same)
-        return top_error_set(ctx->err, TOP_ERR_SHAPE, "layer '%s' (%s): weight '%s' has shape "
-                             "%s in the manifest, the layer needs %s", l->name, l->class_name,
-                             name, tensor_shape_str(have, sizeof have, w->ndim, w->shape),
+        return top_error_set(ctx->err, TOP_ERR_SHAPE,
+                             "layer '%s' (%s): weight '%s' has shape "
+                             "%s in the manifest, the layer needs %s",
+                             l->name, l->class_name, name,
+                             tensor_shape_str(have, sizeof have, w->ndim, w->shape),
                              tensor_shape_str(want, sizeof want, req->ndim, req->shape));
     w->used = 1;
 
@@ -585,8 +599,10 @@ static top_status take_weight(keras_ctx *ctx, const keras_layer *l, int node,
     tensor value = {0};
     float *src = malloc(w->numel * sizeof *src);
     top_status st = src ? TOP_OK
-                        : top_error_set(ctx->err, TOP_ERR_NOMEM, "weight '%s': allocating %zu "
-                                        "floats failed", name, w->numel);
+                        : top_error_set(ctx->err, TOP_ERR_NOMEM,
+                                        "weight '%s': allocating %zu "
+                                        "floats failed",
+                                        name, w->numel);
     if (st == TOP_OK)
         st = decode_weight(ctx, src, w);
     if (st == TOP_OK)
@@ -607,13 +623,15 @@ static top_status add_constant(keras_ctx *ctx, const keras_layer *l, int node, i
 {
     char name[GRAPH_NAME_MAX];
     if (snprintf(name, sizeof name, "%s/%s", l->name, suffix) >= (int)sizeof name)
-        return top_error_set(ctx->err, TOP_ERR_LIMIT, "layer '%s' (%s): the parameter name is "
-                             "longer than %d bytes", l->name, l->class_name,
-                             GRAPH_NAME_MAX - 1);
+        return top_error_set(ctx->err, TOP_ERR_LIMIT,
+                             "layer '%s' (%s): the parameter name is "
+                             "longer than %d bytes",
+                             l->name, l->class_name, GRAPH_NAME_MAX - 1);
     if (name_find(ctx->weight_names, ctx->n_weights, name) >= 0)
-        return top_error_set(ctx->err, TOP_ERR_FORMAT, "layer '%s' (%s): the manifest has "
-                             "weight '%s' but the layer config turns it off", l->name,
-                             l->class_name, name);
+        return top_error_set(ctx->err, TOP_ERR_FORMAT,
+                             "layer '%s' (%s): the manifest has "
+                             "weight '%s' but the layer config turns it off",
+                             l->name, l->class_name, name);
     int64_t shape[1] = {c};
     tensor value;
     top_status st = tensor_init(&value, 1, shape, ctx->err);
@@ -652,8 +670,10 @@ static top_status require_inputs(keras_ctx *ctx, const keras_layer *l, int lo, i
 {
     if (l->n_in >= lo && l->n_in <= hi)
         return TOP_OK;
-    return top_error_set(ctx->err, TOP_ERR_FORMAT, "layer '%s' (%s): %d inbound tensors, the "
-                         "layer takes %d to %d", l->name, l->class_name, l->n_in, lo, hi);
+    return top_error_set(ctx->err, TOP_ERR_FORMAT,
+                         "layer '%s' (%s): %d inbound tensors, the "
+                         "layer takes %d to %d",
+                         l->name, l->class_name, l->n_in, lo, hi);
 }
 
 static void set_output(keras_layer *l, int rank, int h, int w, int c)
@@ -702,9 +722,11 @@ static top_status add_activation(keras_ctx *ctx, keras_layer *l, json_t *activat
                             "one of linear, relu, relu6, sigmoid, softmax");
     /* The graph's softmax runs over the last dimension, which is W in NCHW. */
     if (op == OP_SOFTMAX && l->rank != 1)
-        return top_error_set(ctx->err, TOP_ERR_UNSUPPORTED, "layer '%s' (%s): softmax over "
+        return top_error_set(ctx->err, TOP_ERR_UNSUPPORTED,
+                             "layer '%s' (%s): softmax over "
                              "the channels of a (height, width, channels) tensor is not "
-                             "supported; only (features) tensors", l->name, l->class_name);
+                             "supported; only (features) tensors",
+                             l->name, l->class_name);
     int input = l->node;
     return graph_add_node(ctx->g, op, name, &input, 1, NULL, &l->node, ctx->err);
 }
@@ -716,11 +738,12 @@ static top_status add_fused_activation(keras_ctx *ctx, keras_layer *l)
     char name[GRAPH_NAME_MAX];
     const char *s = json_string_value(activation);
     if (!activation)
-        return TOP_OK;  /* Keras's default is linear */
+        return TOP_OK; /* Keras's default is linear */
     if (snprintf(name, sizeof name, "%s/%s", l->name, s ? s : "?") >= (int)sizeof name)
-        return top_error_set(ctx->err, TOP_ERR_LIMIT, "layer '%s' (%s): the activation node "
-                             "name is longer than %d bytes", l->name, l->class_name,
-                             GRAPH_NAME_MAX - 1);
+        return top_error_set(ctx->err, TOP_ERR_LIMIT,
+                             "layer '%s' (%s): the activation node "
+                             "name is longer than %d bytes",
+                             l->name, l->class_name, GRAPH_NAME_MAX - 1);
     return add_activation(ctx, l, activation, name);
 }
 
@@ -729,8 +752,7 @@ static top_status add_fused_activation(keras_ctx *ctx, keras_layer *l)
  * Keras's "same" rule: the extra padded row or column goes at the end.
  */
 static top_status window_axis(keras_ctx *ctx, const keras_layer *l, const char *axis, int in,
-                              int k, int stride, int dilation, int same, int pads[2],
-                              int *out)
+                              int k, int stride, int dilation, int same, int pads[2], int *out)
 {
     int64_t extent = (int64_t)(k - 1) * dilation + 1;
     if (same) {
@@ -744,9 +766,10 @@ static top_status window_axis(keras_ctx *ctx, const keras_layer *l, const char *
         return TOP_OK;
     }
     if (extent > in)
-        return top_error_set(ctx->err, TOP_ERR_SHAPE, "layer '%s' (%s): the window spans %lld "
-                             "along the %s but the input has %d (padding \"valid\")", l->name,
-                             l->class_name, (long long)extent, axis, in);
+        return top_error_set(ctx->err, TOP_ERR_SHAPE,
+                             "layer '%s' (%s): the window spans %lld "
+                             "along the %s but the input has %d (padding \"valid\")",
+                             l->name, l->class_name, (long long)extent, axis, in);
     *out = (int)((in - extent) / stride + 1);
     pads[0] = pads[1] = 0;
     return TOP_OK;
@@ -767,7 +790,7 @@ static top_status read_window(keras_ctx *ctx, const keras_layer *l, const char *
     top_status st = config_pair(ctx, l, size_key, 1, KERAS_MAX_KERNEL, win->k);
     json_t *strides = json_object_get(l->config, "strides");
     if (st == TOP_OK && !has_dilation && json_is_null(strides))
-        win->stride[0] = win->k[0], win->stride[1] = win->k[1];  /* pooling default */
+        win->stride[0] = win->k[0], win->stride[1] = win->k[1]; /* pooling default */
     else if (st == TOP_OK)
         st = config_pair(ctx, l, "strides", 1, KERAS_MAX_KERNEL, win->stride);
     win->dilation[0] = win->dilation[1] = 1;
@@ -781,10 +804,12 @@ static top_status read_window(keras_ctx *ctx, const keras_layer *l, const char *
         return st;
     if ((win->stride[0] > 1 || win->stride[1] > 1) &&
         (win->dilation[0] > 1 || win->dilation[1] > 1))
-        return top_error_set(ctx->err, TOP_ERR_UNSUPPORTED, "layer '%s' (%s): strides (%d, %d) "
+        return top_error_set(ctx->err, TOP_ERR_UNSUPPORTED,
+                             "layer '%s' (%s): strides (%d, %d) "
                              "and dilation_rate (%d, %d) are both above 1, which Keras does "
-                             "not allow", l->name, l->class_name, win->stride[0],
-                             win->stride[1], win->dilation[0], win->dilation[1]);
+                             "not allow",
+                             l->name, l->class_name, win->stride[0], win->stride[1],
+                             win->dilation[0], win->dilation[1]);
     st = window_axis(ctx, l, "height", in->h, win->k[0], win->stride[0], win->dilation[0],
                      win->same, win->pad_h, &win->out_h);
     if (st == TOP_OK)
@@ -813,8 +838,8 @@ static top_status import_input(keras_ctx *ctx, keras_layer *l)
         st = config_default(ctx, l, "ragged", json_false());
     if (st != TOP_OK)
         return st;
-    const char *key = json_object_get(l->config, "batch_input_shape") ? "batch_input_shape"
-                                                                       : "batch_shape";
+    const char *key =
+        json_object_get(l->config, "batch_input_shape") ? "batch_input_shape" : "batch_shape";
     json_t *shape = json_object_get(l->config, key);
     int dims[3];
     int limits[3] = {KERAS_MAX_SIDE, KERAS_MAX_SIDE, 3};
@@ -827,7 +852,8 @@ static top_status import_input(keras_ctx *ctx, keras_layer *l)
         dims[d] = ok ? (int)json_integer_value(v) : 0;
     }
     if (!ok || (dims[2] != 1 && dims[2] != 3))
-        return config_error(ctx, l, key, shape, "[null, height, width, channels] with height "
+        return config_error(ctx, l, key, shape,
+                            "[null, height, width, channels] with height "
                             "and width in [1, 8192] and 1 or 3 channels");
 
     node_attrs attrs = {0};
@@ -849,9 +875,10 @@ static top_status import_input(keras_ctx *ctx, keras_layer *l)
 /* Conv2D and DepthwiseConv2D. */
 static top_status import_conv(keras_ctx *ctx, keras_layer *l)
 {
-    static const char *const keys[] = {"filters", "kernel_size", "strides", "padding",
-                                       "data_format", "dilation_rate", "activation",
-                                       "use_bias", "groups", "depth_multiplier", NULL};
+    static const char *const keys[] = {"filters",          "kernel_size", "strides",
+                                       "padding",          "data_format", "dilation_rate",
+                                       "activation",       "use_bias",    "groups",
+                                       "depth_multiplier", NULL};
     int depthwise = strcmp(l->class_name, "DepthwiseConv2D") == 0;
     const keras_layer *in = input_of(ctx, l, 0);
     int filters = 0, multiplier = 1, groups = 1, use_bias = 1;
@@ -872,20 +899,23 @@ static top_status import_conv(keras_ctx *ctx, keras_layer *l)
     if (st != TOP_OK)
         return st;
     if (depthwise && (int64_t)in->c * multiplier > KERAS_MAX_CHANNELS)
-        return top_error_set(ctx->err, TOP_ERR_LIMIT, "layer '%s' (%s): %d channels times "
-                             "depth_multiplier %d exceed the limit of %d", l->name,
-                             l->class_name, in->c, multiplier, KERAS_MAX_CHANNELS);
+        return top_error_set(ctx->err, TOP_ERR_LIMIT,
+                             "layer '%s' (%s): %d channels times "
+                             "depth_multiplier %d exceed the limit of %d",
+                             l->name, l->class_name, in->c, multiplier, KERAS_MAX_CHANNELS);
 
     node_attrs attrs = {0};
     window_to_conv(&attrs.conv, &win);
     attrs.conv.k = depthwise ? in->c * multiplier : filters;
     attrs.conv.groups = depthwise ? in->c : 1;
     st = add_layer_node(ctx, l, OP_CONV2D, &attrs);
-    weight_request kernel = {depthwise ? "depthwise_kernel" : "kernel", 4,
+    weight_request kernel = {depthwise ? "depthwise_kernel" : "kernel",
+                             4,
                              {win.k[0], win.k[1], in->c, depthwise ? multiplier : filters},
-                             depthwise ? PARAM_LAYOUT_HWC1 : PARAM_LAYOUT_HWIO, PARAM_WEIGHT,
+                             depthwise ? PARAM_LAYOUT_HWC1 : PARAM_LAYOUT_HWIO,
+                             PARAM_WEIGHT,
                              PARAM_ROLE_WEIGHT};
-    weight_request bias = {"bias", 1, {attrs.conv.k}, PARAM_LAYOUT_SAME, PARAM_BIAS,
+    weight_request bias = {"bias",         1, {attrs.conv.k}, PARAM_LAYOUT_SAME, PARAM_BIAS,
                            PARAM_ROLE_BIAS};
     if (st == TOP_OK)
         st = take_weight(ctx, l, l->node, &kernel);
@@ -900,21 +930,30 @@ static top_status import_conv(keras_ctx *ctx, keras_layer *l)
 static top_status read_batchnorm_axis(keras_ctx *ctx, const keras_layer *l, int rank)
 {
     json_t *axis = json_object_get(l->config, "axis");
-    json_t *v = json_is_array(axis) && json_array_size(axis) == 1 ? json_array_get(axis, 0)
-                                                                  : axis;
-    if (!axis || (json_is_integer(v) && (json_integer_value(v) == -1 ||
-                                         json_integer_value(v) == rank)))
+    json_t *v =
+        json_is_array(axis) && json_array_size(axis) == 1 ? json_array_get(axis, 0) : axis;
+    if (!axis ||
+        (json_is_integer(v) && (json_integer_value(v) == -1 || json_integer_value(v) == rank)))
         return TOP_OK;
-    return config_error(ctx, l, "axis", axis, rank == 3 ? "-1 or 3 (the channels)"
-                                                        : "-1 or 1 (the features)");
+    return config_error(ctx, l, "axis", axis,
+                        rank == 3 ? "-1 or 3 (the channels)" : "-1 or 1 (the features)");
 }
 
 static top_status import_batchnorm(keras_ctx *ctx, keras_layer *l)
 {
-    static const char *const keys[] = {"axis", "momentum", "epsilon", "center", "scale",
-                                       "renorm", "renorm_clipping", "renorm_momentum",
-                                       "fused", "virtual_batch_size", "adjustment",
-                                       "synchronized", NULL};
+    static const char *const keys[] = {"axis",
+                                       "momentum",
+                                       "epsilon",
+                                       "center",
+                                       "scale",
+                                       "renorm",
+                                       "renorm_clipping",
+                                       "renorm_momentum",
+                                       "fused",
+                                       "virtual_batch_size",
+                                       "adjustment",
+                                       "synchronized",
+                                       NULL};
     const keras_layer *in = input_of(ctx, l, 0);
     int center = 1, scale = 1;
     double eps = 1e-3, momentum;
@@ -943,14 +982,13 @@ static top_status import_batchnorm(keras_ctx *ctx, keras_layer *l)
     node_attrs attrs = {0};
     attrs.eps = (float)eps;
     st = add_layer_node(ctx, l, OP_BATCHNORM, &attrs);
-    weight_request gamma = {"gamma", 1, {in->c}, PARAM_LAYOUT_SAME, PARAM_GAMMA,
-                            PARAM_ROLE_NORM};
-    weight_request beta = {"beta", 1, {in->c}, PARAM_LAYOUT_SAME, PARAM_BETA,
-                           PARAM_ROLE_NORM};
-    weight_request mean = {"moving_mean", 1, {in->c}, PARAM_LAYOUT_SAME, PARAM_MEAN,
-                           PARAM_ROLE_STATISTIC};
-    weight_request var = {"moving_variance", 1, {in->c}, PARAM_LAYOUT_SAME, PARAM_VAR,
-                          PARAM_ROLE_STATISTIC};
+    weight_request gamma = {"gamma",           1,           {in->c},
+                            PARAM_LAYOUT_SAME, PARAM_GAMMA, PARAM_ROLE_NORM};
+    weight_request beta = {"beta", 1, {in->c}, PARAM_LAYOUT_SAME, PARAM_BETA, PARAM_ROLE_NORM};
+    weight_request mean = {"moving_mean",     1,          {in->c},
+                           PARAM_LAYOUT_SAME, PARAM_MEAN, PARAM_ROLE_STATISTIC};
+    weight_request var = {"moving_variance", 1,         {in->c},
+                          PARAM_LAYOUT_SAME, PARAM_VAR, PARAM_ROLE_STATISTIC};
     if (st == TOP_OK)
         st = scale ? take_weight(ctx, l, l->node, &gamma)
                    : add_constant(ctx, l, l->node, PARAM_GAMMA, "gamma", in->c, 1.0f);
@@ -1023,7 +1061,8 @@ static top_status read_zero_padding(keras_ctx *ctx, const keras_layer *l, int pa
     for (int i = 0; i < 4; i++) {
         if (!json_is_integer(items[i]) || json_integer_value(items[i]) < 0 ||
             json_integer_value(items[i]) > KERAS_MAX_PADDING)
-            return config_error(ctx, l, "padding", v, "n, [h, w] or [[top, bottom], [left, "
+            return config_error(ctx, l, "padding", v,
+                                "n, [h, w] or [[top, bottom], [left, "
                                 "right]] with integers in [0, 4096]");
         pads[i] = (int)json_integer_value(items[i]);
     }
@@ -1076,10 +1115,11 @@ static top_status import_merge(keras_ctx *ctx, keras_layer *l)
         channels += in->c;
         if (in->rank != first->rank || in->h != first->h || in->w != first->w ||
             (!concat && in->c != first->c))
-            st = top_error_set(ctx->err, TOP_ERR_SHAPE, "layer '%s' (%s): input '%s' is "
-                               "(%d, %d, %d) but input '%s' is (%d, %d, %d)", l->name,
-                               l->class_name, in->name, in->h, in->w, in->c, first->name,
-                               first->h, first->w, first->c);
+            st = top_error_set(ctx->err, TOP_ERR_SHAPE,
+                               "layer '%s' (%s): input '%s' is "
+                               "(%d, %d, %d) but input '%s' is (%d, %d, %d)",
+                               l->name, l->class_name, in->name, in->h, in->w, in->c,
+                               first->name, first->h, first->w, first->c);
     }
     if (st == TOP_OK && channels > (int64_t)KERAS_MAX_ACTIVATION)
         st = top_error_set(ctx->err, TOP_ERR_LIMIT, "layer '%s' (%s): %lld channels in all",
@@ -1107,7 +1147,7 @@ static top_status import_pool(keras_ctx *ctx, keras_layer *l)
     pool->stride_h = win.stride[0], pool->stride_w = win.stride[1];
     pool->pad_top = win.pad_h[0], pool->pad_bottom = win.pad_h[1];
     pool->pad_left = win.pad_w[0], pool->pad_right = win.pad_w[1];
-    pool->count_include_pad = !win.same;  /* "same" divides by the in-bounds count */
+    pool->count_include_pad = !win.same; /* "same" divides by the in-bounds count */
     int max = strcmp(l->class_name, "MaxPooling2D") == 0;
     st = add_layer_node(ctx, l, max ? OP_MAXPOOL : OP_AVGPOOL, &attrs);
     if (st == TOP_OK)
@@ -1145,7 +1185,7 @@ static top_status import_dense(keras_ctx *ctx, keras_layer *l)
     node_attrs attrs = {0};
     attrs.dense_out = units;
     st = add_layer_node(ctx, l, OP_DENSE, &attrs);
-    weight_request kernel = {"kernel", 2, {in->c, units}, PARAM_LAYOUT_IO, PARAM_WEIGHT,
+    weight_request kernel = {"kernel",         2, {in->c, units}, PARAM_LAYOUT_IO, PARAM_WEIGHT,
                              PARAM_ROLE_WEIGHT};
     weight_request bias = {"bias", 1, {units}, PARAM_LAYOUT_SAME, PARAM_BIAS, PARAM_ROLE_BIAS};
     if (st == TOP_OK)
@@ -1192,7 +1232,7 @@ static top_status import_flatten(keras_ctx *ctx, keras_layer *l)
     if (st != TOP_OK)
         return st;
     node_attrs attrs = {0};
-    attrs.flatten_nhwc = 1;  /* Keras flattens (H, W, C) in that order */
+    attrs.flatten_nhwc = 1; /* Keras flattens (H, W, C) in that order */
     st = add_layer_node(ctx, l, OP_FLATTEN, &attrs);
     if (st == TOP_OK)
         set_output(l, 1, 1, 1, in->h * in->w * in->c);
@@ -1202,7 +1242,7 @@ static top_status import_flatten(keras_ctx *ctx, keras_layer *l)
 typedef struct layer_kind {
     const char *class_name;
     keras_import_fn import;
-    int rank;           /* required input rank, 0 for any */
+    int rank; /* required input rank, 0 for any */
     int min_inputs, max_inputs;
 } layer_kind;
 
@@ -1246,9 +1286,10 @@ static top_status import_layer(keras_ctx *ctx, keras_layer *l)
     size_t numel;
     if (top_size_mul(&numel, (size_t)l->h, (size_t)l->w) ||
         top_size_mul(&numel, numel, (size_t)l->c) || numel > KERAS_MAX_ACTIVATION)
-        return top_error_set(ctx->err, TOP_ERR_LIMIT, "layer '%s' (%s): the output (%d, %d, "
-                             "%d) has more than %zu elements per sample", l->name,
-                             l->class_name, l->h, l->w, l->c, KERAS_MAX_ACTIVATION);
+        return top_error_set(ctx->err, TOP_ERR_LIMIT,
+                             "layer '%s' (%s): the output (%d, %d, "
+                             "%d) has more than %zu elements per sample",
+                             l->name, l->class_name, l->h, l->w, l->c, KERAS_MAX_ACTIVATION);
     l->done = 1;
     return TOP_OK;
 }
@@ -1260,25 +1301,30 @@ static top_status parse_inbound(keras_ctx *ctx, keras_layer *l, json_t *inbound)
 {
     char shown[96];
     if (!json_is_array(inbound))
-        return top_error_set(ctx->err, TOP_ERR_FORMAT, "layer '%s' (%s): inbound_nodes is %s; "
-                             "expected an array", l->name, l->class_name,
-                             json_brief(shown, sizeof shown, inbound));
+        return top_error_set(ctx->err, TOP_ERR_FORMAT,
+                             "layer '%s' (%s): inbound_nodes is %s; "
+                             "expected an array",
+                             l->name, l->class_name, json_brief(shown, sizeof shown, inbound));
     if (json_array_size(inbound) == 0)
         return TOP_OK;
     if (json_array_size(inbound) > 1)
-        return top_error_set(ctx->err, TOP_ERR_UNSUPPORTED, "layer '%s' (%s) is called %zu "
-                             "times; shared layers are not supported", l->name, l->class_name,
-                             json_array_size(inbound));
+        return top_error_set(ctx->err, TOP_ERR_UNSUPPORTED,
+                             "layer '%s' (%s) is called %zu "
+                             "times; shared layers are not supported",
+                             l->name, l->class_name, json_array_size(inbound));
     json_t *node = json_array_get(inbound, 0);
     if (!json_is_array(node) || json_array_size(node) < 1 ||
         json_array_size(node) > GRAPH_MAX_INPUTS)
-        return top_error_set(ctx->err, TOP_ERR_UNSUPPORTED, "layer '%s' (%s): inbound node %s "
+        return top_error_set(ctx->err, TOP_ERR_UNSUPPORTED,
+                             "layer '%s' (%s): inbound node %s "
                              "is not a list of 1 to %d [layer, node, tensor, kwargs] entries "
-                             "(the Keras 2 format)", l->name, l->class_name,
-                             json_brief(shown, sizeof shown, node), GRAPH_MAX_INPUTS);
+                             "(the Keras 2 format)",
+                             l->name, l->class_name, json_brief(shown, sizeof shown, node),
+                             GRAPH_MAX_INPUTS);
     size_t k;
     json_t *entry;
-    json_array_foreach(node, k, entry) {
+    json_array_foreach(node, k, entry)
+    {
         json_t *kwargs = json_array_get(entry, 3);
         int ok = json_is_array(entry) &&
                  (json_array_size(entry) == 3 || json_array_size(entry) == 4) &&
@@ -1289,14 +1335,18 @@ static top_status parse_inbound(keras_ctx *ctx, keras_layer *l, json_t *inbound)
                  json_integer_value(json_array_get(entry, 2)) == 0 &&
                  (!kwargs || (json_is_object(kwargs) && json_object_size(kwargs) == 0));
         if (!ok)
-            return top_error_set(ctx->err, TOP_ERR_UNSUPPORTED, "layer '%s' (%s): inbound "
+            return top_error_set(ctx->err, TOP_ERR_UNSUPPORTED,
+                                 "layer '%s' (%s): inbound "
                                  "entry %s is not supported; expected [layer name, 0, 0, {}]",
-                                 l->name, l->class_name, json_brief(shown, sizeof shown, entry));
+                                 l->name, l->class_name,
+                                 json_brief(shown, sizeof shown, entry));
         const char *from = json_string_value(json_array_get(entry, 0));
         int index = name_find(ctx->layer_names, ctx->n_layers, from);
         if (index < 0)
-            return top_error_set(ctx->err, TOP_ERR_NOT_FOUND, "layer '%s' (%s): inbound layer "
-                                 "'%s' does not exist", l->name, l->class_name, from);
+            return top_error_set(ctx->err, TOP_ERR_NOT_FOUND,
+                                 "layer '%s' (%s): inbound layer "
+                                 "'%s' does not exist",
+                                 l->name, l->class_name, from);
         l->in[l->n_in++] = index;
     }
     return TOP_OK;
@@ -1311,22 +1361,28 @@ static top_status parse_layer(keras_ctx *ctx, keras_layer *l, json_t *layer, siz
     l->config = json_object_get(layer, "config");
     l->node = -1;
     if (!l->name || !l->name[0] || !l->class_name || !json_is_object(l->config))
-        return top_error_set(ctx->err, TOP_ERR_FORMAT, "model.json: layer %zu (%s) needs a "
-                             "non-empty name, a class_name and a config object", i,
-                             json_brief(shown, sizeof shown, layer));
+        return top_error_set(ctx->err, TOP_ERR_FORMAT,
+                             "model.json: layer %zu (%s) needs a "
+                             "non-empty name, a class_name and a config object",
+                             i, json_brief(shown, sizeof shown, layer));
     if (strlen(l->name) >= GRAPH_NAME_MAX - 32)
-        return top_error_set(ctx->err, TOP_ERR_LIMIT, "model.json: layer %zu's name '%.40s...' "
-                             "is longer than %d bytes", i, l->name, GRAPH_NAME_MAX - 33);
+        return top_error_set(ctx->err, TOP_ERR_LIMIT,
+                             "model.json: layer %zu's name '%.40s...' "
+                             "is longer than %d bytes",
+                             i, l->name, GRAPH_NAME_MAX - 33);
     if (!find_layer_kind(l->class_name))
-        return top_error_set(ctx->err, TOP_ERR_UNSUPPORTED, "layer '%s': layer type '%s' is "
-                             "not supported by the Keras importer", l->name, l->class_name);
+        return top_error_set(ctx->err, TOP_ERR_UNSUPPORTED,
+                             "layer '%s': layer type '%s' is "
+                             "not supported by the Keras importer",
+                             l->name, l->class_name);
     return TOP_OK;
 }
 
 static top_status parse_layers(keras_ctx *ctx, json_t *layers)
 {
     if (!json_is_array(layers) || json_array_size(layers) == 0)
-        return top_error_set(ctx->err, TOP_ERR_FORMAT, "model.json: model_config.config.layers "
+        return top_error_set(ctx->err, TOP_ERR_FORMAT,
+                             "model.json: model_config.config.layers "
                              "is missing or empty");
     if (json_array_size(layers) > KERAS_MAX_LAYERS)
         return top_error_set(ctx->err, TOP_ERR_LIMIT, "model.json: %zu layers; the limit is %d",
@@ -1340,7 +1396,8 @@ static top_status parse_layers(keras_ctx *ctx, json_t *layers)
     size_t i;
     json_t *layer;
     int inputs = 0;
-    json_array_foreach(layers, i, layer) {
+    json_array_foreach(layers, i, layer)
+    {
         top_status st = parse_layer(ctx, &ctx->layers[i], layer, i);
         if (st != TOP_OK)
             return st;
@@ -1349,16 +1406,21 @@ static top_status parse_layers(keras_ctx *ctx, json_t *layers)
     }
     ctx->n_layers = (int)n;
     if (inputs != 1)
-        return top_error_set(ctx->err, TOP_ERR_UNSUPPORTED, "model.json: %d InputLayer layers; "
-                             "the importer supports models with exactly one input", inputs);
+        return top_error_set(ctx->err, TOP_ERR_UNSUPPORTED,
+                             "model.json: %d InputLayer layers; "
+                             "the importer supports models with exactly one input",
+                             inputs);
     qsort(ctx->layer_names, n, sizeof *ctx->layer_names, name_compare);
     for (size_t k = 1; k < n; k++)
         if (strcmp(ctx->layer_names[k - 1].name, ctx->layer_names[k].name) == 0)
-            return top_error_set(ctx->err, TOP_ERR_FORMAT, "model.json: layer name '%s' is used "
-                                 "twice", ctx->layer_names[k].name);
-    json_array_foreach(layers, i, layer) {
-        top_status st = parse_inbound(ctx, &ctx->layers[i],
-                                      json_object_get(layer, "inbound_nodes"));
+            return top_error_set(ctx->err, TOP_ERR_FORMAT,
+                                 "model.json: layer name '%s' is used "
+                                 "twice",
+                                 ctx->layer_names[k].name);
+    json_array_foreach(layers, i, layer)
+    {
+        top_status st =
+            parse_inbound(ctx, &ctx->layers[i], json_object_get(layer, "inbound_nodes"));
         if (st != TOP_OK)
             return st;
     }
@@ -1375,8 +1437,8 @@ static top_status import_in_order(keras_ctx *ctx)
     top_status st = TOP_OK;
     for (int i = 0; i < n; i++)
         edges += ctx->layers[i].n_in;
-    int *pending = calloc((size_t)n, sizeof *pending);     /* inbound layers not done */
-    int *start = calloc((size_t)n + 1, sizeof *start);     /* consumers of i: start[i].. */
+    int *pending = calloc((size_t)n, sizeof *pending); /* inbound layers not done */
+    int *start = calloc((size_t)n + 1, sizeof *start); /* consumers of i: start[i].. */
     int *fill = calloc((size_t)n + 1, sizeof *fill);
     int *consumers = calloc((size_t)edges + 1, sizeof *consumers);
     int *queue = calloc((size_t)n, sizeof *queue);
@@ -1407,7 +1469,8 @@ static top_status import_in_order(keras_ctx *ctx)
     }
     for (int i = 0; st == TOP_OK && i < n; i++)
         if (!ctx->layers[i].done)
-            st = top_error_set(ctx->err, TOP_ERR_FORMAT, "layer '%s' (%s) depends on itself "
+            st = top_error_set(ctx->err, TOP_ERR_FORMAT,
+                               "layer '%s' (%s) depends on itself "
                                "through its inbound layers; the topology has a cycle",
                                ctx->layers[i].name, ctx->layers[i].class_name);
 done:
@@ -1430,9 +1493,10 @@ static top_status parse_layer_ref(keras_ctx *ctx, json_t *config, const char *ke
     if (!json_is_array(refs) || json_array_size(refs) != 1 || !json_is_array(ref) ||
         json_array_size(ref) != 3 || json_integer_value(json_array_get(ref, 1)) != 0 ||
         json_integer_value(json_array_get(ref, 2)) != 0 || *index < 0)
-        return top_error_set(ctx->err, TOP_ERR_UNSUPPORTED, "model.json: %s is %s; expected "
-                             "one [layer name, 0, 0] of an existing layer", key,
-                             json_brief(shown, sizeof shown, refs));
+        return top_error_set(ctx->err, TOP_ERR_UNSUPPORTED,
+                             "model.json: %s is %s; expected "
+                             "one [layer name, 0, 0] of an existing layer",
+                             key, json_brief(shown, sizeof shown, refs));
     return TOP_OK;
 }
 
@@ -1440,9 +1504,11 @@ static top_status check_all_weights_used(keras_ctx *ctx)
 {
     for (int i = 0; i < ctx->n_weights; i++)
         if (!ctx->weights[i].used)
-            return top_error_set(ctx->err, TOP_ERR_FORMAT, "weights manifest: weight '%s' is "
+            return top_error_set(ctx->err, TOP_ERR_FORMAT,
+                                 "weights manifest: weight '%s' is "
                                  "not used by any layer; the manifest and the topology do not "
-                                 "match", ctx->weights[i].name);
+                                 "match",
+                                 ctx->weights[i].name);
     return TOP_OK;
 }
 
@@ -1467,16 +1533,19 @@ static json_t *model_config_of(json_t *root, top_error *err)
     json_t *topology = json_object_get(root, "modelTopology");
     json_t *config = json_object_get(topology, "model_config");
     if (!config)
-        config = topology;  /* some exporters store the model config directly */
+        config = topology; /* some exporters store the model config directly */
     const char *class_name = json_string_value(json_object_get(config, "class_name"));
     if (!json_is_object(root) || !json_is_object(config) || !class_name) {
-        top_error_set(err, TOP_ERR_FORMAT, "model.json: modelTopology.model_config with a "
+        top_error_set(err, TOP_ERR_FORMAT,
+                      "model.json: modelTopology.model_config with a "
                       "class_name is missing; export the model as a TF.js layers model");
         return NULL;
     }
     if (strcmp(class_name, "Model") != 0 && strcmp(class_name, "Functional") != 0) {
-        top_error_set(err, TOP_ERR_UNSUPPORTED, "model.json: model class '%s' is not "
-                      "supported; only functional models (Model, Functional)", class_name);
+        top_error_set(err, TOP_ERR_UNSUPPORTED,
+                      "model.json: model class '%s' is not "
+                      "supported; only functional models (Model, Functional)",
+                      class_name);
         return NULL;
     }
     return json_object_get(config, "config");
@@ -1496,9 +1565,10 @@ static top_status import_model(graph **out, json_t *root, const unsigned char *d
     if (st == TOP_OK)
         st = parse_layer_ref(&ctx, config, "input_layers", &input);
     if (st == TOP_OK && strcmp(ctx.layers[input].class_name, "InputLayer") != 0)
-        st = top_error_set(err, TOP_ERR_FORMAT, "model.json: input layer '%s' is a %s, not "
-                           "an InputLayer", ctx.layers[input].name,
-                           ctx.layers[input].class_name);
+        st = top_error_set(err, TOP_ERR_FORMAT,
+                           "model.json: input layer '%s' is a %s, not "
+                           "an InputLayer",
+                           ctx.layers[input].name, ctx.layers[input].class_name);
     if (st == TOP_OK)
         st = parse_layer_ref(&ctx, config, "output_layers", &output);
     if (st == TOP_OK)
@@ -1528,8 +1598,10 @@ static top_status parse_json(json_t **root, const char *json, size_t len, const 
                              top_error *err)
 {
     if (len > KERAS_MAX_JSON_BYTES)
-        return top_error_set(err, TOP_ERR_LIMIT, "%s: %zu bytes; the limit for a model.json "
-                             "is %zu", what, len, KERAS_MAX_JSON_BYTES);
+        return top_error_set(err, TOP_ERR_LIMIT,
+                             "%s: %zu bytes; the limit for a model.json "
+                             "is %zu",
+                             what, len, KERAS_MAX_JSON_BYTES);
     json_error_t jerr;
     *root = json_loadb(json, len, JSON_REJECT_DUPLICATES, &jerr);
     if (!*root)
@@ -1546,7 +1618,8 @@ top_status keras_import_buffers(graph **out, const char *json, size_t json_len,
         return top_error_set(err, TOP_ERR_INVALID, "keras_import_buffers: out is NULL");
     *out = NULL;
     if (!json || (!weights && weights_len))
-        return top_error_set(err, TOP_ERR_INVALID, "keras_import_buffers: json or weights is "
+        return top_error_set(err, TOP_ERR_INVALID,
+                             "keras_import_buffers: json or weights is "
                              "NULL");
     json_t *root = NULL;
     top_status st = parse_json(&root, json, json_len, "model.json", err);
@@ -1568,8 +1641,10 @@ static top_status read_file(unsigned char **data, size_t *len, const char *path,
     *len = 0;
     FILE *f = fopen(path, "rb");
     if (!f)
-        return top_error_set(err, TOP_ERR_IO, "cannot open %s; run tools/fetch-models.sh or "
-                             "check the path", path);
+        return top_error_set(err, TOP_ERR_IO,
+                             "cannot open %s; run tools/fetch-models.sh or "
+                             "check the path",
+                             path);
     struct stat sb;
     top_status st = TOP_OK;
     if (fstat(fileno(f), &sb) != 0 || !S_ISREG(sb.st_mode))
@@ -1599,8 +1674,10 @@ static top_status shard_path(char *buf, size_t size, const char *model_json_path
                              const char *path, top_error *err)
 {
     if (!path || !path[0] || path[0] == '/' || strstr(path, "..") || strchr(path, '\\'))
-        return top_error_set(err, TOP_ERR_FORMAT, "%s: shard path '%s' must be a relative path "
-                             "inside the model folder", model_json_path, path ? path : "");
+        return top_error_set(err, TOP_ERR_FORMAT,
+                             "%s: shard path '%s' must be a relative path "
+                             "inside the model folder",
+                             model_json_path, path ? path : "");
     const char *slash = strrchr(model_json_path, '/');
     int dir_len = slash ? (int)(slash - model_json_path + 1) : 0;
     if (snprintf(buf, size, "%.*s%s", dir_len, model_json_path, path) >= (int)size)
@@ -1618,8 +1695,10 @@ static top_status read_shards(unsigned char **data, size_t *len, json_t *manifes
     json_t *group, *path;
     *data = NULL;
     *len = 0;
-    json_array_foreach(manifest, i, group) {
-        json_array_foreach(json_object_get(group, "paths"), j, path) {
+    json_array_foreach(manifest, i, group)
+    {
+        json_array_foreach(json_object_get(group, "paths"), j, path)
+        {
             char full[4096];
             unsigned char *shard = NULL, *grown;
             size_t shard_len = 0;
@@ -1677,6 +1756,5 @@ int keras_param_is_constant(const graph *g, int i)
         return 0;
     const graph_param *p = &g->params[i];
     return g->nodes[p->node].op == OP_BATCHNORM &&
-           (p->slot == PARAM_GAMMA || p->slot == PARAM_BETA) &&
-           p->role == PARAM_ROLE_STATISTIC;
+           (p->slot == PARAM_GAMMA || p->slot == PARAM_BETA) && p->role == PARAM_ROLE_STATISTIC;
 }

@@ -24,16 +24,16 @@
 #include "graph.h"
 #include "status.h"
 
-#define KERAS_MAX_JSON_BYTES ((size_t)64 << 20)     /* model.json */
-#define KERAS_MAX_WEIGHT_BYTES ((size_t)4 << 30)    /* all shards together */
+#define KERAS_MAX_JSON_BYTES ((size_t)64 << 20)  /* model.json */
+#define KERAS_MAX_WEIGHT_BYTES ((size_t)4 << 30) /* all shards together */
 #define KERAS_MAX_LAYERS 4096
-#define KERAS_MAX_WEIGHTS 16384                     /* manifest entries */
-#define KERAS_MAX_SHARDS 4096                       /* manifest paths */
-#define KERAS_MAX_SIDE 8192                         /* input height and width */
-#define KERAS_MAX_CHANNELS 65536                    /* filters, units, channels */
-#define KERAS_MAX_KERNEL 1024                       /* kernel, pool, stride, dilation */
-#define KERAS_MAX_PADDING 4096                      /* zero padding per side */
-#define KERAS_MAX_ACTIVATION ((size_t)1 << 30)      /* floats per sample per layer */
+#define KERAS_MAX_WEIGHTS 16384                /* manifest entries */
+#define KERAS_MAX_SHARDS 4096                  /* manifest paths */
+#define KERAS_MAX_SIDE 8192                    /* input height and width */
+#define KERAS_MAX_CHANNELS 65536               /* filters, units, channels */
+#define KERAS_MAX_KERNEL 1024                  /* kernel, pool, stride, dilation */
+#define KERAS_MAX_PADDING 4096                 /* zero padding per side */
+#define KERAS_MAX_ACTIVATION ((size_t)1 << 30) /* floats per sample per layer */
 
 /*
  * Reads model_json_path and the weight shards its manifest lists (paths
