@@ -4,6 +4,7 @@
 #
 #   $TOPIARY_DATA_DIR/models/nsfwjs/<name>/model.json
 #   $TOPIARY_DATA_DIR/models/nsfwjs/<name>/group1-shardNofM.bin
+#   $TOPIARY_DATA_DIR/models/nsfwjs/<name>/labels.txt  (the 5 class names)
 #
 # TOPIARY_DATA_DIR defaults to data/ in the repository root. Every output file
 # is checked against the sha256 recorded below. A run whose files already
@@ -53,9 +54,16 @@ stale_files() {
   done
 }
 
+# The class names of the nsfwjs head, in output order (from the package's
+# documentation); `topiary forward` prints them from labels.txt.
+write_labels() {
+  printf '%s\n' Drawing Hentai Neutral Porn Sexy >"$dest/$1/labels.txt"
+}
+
 todo=()
 for model in "${MODELS[@]}"; do
   if [[ -z $(stale_files "$model") ]]; then
+    write_labels "$model"
     echo "$dest/$model: up to date (sha256 verified)"
   else
     todo+=("$model")
@@ -93,5 +101,6 @@ for model in "${todo[@]}"; do
   [[ -z $extra ]] || die "$model: unexpected files from unwrap.js: $extra"
   mkdir -p "$dest/$model"
   mv -f "$stage"/* "$dest/$model/"
+  write_labels "$model"
   echo "$dest/$model: written $(ls "$dest/$model" | tr '\n' ' ')(sha256 verified)"
 done

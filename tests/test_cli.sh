@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The topiary command line on real models and data: inspect, forward, the
+# dataset commands, and the exit codes of bad usage. Needs the files from
+# tools/fetch-models.sh and tools/fetch-data.sh.
+set -u
+cd "$(dirname "$0")/.."
+bin=${TOPIARY_BIN:-./topiary}
+data=${TOPIARY_DATA_DIR:-data}
+mnv2=$data/models/nsfwjs/mobilenet_v2
+digits=digits-grid:$data/datasets/digits/digits.png
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+passed=0 failed=0
+
+check() { # name, then a command that must succeed
+  local name=$1; shift
+  if "$@"; then passed=$((passed + 1)); echo "ok   $name"
+  else failed=$((failed + 1)); echo "FAIL $name"; fi
+}
+contains() { grep -qE -- "$2" "$1" || { echo "  expected /$2/ in:"; sed 's/^/  | /' "$1" | head -20; return 1; }; }
+exit_code_is() { local want=$1; shift; "$@" >"$tmp/out" 2>"$tmp/err"; local rc=$?
+  [[ $rc -eq $want ]] || { echo "  exit code $rc, expected $want: $*"; return 1; }; }
+
+[[ -f $mnv2/model.json && -f $data/datasets/digits/digits.png ]] || {
+  echo "FAIL test_cli: models or data missing; run tools/fetch-models.sh and tools/fetch-data.sh"
+  echo "0 passed, 1 failed"; exit 1; }
+
+"$bin" inspect --model "$mnv2" >"$tmp/inspect" 2>&1
+check "inspect counts MobileNetV2 parameters" contains "$tmp/inspect" "2585349 trainable, 2619461 with batch-norm statistics"
+check "inspect reports the input size" contains "$tmp/inspect" "3 x 224 x 224"
+
+"$bin" forward --model "$mnv2" --image "$data/datasets/photos/dog.jpg" --top 1 >"$tmp/forward" 2>&1
+check "forward ranks the dog photo Neutral" contains "$tmp/forward" "1\. class 2 +Neutral +0\.9[0-9]+"
+
+"$bin" dataset inspect "$digits" >"$tmp/digits" 2>&1
+check "dataset inspect counts 5000 digits" contains "$tmp/digits" "^images +5000$"
+check "dataset inspect counts 500 of class 9" contains "$tmp/digits" "^9 +9 +500$"
+check "dataset inspect reports 20x20 gray" contains "$tmp/digits" "20x20 to 20x20 \(height x width\), gray"
+
+"$bin" dataset convert "$digits" --out "$tmp/digits.safetensors" >"$tmp/convert" 2>&1
+"$bin" dataset inspect "bundle:$tmp/digits.safetensors" >"$tmp/bundle" 2>&1
+check "converted bundle keeps the counts" contains "$tmp/bundle" "^9 +9 +500$"
+
+check "forward without --image is a usage error" exit_code_is 2 "$bin" forward --model "$mnv2"
+check "unknown command is a usage error" exit_code_is 2 "$bin" frobnicate
+check "missing model fails with exit code 1" exit_code_is 1 "$bin" inspect --model "$tmp/none.safetensors"
+check "missing model error names the path" contains "$tmp/err" "none.safetensors"
+printf 'not a png' >"$tmp/fake.png"
+check "undecodable image fails with exit code 1" exit_code_is 1 "$bin" forward --model "$mnv2" --image "$tmp/fake.png"
+check "undecodable image error names the file" contains "$tmp/err" "fake.png"
+
+echo "$passed passed, $failed failed"
+[[ $failed -eq 0 ]]
