@@ -31,6 +31,7 @@
 #include <cblas.h>
 #include <limits.h>
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 /*
@@ -100,6 +101,18 @@ static double sum_prod_dev_f64(const float *a, const float *b, size_t n, double 
         lane[0] += (double)a[i] * (b[i] - mu);
     return ((lane[0] + lane[1]) + (lane[2] + lane[3])) +
            ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+}
+
+/* dst[i] += src[i] for n floats, in blocks of LANES so that -O2 vectorises. */
+CONV_CLONES
+static void add_floats(float *restrict dst, const float *restrict src, size_t n)
+{
+    size_t i = 0;
+    for (; i + LANES <= n; i += LANES)
+        for (int l = 0; l < LANES; l++)
+            dst[i + l] += src[i + l];
+    for (; i < n; i++)
+        dst[i] += src[i];
 }
 
 /* ---- shape validation ------------------------------------------------------ */
@@ -210,10 +223,21 @@ static conv_path conv_path_select(const conv2d_shape *s)
  * Output indices o in [*lo, *hi) whose input index o*stride + offset lies in
  * [0, in). The range is empty (lo == hi) when no output reads a real cell.
  */
+/* Returns value / stride for value >= 0, without a division for the common
+ * strides, because the depthwise kernel calls this for every row and tap. */
+static inline int divide_by_stride(int value, int stride)
+{
+    if (stride == 1)
+        return value;
+    if (stride == 2)
+        return value >> 1;
+    return value / stride;
+}
+
 static void valid_output_range(int *lo, int *hi, int out, int in, int stride, int offset)
 {
-    int first = offset >= 0 ? 0 : (-offset + stride - 1) / stride;
-    int last = in - 1 - offset < 0 ? -1 : (in - 1 - offset) / stride;
+    int first = offset >= 0 ? 0 : divide_by_stride(-offset + stride - 1, stride);
+    int last = in - 1 - offset < 0 ? -1 : divide_by_stride(in - 1 - offset, stride);
     if (last > out - 1)
         last = out - 1;
     *lo = first < out ? first : out;
@@ -298,33 +322,105 @@ static void row_correlate(float *restrict out, int out_len, const float *restric
     }
 }
 
-/* Returns sum_o a[o] * b[o * stride] over n terms, in eight float lanes so
- * the loop vectorises without reassociating a single sum. */
-CONV_CLONES
-static float dot_lanes(const float *a, const float *b, int n, int stride)
+/* Returns y[p, q] of one depthwise output plane with bounds checks, for the
+ * edge cells that the fused 3x3 loop leaves out. */
+static float depthwise_cell(const float *x, const float *w, float bias, int p, int q,
+                            const conv2d_shape *s)
 {
-    float lane[8] = {0};
-    int o = 0;
-    if (stride == 1)
-        for (; o + 8 <= n; o += 8)
-            for (int i = 0; i < 8; i++)
-                lane[i] += a[o + i] * b[o + i];
-    for (; o < n; o++)
-        lane[o & 7] += a[o] * b[(size_t)o * stride];
-    return ((lane[0] + lane[1]) + (lane[2] + lane[3])) +
-           ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+    float sum = bias;
+    for (int r = 0; r < s->r; r++) {
+        int ih = p * s->stride_h - s->pad_top + r * s->dilation_h;
+        for (int t = 0; ih >= 0 && ih < s->h && t < s->s; t++) {
+            int iw = q * s->stride_w - s->pad_left + t * s->dilation_w;
+            if (iw >= 0 && iw < s->w)
+                sum += w[r * s->s + t] * x[(size_t)ih * s->w + iw];
+        }
+    }
+    return sum;
+}
+
+/*
+ * One output row of a 3x3 depthwise kernel with stride 1 or 2 (the same
+ * along both axes) and no dilation, whose three input rows start at xr and
+ * are all inside the image. Columns [lo, hi) see every tap and take one
+ * fused pass; the others go through depthwise_cell.
+ */
+CONV_CLONES
+static void depthwise_row_3x3(float *restrict row, const float *restrict xr, const float *w,
+                              float bias, int p, int lo, int hi, const float *x,
+                              const conv2d_shape *s)
+{
+    size_t wd = (size_t)s->w;
+    const float *x0 = xr, *x1 = xr + wd, *x2 = xr + 2 * wd;
+    const float w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3], w4 = w[4], w5 = w[5];
+    const float w6 = w[6], w7 = w[7], w8 = w[8];
+    int pad = s->pad_left, stride = s->stride_w;
+
+    /* Blocks of LANES outputs with a constant stride, so -O2 vectorises them.
+     * The last block overlaps the one before it instead of leaving a scalar
+     * tail; it stores the same values again, because each cell is assigned. */
+    for (int q = lo; q < hi; q += LANES) {
+        if (q + LANES > hi)
+            q = hi - LANES >= lo ? hi - LANES : q;
+        if (q + LANES > hi) {
+            for (; q < hi; q++)
+                row[q] = depthwise_cell(x, w, bias, p, q, s);
+            break;
+        }
+        if (stride == 1)
+            for (int l = 0; l < LANES; l++) {
+                int at = q + l - pad;
+                row[q + l] = bias + (w0 * x0[at] + w1 * x0[at + 1] + w2 * x0[at + 2]) +
+                             (w3 * x1[at] + w4 * x1[at + 1] + w5 * x1[at + 2]) +
+                             (w6 * x2[at] + w7 * x2[at + 1] + w8 * x2[at + 2]);
+            }
+        else
+            for (int l = 0; l < LANES; l++) {
+                int at = 2 * (q + l) - pad;
+                row[q + l] = bias + (w0 * x0[at] + w1 * x0[at + 1] + w2 * x0[at + 2]) +
+                             (w3 * x1[at] + w4 * x1[at + 1] + w5 * x1[at + 2]) +
+                             (w6 * x2[at] + w7 * x2[at + 1] + w8 * x2[at + 2]);
+            }
+    }
+    for (int q = 0; q < lo; q++)
+        row[q] = depthwise_cell(x, w, bias, p, q, s);
+    for (int q = hi; q < s->q; q++)
+        row[q] = depthwise_cell(x, w, bias, p, q, s);
+}
+
+/* Whether depthwise_row_3x3 applies to this geometry. */
+static int depthwise_is_3x3(const conv2d_shape *s)
+{
+    return s->r == 3 && s->s == 3 && s->dilation_h == 1 && s->dilation_w == 1 &&
+           s->stride_h == s->stride_w && (s->stride_w == 1 || s->stride_w == 2);
 }
 
 /* One output plane. y: (P, Q)  x: (H, W) of the input channel  w: (R, S) */
 static void depthwise_plane_forward(float *y, const float *x, const float *w, float bias,
                                     const conv2d_shape *s)
 {
+    /* Columns whose three taps all read inside the row, for the 3x3 path. */
+    int lo = 0, hi = s->q, fast = depthwise_is_3x3(s);
+    for (int t = 0; fast && t < 3; t++) {
+        int tap_lo, tap_hi;
+        valid_output_range(&tap_lo, &tap_hi, s->q, s->w, s->stride_w, t - s->pad_left);
+        lo = tap_lo > lo ? tap_lo : lo;
+        hi = tap_hi < hi ? tap_hi : hi;
+    }
+    if (hi < lo)
+        hi = lo;
+
     for (int p = 0; p < s->p; p++) {
         float *row = y + (size_t)p * s->q;
+        int top = p * s->stride_h - s->pad_top;
+        if (fast && top >= 0 && top + 2 < s->h) {
+            depthwise_row_3x3(row, x + (size_t)top * s->w, w, bias, p, lo, hi, x, s);
+            continue;
+        }
         for (int q = 0; q < s->q; q++)
             row[q] = bias;
         for (int r = 0; r < s->r; r++) {
-            int ih = p * s->stride_h - s->pad_top + r * s->dilation_h;
+            int ih = top + r * s->dilation_h;
             if (ih >= 0 && ih < s->h)
                 row_correlate(row, s->q, x + (size_t)ih * s->w, s->w, w + r * s->s, 1, s->s,
                               s->stride_w, s->dilation_w, s->pad_left);
@@ -363,21 +459,137 @@ static void depthwise_plane_backward_input(float *dx, const float *dy, const flo
 }
 
 /* Returns sum_{p,q} dy[p,q] * x[p*sh - pt + r*dh, q*sw - pl + t*dw] for one
- * tap: float within a row, double across rows. */
+ * tap of one plane, summed in eight float lanes so the loop vectorises
+ * without reassociating a single sum. */
+CONV_CLONES
 static double depthwise_tap_gradient(const float *dy, const float *x, int r, int t,
                                      const conv2d_shape *s)
 {
-    int offset = t * s->dilation_w - s->pad_left, lo, hi;
-    valid_output_range(&lo, &hi, s->q, s->w, s->stride_w, offset);
-    double sum = 0.0;
+    int offset = t * s->dilation_w - s->pad_left, stride = s->stride_w, lo, hi;
+    valid_output_range(&lo, &hi, s->q, s->w, stride, offset);
+    float lane[LANES] = {0};
     for (int p = 0; p < s->p && lo < hi; p++) {
         int ih = p * s->stride_h - s->pad_top + r * s->dilation_h;
         if (ih < 0 || ih >= s->h)
             continue;
-        const float *xrow = x + (size_t)ih * s->w + offset + (size_t)lo * s->stride_w;
-        sum += dot_lanes(dy + (size_t)p * s->q + lo, xrow, hi - lo, s->stride_w);
+        const float *a = dy + (size_t)p * s->q + lo;
+        const float *b = x + (size_t)ih * s->w + offset + (size_t)lo * stride;
+        int n = hi - lo, o = 0;
+        if (stride == 1)
+            for (; o + LANES <= n; o += LANES)
+                for (int l = 0; l < LANES; l++)
+                    lane[l] += a[o + l] * b[o + l];
+        else if (stride == 2)
+            for (; o + LANES <= n; o += LANES)
+                for (int l = 0; l < LANES; l++)
+                    lane[l] += a[o + l] * b[2 * (o + l)];
+        for (; o < n; o++)
+            lane[o % LANES] += a[o] * b[(size_t)o * stride];
     }
-    return sum;
+    return ((lane[0] + lane[1]) + (lane[2] + lane[3])) +
+           ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+}
+
+/* dx: (H, W) += the input gradient of one plane for a 3x3 kernel of
+ * stride 1, computed as the forward pass over dy: (P, Q) with the kernel
+ * flipped and padding 2 - pad, into the scratch plane tmp: (H, W). */
+static void depthwise_plane_backward_input_3x3(float *dx, float *tmp, const float *dy,
+                                               const float *w, const conv2d_shape *s)
+{
+    conv2d_shape back = *s;
+    back.h = s->p;
+    back.w = s->q;
+    back.p = s->h;
+    back.q = s->w;
+    back.pad_top = 2 - s->pad_top;
+    back.pad_left = 2 - s->pad_left;
+    back.pad_bottom = s->h + 2 - s->p - back.pad_top;
+    back.pad_right = s->w + 2 - s->q - back.pad_left;
+    float flipped[9];
+    for (int i = 0; i < 9; i++)
+        flipped[i] = w[8 - i];
+    depthwise_plane_forward(tmp, dy, flipped, 0.0f, &back);
+    add_floats(dx, tmp, (size_t)s->h * s->w);
+}
+
+/* sums[r*3 + t] += the gradient of tap (r, t) over one plane pair, for
+ * depthwise_is_3x3 geometries: the three taps of a kernel row share each pass
+ * over dy: (P, Q) and x: (H, W), in eight float lanes per tap. */
+CONV_CLONES
+static void depthwise_plane_gradient_3x3(double *sums, const float *dy, const float *x,
+                                         const conv2d_shape *s)
+{
+    int stride = s->stride_w, pad = s->pad_left, lo = 0, hi = s->q, tap_lo[3], tap_hi[3];
+    for (int t = 0; t < 3; t++) {
+        valid_output_range(&tap_lo[t], &tap_hi[t], s->q, s->w, stride, t - pad);
+        lo = tap_lo[t] > lo ? tap_lo[t] : lo;
+        hi = tap_hi[t] < hi ? tap_hi[t] : hi;
+    }
+    int blocks_end = hi - lo >= LANES ? lo + (hi - lo) / LANES * LANES : lo;
+    for (int r = 0; r < 3; r++) {
+        float acc0[LANES] = {0}, acc1[LANES] = {0}, acc2[LANES] = {0};
+        for (int p = 0; p < s->p; p++) {
+            int ih = p * s->stride_h - s->pad_top + r;
+            if (ih < 0 || ih >= s->h)
+                continue;
+            const float *a = dy + (size_t)p * s->q, *b = x + (size_t)ih * s->w;
+            for (int q = lo; q < blocks_end && stride == 1; q += LANES)
+                for (int l = 0; l < LANES; l++) {
+                    acc0[l] += a[q + l] * b[q + l - pad];
+                    acc1[l] += a[q + l] * b[q + l - pad + 1];
+                    acc2[l] += a[q + l] * b[q + l - pad + 2];
+                }
+            for (int q = lo; q < blocks_end && stride == 2; q += LANES)
+                for (int l = 0; l < LANES; l++) {
+                    acc0[l] += a[q + l] * b[2 * (q + l) - pad];
+                    acc1[l] += a[q + l] * b[2 * (q + l) - pad + 1];
+                    acc2[l] += a[q + l] * b[2 * (q + l) - pad + 2];
+                }
+            /* Cells outside the blocks, tap by tap: [tap_lo, lo) and [blocks_end, tap_hi). */
+            for (int t = 0; t < 3; t++) {
+                float *acc = t == 0 ? acc0 : t == 1 ? acc1 : acc2;
+                for (int q = tap_lo[t]; q < lo; q++)
+                    acc[q % LANES] += a[q] * b[q * stride + t - pad];
+                for (int q = blocks_end; q < tap_hi[t]; q++)
+                    acc[q % LANES] += a[q] * b[q * stride + t - pad];
+            }
+        }
+        float *acc[3] = {acc0, acc1, acc2};
+        for (int t = 0; t < 3; t++)
+            sums[r * 3 + t] += ((acc[t][0] + acc[t][1]) + (acc[t][2] + acc[t][3])) +
+                               ((acc[t][4] + acc[t][5]) + (acc[t][6] + acc[t][7]));
+    }
+}
+
+/* Taps whose double sums one pass over the batch keeps on the stack. */
+#define DEPTHWISE_TAP_BLOCK 64
+
+/* dwk: (R, S) += the gradient of output channel k over the batch.
+ * dy: plane k of image 0 of (N, K, P, Q)  x: its input plane of (N, C, H, W).
+ * Images go outside the taps so both planes stay in cache for every tap. */
+static void depthwise_weight_gradient(float *dwk, const float *dy, const float *x,
+                                      const conv2d_shape *s)
+{
+    int taps = s->r * s->s;
+    size_t dy_step = (size_t)s->k * s->p * s->q, x_step = (size_t)s->c * s->h * s->w;
+    if (depthwise_is_3x3(s)) {
+        double sum[9] = {0};
+        for (int n = 0; n < s->n; n++)
+            depthwise_plane_gradient_3x3(sum, dy + n * dy_step, x + n * x_step, s);
+        for (int j = 0; j < 9; j++)
+            dwk[j] += (float)sum[j];
+        return;
+    }
+    for (int first = 0; first < taps; first += DEPTHWISE_TAP_BLOCK) {
+        int count = taps - first < DEPTHWISE_TAP_BLOCK ? taps - first : DEPTHWISE_TAP_BLOCK;
+        double sum[DEPTHWISE_TAP_BLOCK] = {0};
+        for (int n = 0; n < s->n; n++)
+            for (int j = 0; j < count; j++)
+                sum[j] += depthwise_tap_gradient(dy + n * dy_step, x + n * x_step,
+                                                 (first + j) / s->s, (first + j) % s->s, s);
+        for (int j = 0; j < count; j++)
+            dwk[first + j] += (float)sum[j];
+    }
 }
 
 /* x: (N, C, H, W)  w: (K, 1, R, S)  y: (N, K, P, Q), K = m*C */
@@ -401,23 +613,26 @@ static void depthwise_forward(float *y, const float *x, const float *w, const fl
 static void depthwise_backward(float *dx, float *dw, const float *dy, const float *x,
                                const float *w, const conv2d_shape *s)
 {
-    int m = s->k / s->c;
+    int m = s->k / s->c, flip = depthwise_is_3x3(s) && s->stride_w == 1;
     size_t hw = (size_t)s->h * s->w, pq = (size_t)s->p * s->q, rs = (size_t)s->r * s->s;
-#pragma omp parallel for schedule(static) if (s->n * s->k * pq * rs > PARALLEL_MIN_WORK)
+#pragma omp parallel for schedule(static) if (s->n * s->k * pq > PARALLEL_MIN_WORK)
     for (int c = 0; c < s->c; c++) {
+        /* Without the scratch plane (allocation failed) the row path runs. */
+        float *tmp = dx && flip ? malloc(hw * sizeof *tmp) : NULL;
         for (int k = c * m; k < (c + 1) * m; k++) {
-            for (int n = 0; dx && n < s->n; n++)
-                depthwise_plane_backward_input(dx + ((size_t)n * s->c + c) * hw,
-                                               dy + ((size_t)n * s->k + k) * pq, w + k * rs, s);
-            for (size_t tap = 0; dw && tap < rs; tap++) {
-                double sum = 0.0;
-                for (int n = 0; n < s->n; n++)
-                    sum += depthwise_tap_gradient(dy + ((size_t)n * s->k + k) * pq,
-                                                  x + ((size_t)n * s->c + c) * hw,
-                                                  (int)tap / s->s, (int)tap % s->s, s);
-                dw[k * rs + tap] += (float)sum;
+            for (int n = 0; dx && n < s->n; n++) {
+                float *dx_plane = dx + ((size_t)n * s->c + c) * hw;
+                const float *dy_plane = dy + ((size_t)n * s->k + k) * pq;
+                if (tmp)
+                    depthwise_plane_backward_input_3x3(dx_plane, tmp, dy_plane, w + k * rs, s);
+                else
+                    depthwise_plane_backward_input(dx_plane, dy_plane, w + k * rs, s);
             }
+            if (dw)
+                depthwise_weight_gradient(dw + k * rs, dy + (size_t)k * pq, x + (size_t)c * hw,
+                                          s);
         }
+        free(tmp);
     }
 }
 
@@ -1043,9 +1258,8 @@ void concat_backward(float *const *dxs, const float *dy, const int *channels, in
         const float *src = dy + (size_t)b * total * hw;
         for (int i = 0; i < count; i++) {
             size_t len = (size_t)channels[i] * hw;
-            float *dst = dxs[i] ? dxs[i] + (size_t)b * len : NULL;
-            for (size_t t = 0; dst && t < len; t++)
-                dst[t] += src[t];
+            if (dxs[i])
+                add_floats(dxs[i] + (size_t)b * len, src, len);
             src += len;
         }
     }
