@@ -12,6 +12,7 @@ typedef struct cli_command {
 int cli_version(int argc, char **argv);
 int cli_forward(int argc, char **argv);
 int cli_inspect(int argc, char **argv);
+int cli_prune(int argc, char **argv);
 int cli_dataset(int argc, char **argv);
 
 #endif

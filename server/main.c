@@ -10,6 +10,7 @@
 static const cli_command commands[] = {
     {"forward", "run a model on images and print the top classes", cli_forward},
     {"inspect", "print a model's graph, parameters and FLOPs", cli_inspect},
+    {"prune", "prune a model and evaluate it zero-shot on held-out tasks", cli_prune},
     {"dataset", "inspect a labelled data set or convert it to a bundle", cli_dataset},
     {"version", "print the version", cli_version},
 };

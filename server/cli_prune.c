@@ -1,0 +1,233 @@
+/*
+ * `topiary prune`: parses the options into a pipeline_options, runs
+ * pipeline_run on the calling thread, draws a progress bar on stderr and
+ * prints the JSON report on stdout. Exit codes: 0 done, 1 the job failed,
+ * 2 an option is invalid. Owns nothing beyond one call.
+ */
+#include <errno.h>
+#include <getopt.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "cli.h"
+#include "pipeline.h"
+
+static void prune_usage(FILE *out)
+{
+    fprintf(out,
+            "usage: topiary prune --model PATH --eval URI[,URI...] [--sparsity Q]\n"
+            "                     [--method magnitude|obd] [--calibration URI]\n"
+            "                     [--calibration-split N,HEADFIT] [--eval-split HEADFIT,EVAL]\n"
+            "                     [--feature-node NAME] [--damping X | --damping-absolute X]\n"
+            "                     [--no-bn-recalibration] [--alpha A] [--batch B]\n"
+            "                     [--seed S] [--out DIR]\n\n"
+            "Prunes the model's backbone to sparsity Q (default 0.5) and reports the\n"
+            "zero-shot accuracy of ridge heads, fitted on the dense features, before and\n"
+            "after pruning. URIs: idx:IMAGES,LABELS  folder:DIR  bundle:FILE\n"
+            "digits-grid:FILE. obd needs --calibration; batch-norm recalibration runs\n"
+            "when a calibration set is given. Defaults: calibration split 64,200,\n"
+            "eval split 200,200, damping 1e-3 * mean Fisher, alpha 1.0, batch 16.\n"
+            "--out DIR writes DIR/dense.safetensors and DIR/compressed.safetensors.\n");
+}
+
+static int bad_option(const char *opt, const char *value, const char *fix)
+{
+    fprintf(stderr, "topiary prune: invalid %s '%s'; %s\n", opt, value, fix);
+    return 2;
+}
+
+static int parse_double(double *out, const char *s)
+{
+    char *end;
+    errno = 0;
+    *out = strtod(s, &end);
+    return errno || end == s || *end != '\0' ? -1 : 0;
+}
+
+static int parse_size(size_t *out, const char *s, char stop, const char **rest)
+{
+    char *end;
+    if (*s < '0' || *s > '9')
+        return -1;
+    errno = 0;
+    unsigned long long v = strtoull(s, &end, 10);
+    if (errno || *end != stop || v > (1ull << 31))
+        return -1;
+    *out = (size_t)v;
+    *rest = *end ? end + 1 : end;
+    return 0;
+}
+
+/* "A,B" into two counts. */
+static int parse_pair(size_t *a, size_t *b, const char *s)
+{
+    const char *rest;
+    return parse_size(a, s, ',', &rest) || parse_size(b, rest, '\0', &rest) ? -1 : 0;
+}
+
+/* Splits the comma list of evaluation URIs in place; an idx: URI keeps its
+ * comma, so a piece that is not a URI joins the one before it. */
+static int split_eval(pipeline_options *o, char *list)
+{
+    for (char *p = strtok(list, ","); p; p = strtok(NULL, ",")) {
+        if (!strchr(p, ':') && o->n_eval > 0) {
+            p[-1] = ',';
+            continue;
+        }
+        if (o->n_eval == PIPELINE_MAX_EVAL_TASKS)
+            return -1;
+        o->eval_uris[o->n_eval++] = p;
+    }
+    return o->n_eval > 0 ? 0 : -1;
+}
+
+typedef struct progress_state {
+    const char *stage;
+    int tty;
+} progress_state;
+
+static void draw_progress(void *user, const char *stage, size_t done, size_t total)
+{
+    progress_state *ps = user;
+    if (ps->stage && strcmp(ps->stage, stage) != 0)
+        fputc('\n', stderr);
+    ps->stage = stage;
+    double f = total ? (double)done / (double)total : 0.0;
+    int width = 30, fill = (int)(f * width + 0.5);
+    fprintf(stderr, "%s%-18s [%.*s%*s] %3.0f%%", ps->tty ? "\r" : "", stage, fill,
+            "##############################", width - fill, "", 100.0 * f);
+    if (!ps->tty)
+        fputc('\n', stderr);
+    fflush(stderr);
+}
+
+enum { OPT_CALIB_SPLIT = 256, OPT_EVAL_SPLIT, OPT_FEATURE, OPT_DAMPING, OPT_DAMPING_ABS,
+       OPT_NO_BN, OPT_ALPHA, OPT_BATCH };
+
+static const struct option prune_options[] = {
+    {"model", required_argument, NULL, 'm'},
+    {"sparsity", required_argument, NULL, 'q'},
+    {"method", required_argument, NULL, 'M'},
+    {"calibration", required_argument, NULL, 'c'},
+    {"calibration-split", required_argument, NULL, OPT_CALIB_SPLIT},
+    {"eval", required_argument, NULL, 'e'},
+    {"eval-split", required_argument, NULL, OPT_EVAL_SPLIT},
+    {"feature-node", required_argument, NULL, OPT_FEATURE},
+    {"damping", required_argument, NULL, OPT_DAMPING},
+    {"damping-absolute", required_argument, NULL, OPT_DAMPING_ABS},
+    {"no-bn-recalibration", no_argument, NULL, OPT_NO_BN},
+    {"alpha", required_argument, NULL, OPT_ALPHA},
+    {"batch", required_argument, NULL, OPT_BATCH},
+    {"seed", required_argument, NULL, 's'},
+    {"out", required_argument, NULL, 'o'},
+    {"help", no_argument, NULL, 'h'},
+    {NULL, 0, NULL, 0},
+};
+
+/* Parses one option into o; returns 0, or the exit code. */
+static int parse_one(pipeline_options *o, int c, char *arg)
+{
+    double v;
+    size_t n;
+    const char *rest;
+    switch (c) {
+    case 'm': o->model_path = arg; return 0;
+    case 'c': o->calib_uri = arg; return 0;
+    case OPT_FEATURE: o->feature_node = arg; return 0;
+    case 'o': o->out_dir = arg; return 0;
+    case OPT_NO_BN: o->bn_recalibration = 0; return 0;
+    case 'q':
+        if (parse_double(&v, arg) || !(v >= 0.0 && v < 1.0))
+            return bad_option("--sparsity", arg, "pass a fraction in [0, 1), such as 0.5");
+        o->sparsity = v;
+        return 0;
+    case 'M':
+        if (strcmp(arg, "magnitude") && strcmp(arg, "obd"))
+            return bad_option("--method", arg, "use magnitude or obd");
+        o->method = strcmp(arg, "obd") ? PIPELINE_METHOD_MAGNITUDE : PIPELINE_METHOD_OBD;
+        return 0;
+    case OPT_CALIB_SPLIT:
+        if (parse_pair(&o->calib_count, &o->calib_fit_count, arg) || o->calib_count < 2 ||
+            o->calib_fit_count < 2)
+            return bad_option("--calibration-split", arg, "pass two counts >= 2, such as "
+                              "64,200 (calibration, head fit)");
+        return 0;
+    case OPT_EVAL_SPLIT:
+        if (parse_pair(&o->eval_fit_count, &o->eval_count, arg) || o->eval_fit_count < 2 ||
+            o->eval_count < 1)
+            return bad_option("--eval-split", arg, "pass two counts, such as 200,200 "
+                              "(head fit >= 2, evaluation >= 1)");
+        return 0;
+    case 'e':
+        if (split_eval(o, arg))
+            return bad_option("--eval", arg, "pass 1 to 16 comma-separated data set URIs");
+        return 0;
+    case OPT_DAMPING:
+    case OPT_DAMPING_ABS:
+        if (parse_double(&v, arg) || !(v >= 0.0 && v < 1e30))
+            return bad_option(c == OPT_DAMPING ? "--damping" : "--damping-absolute", arg,
+                              "pass a number >= 0, such as 1e-3");
+        o->damping = v;
+        o->damping_mode = c == OPT_DAMPING ? PIPELINE_DAMPING_RELATIVE
+                                           : PIPELINE_DAMPING_ABSOLUTE;
+        return 0;
+    case OPT_ALPHA:
+        if (parse_double(&v, arg) || !(v > 0.0 && v < 1e30))
+            return bad_option("--alpha", arg, "pass a ridge penalty > 0, such as 1.0");
+        o->ridge_alpha = v;
+        return 0;
+    case OPT_BATCH:
+        if (parse_size(&n, arg, '\0', &rest) || n < 2 || n > 1024)
+            return bad_option("--batch", arg, "pass an image count from 2 to 1024");
+        o->batch_size = (int)n;
+        return 0;
+    case 's':
+        if (parse_size(&n, arg, '\0', &rest))
+            return bad_option("--seed", arg, "pass a non-negative integer below 2^31");
+        o->seed = n;
+        return 0;
+    default: prune_usage(stderr); return 2;
+    }
+}
+
+int cli_prune(int argc, char **argv)
+{
+    pipeline_options o;
+    pipeline_options_init(&o);
+    optind = 1;
+    for (int c; (c = getopt_long(argc, argv, "h", prune_options, NULL)) != -1;) {
+        if (c == 'h') {
+            prune_usage(stdout);
+            return 0;
+        }
+        int rc = parse_one(&o, c, optarg);
+        if (rc)
+            return rc;
+    }
+    if (optind < argc)
+        return bad_option("argument", argv[optind], "options start with --; see --help");
+    if (!o.model_path)
+        return bad_option("--model", "", "pass the model folder or file to prune");
+    if (o.n_eval == 0)
+        return bad_option("--eval", "", "pass at least one evaluation data set URI");
+    if (o.method == PIPELINE_METHOD_OBD && !o.calib_uri)
+        return bad_option("--calibration", "", "--method obd needs a calibration data set");
+
+    progress_state ps = {.stage = NULL, .tty = isatty(2)};
+    json_t *report = NULL;
+    top_error err;
+    top_error_clear(&err);
+    top_status st = pipeline_run(&report, NULL, &o, draw_progress, &ps, NULL, &err);
+    if (ps.stage && ps.tty)
+        fputc('\n', stderr);
+    if (st != TOP_OK) {
+        fprintf(stderr, "topiary prune: %s\n", err.message);
+        return st == TOP_ERR_INVALID ? 2 : 1;
+    }
+    json_dumpf(report, stdout, JSON_INDENT(2) | JSON_PRESERVE_ORDER);
+    fputc('\n', stdout);
+    json_decref(report);
+    return 0;
+}

