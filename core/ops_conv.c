@@ -983,20 +983,48 @@ static void pool_window(int *i0, int *i1, int *j0, int *j1, int p, int q, const 
     *j1 = left + s->s < s->w ? left + s->s : s->w;
 }
 
-/* Index in x: (H, W) of the first maximum of the window of (p, q), or -1 if the
- * window is all padding. A NaN wins, as in PyTorch, so NaNs propagate. */
+/* Returns the maximum of the window of (p, q) in x: (H, W), or 0 if the
+ * window is all padding. A NaN wins, as in PyTorch, so NaNs propagate. The
+ * selects compile to branch-free code, which random data would mispredict. */
+static float maxpool_window_max(const float *x, int p, int q, const pool2d_shape *s)
+{
+    int i0, i1, j0, j1;
+    pool_window(&i0, &i1, &j0, &j1, p, q, s);
+    if (i0 >= i1 || j0 >= j1)
+        return 0.0f;
+    float best = -INFINITY;
+    int nan_seen = 0;
+    for (int i = i0; i < i1; i++)
+        for (int j = j0; j < j1; j++) {
+            float v = x[(size_t)i * s->w + j];
+            best = v > best ? v : best;
+            nan_seen |= isnan(v);
+        }
+    return nan_seen ? NAN : best;
+}
+
+/* Index in x: (H, W) of the first cell in row-major order that equals the
+ * window maximum (the first NaN if there is one), or -1 if the window is
+ * all padding. */
 static long maxpool_argmax(const float *x, int p, int q, const pool2d_shape *s)
 {
     int i0, i1, j0, j1;
     pool_window(&i0, &i1, &j0, &j1, p, q, s);
-    long best = -1;
-    for (int i = i0; i < i1; i++)
-        for (int j = j0; j < j1; j++) {
+    if (i0 >= i1 || j0 >= j1)
+        return -1;
+    float best = maxpool_window_max(x, p, q, s);
+    int best_is_nan = isnan(best);
+    long found = -1;
+    /* A reverse scan with masks instead of an early exit: the position of the
+     * maximum is random, so a branch on it would mispredict. */
+    for (int i = i1 - 1; i >= i0; i--)
+        for (int j = j1 - 1; j >= j0; j--) {
             long at = (long)i * s->w + j;
-            if (best < 0 || x[at] > x[best] || (isnan(x[at]) && !isnan(x[best])))
-                best = at;
+            float v = x[at];
+            long mask = -(long)((v == best) | (isnan(v) & best_is_nan));
+            found = (at & mask) | (found & ~mask);
         }
-    return best;
+    return found;
 }
 
 /* x: (N, C, H, W)  y: (N, C, P, Q) */
@@ -1008,8 +1036,7 @@ void maxpool2d_forward(float *y, const float *x, const pool2d_shape *s)
     for (int i = 0; i < planes; i++)
         for (int p = 0; p < s->p; p++)
             for (int q = 0; q < s->q; q++) {
-                long at = maxpool_argmax(x + i * hw, p, q, s);
-                y[i * pq + (size_t)p * s->q + q] = at < 0 ? 0.0f : x[i * hw + (size_t)at];
+                y[i * pq + (size_t)p * s->q + q] = maxpool_window_max(x + i * hw, p, q, s);
             }
 }
 

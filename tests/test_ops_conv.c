@@ -777,6 +777,14 @@ static void test_maxpool_hand_ties_and_empty(void)
     CHECK_CLOSE(y[0], 2.0, EXACT_TOL);
     check_arrays("maxpool tie dx", dx, dx_expected, 4, EXACT_TOL);
 
+    /* A NaN wins the window, as in PyTorch, and the first NaN gets the gradient. */
+    const float with_nan[4] = {5, NAN, 7, NAN}, dx_nan_expected[4] = {0, 1, 0, 0};
+    float dx_nan[4] = {0};
+    maxpool2d_forward(y, with_nan, &tie);
+    maxpool2d_backward(dx_nan, dy, with_nan, &tie);
+    CHECK_MSG(isnan(y[0]), "maxpool of a window with NaN = %g, expected NaN", y[0]);
+    check_arrays("maxpool nan dx", dx_nan, dx_nan_expected, 4, EXACT_TOL);
+
     /* 1x1 input, 1x1 window, padding 1: only the centre window reads x. */
     pool2d_shape empty = {.n = 1,
                           .c = 1,
