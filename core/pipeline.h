@@ -21,6 +21,10 @@
  *   5. batch-norm recalibration: running mean and variance = the average of
  *      the per-batch mean and unbiased variance of each BN input, over the
  *      calibration images, in one training-mode pass
+ *      NOTE: the dense heads were fitted with the original statistics, so a
+ *      calibration set from another domain moves the features away from
+ *      them (MobileNetV2, q = 0, Fashion-MNIST calibration: digits accuracy
+ *      0.81 -> 0.22). Pass bn_recalibration = 0 to compare.
  *   6. pruned accuracy of every evaluation task with its dense head
  *   7. a JSON report; optional dense and compressed checkpoints
  *
