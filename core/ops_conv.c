@@ -428,6 +428,59 @@ static void depthwise_plane_forward(float *y, const float *x, const float *w, fl
     }
 }
 
+/* xrow: (W) += wv * drow[q] at column q*sw - pl + t*dw, for q in [from, to)
+ * where that column is inside the row. */
+static void row_scatter_tap(float *xrow, const float *drow, float wv, int from, int to, int t,
+                            const conv2d_shape *s)
+{
+    int offset = t * s->dilation_w - s->pad_left, lo, hi;
+    valid_output_range(&lo, &hi, s->q, s->w, s->stride_w, offset);
+    lo = lo > from ? lo : from;
+    hi = hi < to ? hi : to;
+    for (int q = lo; q < hi; q++)
+        xrow[q * s->stride_w + offset] += wv * drow[q];
+}
+
+/*
+ * xrow: (W) += the transposed row of drow: (Q) for three taps w[0..2] of
+ * stride 2 and no dilation. Column 2q - pl gathers w0*dy[q] + w2*dy[q-1] and
+ * column 2q - pl + 1 gets w1*dy[q], so each q writes its own two cells and
+ * the loop vectorises. Outputs whose cells leave the row scatter tap by tap.
+ */
+CONV_CLONES
+static void row_transpose_3tap_s2(float *restrict xrow, const float *restrict drow,
+                                  const float *w, const conv2d_shape *s)
+{
+    int pad = s->pad_left, first = (pad + 1) / 2 > 1 ? (pad + 1) / 2 : 1;
+    int last = s->w - 2 + pad < 0 ? 0 : (s->w - 2 + pad) / 2 + 1;
+    last = last < s->q ? last : s->q;
+    if (first >= last) {
+        for (int t = 0; t < 3; t++)
+            row_scatter_tap(xrow, drow, w[t], 0, s->q, t, s);
+        return;
+    }
+    float w0 = w[0], w1 = w[1], w2 = w[2];
+    int q = first;
+    for (; q + LANES <= last; q += LANES)
+        for (int l = 0; l < LANES; l++) {
+            xrow[2 * (q + l) - pad] += w0 * drow[q + l] + w2 * drow[q + l - 1];
+            xrow[2 * (q + l) - pad + 1] += w1 * drow[q + l];
+        }
+    for (; q < last; q++) {
+        xrow[2 * q - pad] += w0 * drow[q] + w2 * drow[q - 1];
+        xrow[2 * q - pad + 1] += w1 * drow[q];
+    }
+
+    /* The loop covered taps 0 and 1 of q in [first, last) and tap 2 of q in
+     * [first - 1, last - 1); the rest scatter. */
+    for (int t = 0; t < 2; t++) {
+        row_scatter_tap(xrow, drow, w[t], 0, first, t, s);
+        row_scatter_tap(xrow, drow, w[t], last, s->q, t, s);
+    }
+    row_scatter_tap(xrow, drow, w2, 0, first - 1, 2, s);
+    row_scatter_tap(xrow, drow, w2, last - 1, s->q, 2, s);
+}
+
 /* dx: (H, W) += the transposed convolution of dy: (P, Q) with w: (R, S). With
  * stride 1, input column j reads dy[j + pl - t*dw]: a correlation with the
  * taps reversed. Wider strides scatter tap by tap. */
@@ -435,6 +488,7 @@ static void depthwise_plane_backward_input(float *dx, const float *dy, const flo
                                            const conv2d_shape *s)
 {
     int back_pad = (s->s - 1) * s->dilation_w - s->pad_left;
+    int three_tap_s2 = s->s == 3 && s->stride_w == 2 && s->dilation_w == 1;
     for (int p = 0; p < s->p; p++) {
         const float *drow = dy + (size_t)p * s->q;
         for (int r = 0; r < s->r; r++) {
@@ -442,18 +496,14 @@ static void depthwise_plane_backward_input(float *dx, const float *dy, const flo
             if (ih < 0 || ih >= s->h)
                 continue;
             float *xrow = dx + (size_t)ih * s->w;
-            if (s->stride_w == 1) {
+            if (s->stride_w == 1)
                 row_correlate(xrow, s->w, drow, s->q, w + r * s->s + s->s - 1, -1, s->s, 1,
                               s->dilation_w, back_pad);
-                continue;
-            }
-            for (int t = 0; t < s->s; t++) {
-                int offset = t * s->dilation_w - s->pad_left, lo, hi;
-                valid_output_range(&lo, &hi, s->q, s->w, s->stride_w, offset);
-                float wv = w[r * s->s + t];
-                for (int q = lo; q < hi; q++)
-                    xrow[q * s->stride_w + offset] += wv * drow[q];
-            }
+            else if (three_tap_s2)
+                row_transpose_3tap_s2(xrow, drow, w + r * s->s, s);
+            else
+                for (int t = 0; t < s->s; t++)
+                    row_scatter_tap(xrow, drow, w[r * s->s + t], 0, s->q, t, s);
         }
     }
 }
@@ -546,8 +596,9 @@ static void depthwise_plane_gradient_3x3(double *sums, const float *dy, const fl
                     acc2[l] += a[q + l] * b[2 * (q + l) - pad + 2];
                 }
             /* Cells outside the blocks, tap by tap: [tap_lo, lo) and [blocks_end, tap_hi). */
+            float *accs[3] = {acc0, acc1, acc2};
             for (int t = 0; t < 3; t++) {
-                float *acc = t == 0 ? acc0 : t == 1 ? acc1 : acc2;
+                float *acc = accs[t];
                 for (int q = tap_lo[t]; q < lo; q++)
                     acc[q % LANES] += a[q] * b[q * stride + t - pad];
                 for (int q = blocks_end; q < tap_hi[t]; q++)
