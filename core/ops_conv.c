@@ -8,7 +8,8 @@
  * with g = k / (K/G) the group of output channel k and out-of-range x read as 0.
  * Three fast paths, chosen by conv_path_select:
  * - depthwise (C/G = 1, G > 1, so K = m*C): a direct kernel, OpenMP over
- *   (n, k) planes in the forward and over channels in the backward;
+ *   (n, k) planes in the forward and over channels in the backward, with
+ *   fused vectorised rows for 3x3 kernels of stride 1 and 2;
  * - pointwise (1x1, stride 1, no padding): one sgemm per image and group,
  *   since the input already has the column layout;
  * - everything else: im2col of a tile of output rows of one image and group
