@@ -16,6 +16,7 @@
 #include "graph.h"
 #include "model.h"
 #include "ops.h"
+#include "runtime.h"
 
 typedef struct bench_options {
     const char *model;
@@ -64,6 +65,7 @@ static int run_step(graph *g, const float *x, float *dlogits, int32_t *labels,
 
 int main(int argc, char **argv)
 {
+    runtime_prefer_passive_openmp(argv);
     bench_options o;
     if (parse_options(&o, argc, argv)) {
         fprintf(stderr, "usage: bench_model --model PATH [--size PX] [--batch N] "

@@ -1131,6 +1131,30 @@ static top_status import_merge(keras_ctx *ctx, keras_layer *l)
     return st;
 }
 
+/*
+ * Returns 1 if an average pool covers its whole unpadded input and only
+ * Flatten layers read it. It then equals a global average pool, which the
+ * importer uses instead so the model also runs at other input sizes (the
+ * nsfwjs MobileNetV2 ends in a 7x7 AveragePooling2D sized for 224 px).
+ */
+static int pools_whole_input_into_flatten(const keras_ctx *ctx, const keras_layer *l,
+                                          const window *win)
+{
+    const keras_layer *in = input_of(ctx, l, 0);
+    if (win->same || win->k[0] != in->h || win->k[1] != in->w || win->out_h != 1 ||
+        win->out_w != 1)
+        return 0;
+    int readers = 0;
+    for (int i = 0; i < ctx->n_layers; i++)
+        for (int k = 0; k < ctx->layers[i].n_in; k++)
+            if (&ctx->layers[ctx->layers[i].in[k]] == l) {
+                if (strcmp(ctx->layers[i].class_name, "Flatten") != 0)
+                    return 0;
+                readers++;
+            }
+    return readers > 0;
+}
+
 /* MaxPooling2D and AveragePooling2D. */
 static top_status import_pool(keras_ctx *ctx, keras_layer *l)
 {
@@ -1149,7 +1173,10 @@ static top_status import_pool(keras_ctx *ctx, keras_layer *l)
     pool->pad_left = win.pad_w[0], pool->pad_right = win.pad_w[1];
     pool->count_include_pad = !win.same; /* "same" divides by the in-bounds count */
     int max = strcmp(l->class_name, "MaxPooling2D") == 0;
-    st = add_layer_node(ctx, l, max ? OP_MAXPOOL : OP_AVGPOOL, &attrs);
+    if (!max && pools_whole_input_into_flatten(ctx, l, &win))
+        st = add_layer_node(ctx, l, OP_GLOBAL_AVGPOOL, NULL);
+    else
+        st = add_layer_node(ctx, l, max ? OP_MAXPOOL : OP_AVGPOOL, &attrs);
     if (st == TOP_OK)
         set_output(l, 3, win.out_h, win.out_w, input_of(ctx, l, 0)->c);
     return st;

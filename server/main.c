@@ -6,6 +6,7 @@
 #include <string.h>
 
 #include "cli.h"
+#include "runtime.h"
 
 static const cli_command commands[] = {
     {"forward", "run a model on images and print the top classes", cli_forward},
@@ -25,6 +26,7 @@ static void print_usage(FILE *out)
 
 int main(int argc, char **argv)
 {
+    runtime_prefer_passive_openmp(argv);
     if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h")) {
         print_usage(argc < 2 ? stderr : stdout);
         return argc < 2 ? 2 : 0;

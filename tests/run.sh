@@ -7,6 +7,8 @@
 set -u
 cd "$(dirname "$0")/.."
 build=${BUILD:-build}
+# The same OpenMP wait policy that topiary sets for itself (server/runtime.h).
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 passed=0 failed=0
 failed_names=()
 
