@@ -237,6 +237,50 @@ static void test_inception_v3_golden(void)
     check_golden("inception_v3", "keras:inceptionv3", 299, 22360869);
 }
 
+/* The 7x7 average pool before the head becomes a global one, so the model
+ * runs at 112 px; a size whose feature map is too small is rejected and the
+ * graph keeps its old size. */
+static void test_real_model_other_input_size(void)
+{
+    graph *g = load_real_model("mobilenet_v2");
+    if (!g)
+        return;
+    top_error err;
+    top_error_clear(&err);
+    int pool = graph_find_node(g, "average_pooling2d_1");
+    CHECK(pool >= 0);
+    if (pool >= 0)
+        CHECK_INT_EQ(g->nodes[pool].op, OP_GLOBAL_AVGPOOL);
+
+    CHECK_INT_EQ(graph_set_input_size(g, 112, 112, &err), TOP_OK);
+    CHECK_INT_EQ(g->preprocess.height, 112);
+    int last_conv = graph_find_node(g, "Conv_1");
+    CHECK(last_conv >= 0);
+    if (last_conv >= 0) {
+        /* 112 -> 56 -> 28 -> 14 -> 7 -> 3: the explicit ZeroPadding2D before each
+         * stride-2 block keeps its 224-px amounts (bottom and right only). */
+        CHECK_INT_EQ(g->nodes[last_conv].dims[1], 3);
+        CHECK_INT_EQ(g->nodes[last_conv].dims[2], 3);
+    }
+    float *x = calloc(3 * 112 * 112, sizeof(float));
+    CHECK(x != NULL);
+    if (x && graph_forward(g, x, 1, GRAPH_MODE_INFERENCE, &err) == TOP_OK) {
+        const float *y = graph_node_output(g, g->output);
+        double sum = 0;
+        for (int i = 0; i < 5; i++)
+            sum += y[i];
+        CHECK_CLOSE(sum, 1.0, 1e-5);
+    } else {
+        CHECK_MSG(0, "forward at 112 px failed: %s", err.message);
+    }
+    free(x);
+
+    top_error_clear(&err);
+    CHECK_INT_EQ(graph_set_input_size(g, 0, 112, &err), TOP_ERR_INVALID);
+    CHECK_INT_EQ(g->preprocess.height, 112);
+    graph_free(g);
+}
+
 static void test_real_model_weight_layouts(void)
 {
     graph *g = load_real_model("mobilenet_v2");
@@ -1002,6 +1046,7 @@ int main(void)
     TEST_RUN(test_malformed_json);
     TEST_RUN(test_missing_file);
     TEST_RUN(test_real_model_weight_layouts);
+    TEST_RUN(test_real_model_other_input_size);
     TEST_RUN(test_real_model_corrupt);
     TEST_RUN(test_mobilenet_v2_golden);
     TEST_RUN(test_inception_v3_golden);
