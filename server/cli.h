@@ -14,5 +14,6 @@ int cli_forward(int argc, char **argv);
 int cli_inspect(int argc, char **argv);
 int cli_prune(int argc, char **argv);
 int cli_dataset(int argc, char **argv);
+int cli_serve(int argc, char **argv);
 
 #endif

@@ -13,6 +13,7 @@ static const cli_command commands[] = {
     {"inspect", "print a model's graph, parameters and FLOPs", cli_inspect},
     {"prune", "prune a model and evaluate it zero-shot on held-out tasks", cli_prune},
     {"dataset", "inspect a labelled data set or convert it to a bundle", cli_dataset},
+    {"serve", "run the HTTP service", cli_serve},
     {"version", "print the version", cli_version},
 };
 
