@@ -34,7 +34,7 @@ static void prune_usage(FILE *out)
 
 static int bad_option(const char *opt, const char *value, const char *fix)
 {
-    fprintf(stderr, "topiary prune: invalid %s '%s'; %s\n", opt, value, fix);
+    fprintf(stderr, "topiary prune: invalid %s '%s': %s\n", opt, value, fix);
     return 2;
 }
 
@@ -60,15 +60,15 @@ static int parse_size(size_t *out, const char *s, char stop, const char **rest)
     return 0;
 }
 
-/* "A,B" into two counts. */
+/* Parses "A,B" into two counts. */
 static int parse_pair(size_t *a, size_t *b, const char *s)
 {
     const char *rest;
     return parse_size(a, s, ',', &rest) || parse_size(b, rest, '\0', &rest) ? -1 : 0;
 }
 
-/* Splits the comma list of evaluation URIs in place; an idx: URI keeps its
- * comma, so a piece that is not a URI joins the one before it. */
+/* Splits the comma list of evaluation URIs in place. A piece without a scheme
+ * is the label file of an idx: URI, so it joins the piece before it. */
 static int split_eval(pipeline_options *o, char *list)
 {
     for (char *p = strtok(list, ","); p; p = strtok(NULL, ",")) {
@@ -88,10 +88,15 @@ typedef struct progress_state {
     int tty;
 } progress_state;
 
+/* Redraws the bar in place on a terminal. Otherwise it prints one line when a
+ * stage starts and one when it ends. */
 static void draw_progress(void *user, const char *stage, size_t done, size_t total)
 {
     progress_state *ps = user;
-    if (ps->stage && strcmp(ps->stage, stage) != 0)
+    int new_stage = !ps->stage || strcmp(ps->stage, stage) != 0;
+    if (!ps->tty && !new_stage && done != total)
+        return;
+    if (ps->tty && ps->stage && new_stage)
         fputc('\n', stderr);
     ps->stage = stage;
     double f = total ? (double)done / (double)total : 0.0;
@@ -126,7 +131,7 @@ static const struct option prune_options[] = {
     {NULL, 0, NULL, 0},
 };
 
-/* Parses one option into o; returns 0, or the exit code. */
+/* Parses one option into o. Returns 0, or the exit code for an invalid value. */
 static int parse_one(pipeline_options *o, int c, char *arg)
 {
     double v;
