@@ -86,7 +86,7 @@ typedef struct store_options {
  * Opens (creating if needed) the database at path, sets WAL mode, the busy
  * timeout, foreign keys and the synchronous level, and applies every embedded
  * migration the file lacks. opts may be NULL for the defaults. A database
- * whose schema_migrations holds a version newer than the binary's newest
+ * whose schema_migrations contains a version newer than the binary's newest
  * migration is rejected with TOP_ERR_UNSUPPORTED. On failure *out is NULL.
  */
 top_status store_open(store **out, const char *path, const store_options *opts, top_error *err);
@@ -142,7 +142,7 @@ typedef struct store_job_query {
 /*
  * Lists jobs newest first, ordered by (created_at, id) descending. *out gets
  * {"jobs": [job, ...], "next_cursor": string or null}; each job has the keys
- * of store_job_get() except request, result and task_results. The cursor is
+ * of store_job_get() except request, result, task_results and layers. The cursor is
  * opaque; a malformed one is TOP_ERR_INVALID.
  */
 top_status store_job_list(store *s, const store_job_query *q, json_t **out, top_error *err);
@@ -229,9 +229,10 @@ top_status store_job_delete(store *s, const char *id, json_t **artifact_paths, t
 
 /*
  * Startup recovery after a crash: every running job goes back to queued with
- * attempts + 1, or to failed ("abandoned after N attempts") when attempts + 1
- * exceeds max_attempts. Call once before the executor starts. requeued and
- * failed (may be NULL) get the counts.
+ * attempts + 1, or to failed ("abandoned after N interrupted attempts") when
+ * attempts + 1 reaches max_attempts, so a job starts at most max_attempts
+ * times. A running job with a cancel request becomes cancelled. Call once,
+ * before the executor starts; requeued and failed (may be NULL) get the counts.
  */
 top_status store_jobs_recover(store *s, int max_attempts, size_t *requeued, size_t *failed,
                               top_error *err);
