@@ -29,13 +29,13 @@ extern char **environ;
 typedef enum option_type { OPT_STRING, OPT_INT, OPT_DOUBLE, OPT_BOOL, OPT_SIZE } option_type;
 
 typedef struct option_def {
-    const char *name;   /* the option's name in messages */
-    const char *flag;   /* command-line flag */
-    const char *env;    /* environment variable and config file key */
+    const char *name; /* the option's name in messages */
+    const char *flag; /* command-line flag */
+    const char *env;  /* environment variable and config file key */
     option_type type;
-    size_t offset;      /* of the field in server_config */
-    const char *def;    /* default, parsed like any other value */
-    double min, max;    /* bounds of numeric types (sizes in bytes) */
+    size_t offset;   /* of the field in server_config */
+    const char *def; /* default, parsed like any other value */
+    double min, max; /* bounds of numeric types (sizes in bytes) */
     int (*check)(const char *value, char *why, size_t cap); /* extra check of a string */
     const char *help;
 } option_def;
@@ -59,16 +59,16 @@ static const option_def options[] = {
      "every interface"},
     {"port", "--port", "TOPIARY_PORT", OPT_INT, F(port), "8080", 0, 65535, NULL,
      "TCP port of the HTTP server; 0 picks a free port"},
-    {"database_path", "--db", "TOPIARY_DB", OPT_STRING, F(database_path), "var/topiary.db", 0, 0,
-     NULL, "SQLite database file of jobs, models and tasks (created if missing)"},
+    {"database_path", "--db", "TOPIARY_DB", OPT_STRING, F(database_path), "var/topiary.db", 0,
+     0, NULL, "SQLite database file of jobs, models and tasks (created if missing)"},
     {"artifact_dir", "--artifact-dir", "TOPIARY_ARTIFACT_DIR", OPT_STRING, F(artifact_dir),
      "var/artifacts", 0, 0, NULL, "directory of checkpoints and uploaded models"},
     {"workers", "--workers", "TOPIARY_WORKERS", OPT_INT, F(workers), "1", 1, 64, NULL,
      "executor threads, each running one job at a time"},
     {"queue_capacity", "--queue-capacity", "TOPIARY_QUEUE_CAPACITY", OPT_INT, F(queue_capacity),
      "64", 1, 100000, NULL, "queued jobs accepted before new submissions get 503"},
-    {"max_body_bytes", "--max-body", "TOPIARY_MAX_BODY", OPT_SIZE, F(max_body_bytes), "1M",
-     KIB, 64 * MIB, NULL, "largest JSON request body, in bytes (suffix k, M, G)"},
+    {"max_body_bytes", "--max-body", "TOPIARY_MAX_BODY", OPT_SIZE, F(max_body_bytes), "1M", KIB,
+     64 * MIB, NULL, "largest JSON request body, in bytes (suffix k, M, G)"},
     {"max_upload_bytes", "--max-upload", "TOPIARY_MAX_UPLOAD", OPT_SIZE, F(max_upload_bytes),
      "1G", MIB, 64 * GIB, NULL, "largest model upload, in bytes (suffix k, M, G)"},
     {"max_json_depth", "--max-json-depth", "TOPIARY_MAX_JSON_DEPTH", OPT_INT, F(max_json_depth),
@@ -100,8 +100,8 @@ static const option_def options[] = {
      "seconds a shutdown waits for running jobs before re-queueing them"},
     {"log_level", "--log-level", "TOPIARY_LOG_LEVEL", OPT_STRING, F(log_level), "info", 0, 0,
      check_log_level, "lowest level logged: debug, info, warn or error"},
-    {"log_format", "--log-format", "TOPIARY_LOG_FORMAT", OPT_STRING, F(log_format), "text", 0, 0,
-     check_log_format, "log line format: text (key=value) or json"},
+    {"log_format", "--log-format", "TOPIARY_LOG_FORMAT", OPT_STRING, F(log_format), "text", 0,
+     0, check_log_format, "log line format: text (key=value) or json"},
 };
 
 #define OPTION_COUNT (sizeof options / sizeof options[0])
@@ -140,7 +140,8 @@ static int check_hosts(const char *value, char *why, size_t cap)
         bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
                   c == '.' || c == '-' || c == ',' || c == ':' || c == '[' || c == ']';
         if (!ok || (c == ',' && (p == value || p[1] == ',' || p[1] == '\0'))) {
-            snprintf(why, cap, "must be host names separated by commas, such as a.example,b.example");
+            snprintf(why, cap,
+                     "must be host names separated by commas, such as a.example,b.example");
             return -1;
         }
     }
@@ -393,8 +394,10 @@ static top_status read_config_file(server_config *cfg, const char *path, top_err
         total += n;
         snprintf(source, sizeof source, "config file %s line %d", path, lineno);
         if (total > CONFIG_FILE_MAX || (n == sizeof line - 1 && line[n - 1] != '\n')) {
-            rc = top_error_set(err, TOP_ERR_LIMIT, "%s: line or file too long (max %d bytes per "
-                               "line, %u per file)", source, CONFIG_LINE_MAX, CONFIG_FILE_MAX);
+            rc = top_error_set(err, TOP_ERR_LIMIT,
+                               "%s: line or file too long (max %d bytes per "
+                               "line, %u per file)",
+                               source, CONFIG_LINE_MAX, CONFIG_FILE_MAX);
             break;
         }
         while (n && (line[n - 1] == '\n' || line[n - 1] == '\r' || line[n - 1] == ' ' ||
@@ -565,7 +568,8 @@ void config_print_help(FILE *out)
         char range[80];
         format_range(range, sizeof range, o);
         fprintf(out, "  %s %s  (%s)\n      %s\n      default '%s'%s%s\n", o->flag,
-                type_metavar(o->type), o->env, o->help, o->def, *range ? ", range " : "", range);
+                type_metavar(o->type), o->env, o->help, o->def, *range ? ", range " : "",
+                range);
     }
     fprintf(out, "  --print-config          print the effective configuration and exit\n"
                  "  --print-config-sample   print the sample config file and exit\n"
@@ -592,10 +596,11 @@ void config_write(FILE *out, const server_config *cfg)
 
 void config_write_sample(FILE *out)
 {
-    fprintf(out, "# Sample configuration of `topiary serve`, generated by\n"
-                 "# `topiary serve --print-config-sample`. Uncomment a line to change it.\n"
-                 "# Environment variables of the same names override this file, and\n"
-                 "# command-line flags override both. Values are taken verbatim (no quotes).\n\n");
+    fprintf(out,
+            "# Sample configuration of `topiary serve`, generated by\n"
+            "# `topiary serve --print-config-sample`. Uncomment a line to change it.\n"
+            "# Environment variables of the same names override this file, and\n"
+            "# command-line flags override both. Values are taken verbatim (no quotes).\n\n");
     for (size_t i = 0; i < OPTION_COUNT; i++)
         write_entry(out, &options[i], options[i].def, true);
 }

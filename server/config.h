@@ -25,8 +25,8 @@
 #include "status.h"
 
 typedef struct server_config {
-    char *config_file;         /* the file that was read, or NULL */
-    char *listen_address;      /* IPv4 or IPv6 literal */
+    char *config_file;    /* the file that was read, or NULL */
+    char *listen_address; /* IPv4 or IPv6 literal */
     int port;
     char *database_path;       /* SQLite file */
     char *artifact_dir;        /* checkpoints and uploads */
@@ -35,16 +35,16 @@ typedef struct server_config {
     uint64_t max_body_bytes;   /* JSON request bodies */
     uint64_t max_upload_bytes; /* model uploads */
     int max_json_depth;
-    char *file_roots;          /* colon-separated directories file:// URIs may read; "" = none */
-    char *http_allowed_hosts;  /* comma-separated hosts http(s):// URIs may fetch; "" = none */
-    char *token_file;          /* bearer tokens, one per line; "" = no authentication */
-    int progress_interval_ms;  /* min time between progress writes of one job */
-    int max_job_attempts;      /* a job abandoned this often by a crash fails */
-    int busy_timeout_ms;       /* SQLite lock wait */
-    bool sqlite_sync_full;     /* synchronous=FULL instead of NORMAL */
-    double shutdown_grace_s;   /* how long a drain waits for running jobs */
-    char *log_level;           /* debug, info, warn, error */
-    char *log_format;          /* text or json */
+    char *file_roots;         /* colon-separated directories file:// URIs may read; "" = none */
+    char *http_allowed_hosts; /* comma-separated hosts http(s):// URIs may fetch; "" = none */
+    char *token_file;         /* bearer tokens, one per line; "" = no authentication */
+    int progress_interval_ms; /* min time between progress writes of one job */
+    int max_job_attempts;     /* a job abandoned this often by a crash fails */
+    int busy_timeout_ms;      /* SQLite lock wait */
+    bool sqlite_sync_full;    /* synchronous=FULL instead of NORMAL */
+    double shutdown_grace_s;  /* how long a drain waits for running jobs */
+    char *log_level;          /* debug, info, warn, error */
+    char *log_format;         /* text or json */
 } server_config;
 
 /* What the caller should do after config_parse(). */

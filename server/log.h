@@ -4,7 +4,8 @@
  * different threads never interleave.
  *
  * text:  2024-12-04T21:34:00.123Z INFO store id=job_0123 msg="job claimed" attempts=1
- * json:  {"time":"...","level":"info","component":"store","id":"job_0123","msg":"job claimed","attempts":1}
+ * json:  {"time":"...","level":"info","component":"store","id":"job_0123","msg":"job
+ * claimed","attempts":1}
  *
  * The key=value list is a printf-like format of space-separated "key=%conv"
  * items; the supported conversions are %s, %d, %u, %ld, %lu, %lld, %llu, %zu,

@@ -50,7 +50,8 @@ struct store {
 
 const char *store_job_status_str(store_job_status status)
 {
-    static const char *const names[] = {"queued", "running", "succeeded", "failed", "cancelled"};
+    static const char *const names[] = {"queued", "running", "succeeded", "failed",
+                                        "cancelled"};
     return (unsigned)status < STORE_JOB_STATUS_COUNT ? names[status] : "unknown";
 }
 
@@ -102,9 +103,11 @@ static top_status db_error(store *s, top_error *err, const char *what)
                              "retry later or raise the busy timeout",
                              what, s->busy_timeout_ms, s->busy_retries);
     case SQLITE_CONSTRAINT:
-        return top_error_set(err, TOP_ERR_INVALID, "store: %s: constraint failed: %s", what, msg);
+        return top_error_set(err, TOP_ERR_INVALID, "store: %s: constraint failed: %s", what,
+                             msg);
     default:
-        return top_error_set(err, TOP_ERR_IO, "store: %s: %s (sqlite code %d)", what, msg, code);
+        return top_error_set(err, TOP_ERR_IO, "store: %s: %s (sqlite code %d)", what, msg,
+                             code);
     }
 }
 
@@ -265,7 +268,8 @@ static void bind_text_or_null(sqlite3_stmt *st, int i, const char *v)
 static top_status read_schema_version(store *s, int *version, top_error *err)
 {
     sqlite3_stmt *st;
-    top_status rc = prepare(s, "SELECT coalesce(max(version), 0) FROM schema_migrations", &st, err);
+    top_status rc =
+        prepare(s, "SELECT coalesce(max(version), 0) FROM schema_migrations", &st, err);
     if (rc != TOP_OK)
         return rc;
     if (sqlite3_step(st) == SQLITE_ROW)
@@ -286,8 +290,8 @@ static top_status check_applied_names(store *s, const store_migration *m, size_t
                                       top_error *err)
 {
     sqlite3_stmt *st;
-    top_status rc = prepare(s, "SELECT version, name FROM schema_migrations ORDER BY version", &st,
-                            err);
+    top_status rc =
+        prepare(s, "SELECT version, name FROM schema_migrations ORDER BY version", &st, err);
     if (rc != TOP_OK)
         return rc;
     int step;
@@ -324,8 +328,9 @@ static top_status apply_migration(store *s, const store_migration *m, top_error 
     }
     sqlite3_stmt *st = NULL;
     if (rc == TOP_OK)
-        rc = prepare(s, "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
-                     &st, err);
+        rc = prepare(
+            s, "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
+            &st, err);
     if (rc == TOP_OK) {
         char now[LOG_TIME_MAX];
         now_text(s, now);
@@ -384,10 +389,11 @@ static top_status set_pragmas(store *s, bool synchronous_full, top_error *err)
     } else {
         const char *mode = (const char *)sqlite3_column_text(st, 0);
         if (!mode || strcmp(mode, "wal") != 0)
-            rc = top_error_set(err, TOP_ERR_UNSUPPORTED,
-                               "the database did not switch to WAL mode (journal_mode is '%s'); "
-                               "put it on a local file system",
-                               mode ? mode : "");
+            rc =
+                top_error_set(err, TOP_ERR_UNSUPPORTED,
+                              "the database did not switch to WAL mode (journal_mode is '%s'); "
+                              "put it on a local file system",
+                              mode ? mode : "");
     }
     sqlite3_finalize(st);
     if (rc == TOP_OK)
@@ -403,7 +409,8 @@ top_status store_open(store **out, const char *path, const store_options *opts, 
     *out = NULL;
     store_options o = opts ? *opts : (store_options){0};
     if (!path || !*path)
-        return top_error_set(err, TOP_ERR_INVALID, "store: empty database path; set a file name");
+        return top_error_set(err, TOP_ERR_INVALID,
+                             "store: empty database path; set a file name");
     if (o.busy_timeout_ms < 0 || o.busy_retries < 0 || o.max_version < 0)
         return top_error_set(err, TOP_ERR_INVALID,
                              "store: negative option (busy timeout %d ms, retries %d, "
@@ -419,10 +426,12 @@ top_status store_open(store **out, const char *path, const store_options *opts, 
     top_status rc = TOP_OK;
     int flags = SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX;
     if (sqlite3_open_v2(path, &s->db, flags, NULL) != SQLITE_OK) {
-        rc = s->db ? top_error_set(err, TOP_ERR_IO, "store: cannot open database '%s': %s; "
-                                   "check that its directory exists and is writable",
-                                   path, sqlite3_errmsg(s->db))
-                   : top_error_set(err, TOP_ERR_NOMEM, "store: out of memory opening '%s'", path);
+        rc = s->db
+                 ? top_error_set(err, TOP_ERR_IO,
+                                 "store: cannot open database '%s': %s; "
+                                 "check that its directory exists and is writable",
+                                 path, sqlite3_errmsg(s->db))
+                 : top_error_set(err, TOP_ERR_NOMEM, "store: out of memory opening '%s'", path);
         goto fail;
     }
     sqlite3_extended_result_codes(s->db, 1);
@@ -496,7 +505,8 @@ static int hex_value(char c)
     return -1;
 }
 
-/* Splits a cursor into created_at and id (buffers of 64 bytes); returns 0, or -1 if malformed. */
+/* Splits a cursor into created_at and id (buffers of 64 bytes); returns 0, or -1 if malformed.
+ */
 static int cursor_decode(const char *cursor, char created_at[64], char id[64])
 {
     size_t n = strlen(cursor);
@@ -524,11 +534,11 @@ static int cursor_decode(const char *cursor, char created_at[64], char id[64])
 typedef json_t *(*row_to_json_fn)(sqlite3_stmt *st, bool *malformed);
 
 typedef struct page_query {
-    const char *sql;  /* binds ?1 status (if used), ?2 created_at, ?3 id, ?4 limit + 1 */
+    const char *sql; /* binds ?1 status (if used), ?2 created_at, ?3 id, ?4 limit + 1 */
     const char *status;
     const char *cursor;
     size_t limit;
-    const char *key;  /* "jobs", "models", "tasks" */
+    const char *key;    /* "jobs", "models", "tasks" */
     row_to_json_fn row; /* must emit "id" and "created_at" */
 } page_query;
 
@@ -536,9 +546,9 @@ static top_status list_page(store *s, const page_query *q, json_t **out, top_err
 {
     char created[64] = "", id[64] = "";
     if (q->cursor && *q->cursor && cursor_decode(q->cursor, created, id) != 0)
-        return top_error_set(err, TOP_ERR_INVALID,
-                             "malformed cursor '%.64s'; pass the next_cursor of a previous page",
-                             q->cursor);
+        return top_error_set(
+            err, TOP_ERR_INVALID,
+            "malformed cursor '%.64s'; pass the next_cursor of a previous page", q->cursor);
     size_t limit = q->limit == 0 ? STORE_LIST_LIMIT_DEFAULT : q->limit;
     if (limit > STORE_LIST_LIMIT_MAX)
         limit = STORE_LIST_LIMIT_MAX;
@@ -585,9 +595,9 @@ static top_status list_page(store *s, const page_query *q, json_t **out, top_err
         if (!next)
             rc = top_error_set(err, TOP_ERR_NOMEM, "store: out of memory listing %s", q->key);
     }
-    if (rc == TOP_OK && (json_object_set_new(page, q->key, rows) != 0 ||
-                         json_object_set_new(page, "next_cursor",
-                                             next ? json_string(next) : json_null()) != 0))
+    if (rc == TOP_OK &&
+        (json_object_set_new(page, q->key, rows) != 0 ||
+         json_object_set_new(page, "next_cursor", next ? json_string(next) : json_null()) != 0))
         rc = top_error_set(err, TOP_ERR_NOMEM, "store: out of memory listing %s", q->key);
     else if (rc == TOP_OK)
         rows = NULL; /* now owned by page */
@@ -603,15 +613,34 @@ static top_status list_page(store *s, const page_query *q, json_t **out, top_err
 
 /* ---- jobs: reading ---- */
 
-#define JOB_COLUMNS                                                                               \
-    "id, status, stage, progress, eta_seconds, request, idempotency_key, attempts, error, "       \
-    "cancel_requested, result, dense_path, dense_size, dense_sha256, compressed_path, "           \
+#define JOB_COLUMNS                                                                            \
+    "id, status, stage, progress, eta_seconds, request, idempotency_key, attempts, error, "    \
+    "cancel_requested, result, dense_path, dense_size, dense_sha256, compressed_path, "        \
     "compressed_size, compressed_sha256, created_at, started_at, finished_at, updated_at"
 
-enum { JC_ID, JC_STATUS, JC_STAGE, JC_PROGRESS, JC_ETA, JC_REQUEST, JC_IDEM, JC_ATTEMPTS,
-       JC_ERROR, JC_CANCEL, JC_RESULT, JC_DENSE_PATH, JC_DENSE_SIZE, JC_DENSE_SHA,
-       JC_COMP_PATH, JC_COMP_SIZE, JC_COMP_SHA, JC_CREATED, JC_STARTED, JC_FINISHED,
-       JC_UPDATED };
+enum {
+    JC_ID,
+    JC_STATUS,
+    JC_STAGE,
+    JC_PROGRESS,
+    JC_ETA,
+    JC_REQUEST,
+    JC_IDEM,
+    JC_ATTEMPTS,
+    JC_ERROR,
+    JC_CANCEL,
+    JC_RESULT,
+    JC_DENSE_PATH,
+    JC_DENSE_SIZE,
+    JC_DENSE_SHA,
+    JC_COMP_PATH,
+    JC_COMP_SIZE,
+    JC_COMP_SHA,
+    JC_CREATED,
+    JC_STARTED,
+    JC_FINISHED,
+    JC_UPDATED
+};
 
 static json_t *artifact_json(sqlite3_stmt *st, int path_col)
 {
@@ -778,9 +807,10 @@ top_status store_job_list(store *s, const store_job_query *q, json_t **out, top_
     if (!q)
         q = &none;
     page_query pq = {
-        .sql = "SELECT " JOB_COLUMNS " FROM jobs "
-               "WHERE (?1 IS NULL OR status = ?1) AND (?2 IS NULL OR (created_at, id) < (?2, ?3)) "
-               "ORDER BY created_at DESC, id DESC LIMIT ?4",
+        .sql =
+            "SELECT " JOB_COLUMNS " FROM jobs "
+            "WHERE (?1 IS NULL OR status = ?1) AND (?2 IS NULL OR (created_at, id) < (?2, ?3)) "
+            "ORDER BY created_at DESC, id DESC LIMIT ?4",
         .status = q->has_status ? store_job_status_str(q->status) : NULL,
         .cursor = q->cursor,
         .limit = q->limit,
@@ -851,23 +881,22 @@ static top_status transition_in_tx(store *s, const char *id, store_job_status fr
                                    store_job_status to, top_error *err)
 {
     if (!transition_is_legal(from, to))
-        return top_error_set(err, TOP_ERR_STATE,
-                             "job %s: illegal transition from %s to %s", id,
+        return top_error_set(err, TOP_ERR_STATE, "job %s: illegal transition from %s to %s", id,
                              store_job_status_str(from), store_job_status_str(to));
     sqlite3_stmt *st;
-    top_status rc = prepare(
-        s,
-        "UPDATE jobs SET status = ?2, updated_at = ?4,"
-        " started_at = CASE WHEN ?2 = 'running' THEN ?4 ELSE started_at END,"
-        " finished_at = CASE WHEN ?2 IN ('succeeded', 'failed', 'cancelled') THEN ?4"
-        "                    ELSE finished_at END,"
-        " attempts = attempts + (?3 = 'running' AND ?2 = 'queued'),"
-        " progress = CASE WHEN ?2 = 'queued' THEN 0 WHEN ?2 = 'succeeded' THEN 1"
-        "                 ELSE progress END,"
-        " stage = CASE WHEN ?2 = 'queued' THEN NULL ELSE stage END,"
-        " eta_seconds = CASE WHEN ?2 = 'running' THEN eta_seconds ELSE NULL END"
-        " WHERE id = ?1 AND status = ?3",
-        &st, err);
+    top_status rc =
+        prepare(s,
+                "UPDATE jobs SET status = ?2, updated_at = ?4,"
+                " started_at = CASE WHEN ?2 = 'running' THEN ?4 ELSE started_at END,"
+                " finished_at = CASE WHEN ?2 IN ('succeeded', 'failed', 'cancelled') THEN ?4"
+                "                    ELSE finished_at END,"
+                " attempts = attempts + (?3 = 'running' AND ?2 = 'queued'),"
+                " progress = CASE WHEN ?2 = 'queued' THEN 0 WHEN ?2 = 'succeeded' THEN 1"
+                "                 ELSE progress END,"
+                " stage = CASE WHEN ?2 = 'queued' THEN NULL ELSE stage END,"
+                " eta_seconds = CASE WHEN ?2 = 'running' THEN eta_seconds ELSE NULL END"
+                " WHERE id = ?1 AND status = ?3",
+                &st, err);
     if (rc != TOP_OK)
         return rc;
     char now[LOG_TIME_MAX];
@@ -907,11 +936,12 @@ top_status store_job_transition(store *s, const char *id, store_job_status from,
 /* ---- jobs: writing ---- */
 
 /* Looks up a job by idempotency key; *found tells whether it exists. */
-static top_status find_by_key(store *s, const char *key, const char *request, char id[STORE_ID_MAX],
-                              bool *found, top_error *err)
+static top_status find_by_key(store *s, const char *key, const char *request,
+                              char id[STORE_ID_MAX], bool *found, top_error *err)
 {
     sqlite3_stmt *st;
-    top_status rc = prepare(s, "SELECT id, request FROM jobs WHERE idempotency_key = ?", &st, err);
+    top_status rc =
+        prepare(s, "SELECT id, request FROM jobs WHERE idempotency_key = ?", &st, err);
     if (rc != TOP_OK)
         return rc;
     sqlite3_bind_text(st, 1, key, -1, SQLITE_TRANSIENT);
@@ -1094,9 +1124,10 @@ top_status store_job_cancel(store *s, const char *id, store_job_status *status, 
             sqlite3_finalize(st);
         }
     } else if (rc == TOP_OK) {
-        rc = top_error_set(err, TOP_ERR_STATE,
-                           "job %s is already %s; only a queued or running job can be cancelled",
-                           id, store_job_status_str(current));
+        rc =
+            top_error_set(err, TOP_ERR_STATE,
+                          "job %s is already %s; only a queued or running job can be cancelled",
+                          id, store_job_status_str(current));
     }
     rc = tx_end(s, rc, err);
     if (rc == TOP_OK && status)
@@ -1118,15 +1149,14 @@ static top_status check_outcome(const char *id, const store_job_outcome *o, top_
         return top_error_set(err, TOP_ERR_INVALID, "job %s: outcome counts without arrays", id);
     for (size_t i = 0; i < o->task_count; i++)
         if (!o->tasks[i].task || !*o->tasks[i].task)
-            return top_error_set(err, TOP_ERR_INVALID, "job %s: task result %zu has no name", id,
-                                 i);
+            return top_error_set(err, TOP_ERR_INVALID, "job %s: task result %zu has no name",
+                                 id, i);
     for (size_t i = 0; i < o->layer_count; i++) {
         const store_layer_sparsity *l = &o->layers[i];
         if (!l->layer || l->weights < 0 || l->zeros < 0 || l->zeros > l->weights)
-            return top_error_set(err, TOP_ERR_INVALID,
-                                 "job %s: layer %zu ('%s') has zeros %lld outside 0..%lld", id, i,
-                                 l->layer ? l->layer : "", (long long)l->zeros,
-                                 (long long)l->weights);
+            return top_error_set(
+                err, TOP_ERR_INVALID, "job %s: layer %zu ('%s') has zeros %lld outside 0..%lld",
+                id, i, l->layer ? l->layer : "", (long long)l->zeros, (long long)l->weights);
     }
     if (o->result && !json_is_object(o->result))
         return top_error_set(err, TOP_ERR_INVALID, "job %s: result must be a JSON object", id);
@@ -1265,8 +1295,8 @@ top_status store_job_delete(store *s, const char *id, json_t **artifact_paths, t
     top_status rc = tx_begin(s, err);
     sqlite3_stmt *st = NULL;
     if (rc == TOP_OK)
-        rc = prepare(s, "SELECT status, dense_path, compressed_path FROM jobs WHERE id = ?", &st,
-                     err);
+        rc = prepare(s, "SELECT status, dense_path, compressed_path FROM jobs WHERE id = ?",
+                     &st, err);
     if (rc == TOP_OK) {
         sqlite3_bind_text(st, 1, id, -1, SQLITE_TRANSIENT);
         int step = sqlite3_step(st);
@@ -1275,11 +1305,13 @@ top_status store_job_delete(store *s, const char *id, json_t **artifact_paths, t
             rc = top_error_set(err, TOP_ERR_NOT_FOUND, "job %s not found", id);
         else if (step != SQLITE_ROW)
             rc = db_error(s, err, "read job");
-        else if (store_job_status_parse((const char *)sqlite3_column_text(st, 0), &status) != 0 ||
+        else if (store_job_status_parse((const char *)sqlite3_column_text(st, 0), &status) !=
+                     0 ||
                  !store_job_status_is_final(status))
-            rc = top_error_set(err, TOP_ERR_STATE,
-                               "job %s is %s; cancel it and wait until it stops before deleting",
-                               id, store_job_status_str(status));
+            rc =
+                top_error_set(err, TOP_ERR_STATE,
+                              "job %s is %s; cancel it and wait until it stops before deleting",
+                              id, store_job_status_str(status));
         for (int c = 1; rc == TOP_OK && c <= 2; c++)
             if (sqlite3_column_type(st, c) != SQLITE_NULL &&
                 json_array_append_new(paths, col_text(st, c)) != 0)
@@ -1316,9 +1348,9 @@ static top_status running_jobs(store *s, json_t **out, top_error *err)
     json_t *arr = json_array();
     int step = SQLITE_DONE;
     while (arr && (step = sqlite3_step(st)) == SQLITE_ROW) {
-        json_t *row = json_pack("[s,I,b]", (const char *)sqlite3_column_text(st, 0),
-                                (json_int_t)sqlite3_column_int64(st, 1),
-                                sqlite3_column_int(st, 2) != 0);
+        json_t *row =
+            json_pack("[s,I,b]", (const char *)sqlite3_column_text(st, 0),
+                      (json_int_t)sqlite3_column_int64(st, 1), sqlite3_column_int(st, 2) != 0);
         if (!row || json_array_append_new(arr, row) != 0) {
             json_decref(arr);
             arr = NULL;
@@ -1343,8 +1375,8 @@ static top_status abandon_in_tx(store *s, const char *id, int64_t attempts, top_
     top_status rc = transition_in_tx(s, id, STORE_JOB_RUNNING, STORE_JOB_FAILED, err);
     sqlite3_stmt *st = NULL;
     if (rc == TOP_OK)
-        rc = prepare(s, "UPDATE jobs SET attempts = attempts + 1, error = ?2 WHERE id = ?1", &st,
-                     err);
+        rc = prepare(s, "UPDATE jobs SET attempts = attempts + 1, error = ?2 WHERE id = ?1",
+                     &st, err);
     if (rc == TOP_OK) {
         char msg[160];
         snprintf(msg, sizeof msg,
@@ -1563,8 +1595,8 @@ top_status store_task_insert(store *s, const char *id, const json_t *spec,
     id_out[0] = '\0';
     if (id && !task_id_is_valid(id))
         return top_error_set(err, TOP_ERR_INVALID,
-                             "task id '%.64s' must be 1..%d characters of A-Z a-z 0-9 _ . -", id,
-                             STORE_ID_MAX - 1);
+                             "task id '%.64s' must be 1..%d characters of A-Z a-z 0-9 _ . -",
+                             id, STORE_ID_MAX - 1);
     if (!json_is_object(spec))
         return top_error_set(err, TOP_ERR_INVALID, "task spec must be a JSON object");
     char new_id[STORE_ID_MAX];

@@ -76,10 +76,10 @@ const store_migration *store_migrations(size_t *count);
 typedef int64_t (*store_clock_fn)(void *ctx);
 
 typedef struct store_options {
-    int busy_timeout_ms;  /* SQLite waits this long for a lock; 0 means 5000 */
-    int busy_retries;     /* then retries a busy transaction this often; 0 means 3 */
+    int busy_timeout_ms;   /* SQLite waits this long for a lock; 0 means 5000 */
+    int busy_retries;      /* then retries a busy transaction this often; 0 means 3 */
     bool synchronous_full; /* synchronous=FULL instead of NORMAL */
-    int max_version;      /* apply migrations up to this version; 0 means all (tests) */
+    int max_version;       /* apply migrations up to this version; 0 means all (tests) */
 } store_options;
 
 /*
@@ -133,10 +133,10 @@ top_status store_job_insert(store *s, const json_t *request, const char *idempot
 top_status store_job_get(store *s, const char *id, json_t **out, top_error *err);
 
 typedef struct store_job_query {
-    bool has_status;         /* filter on status when true */
+    bool has_status; /* filter on status when true */
     store_job_status status;
-    const char *cursor;      /* NULL for the first page, else a previous next_cursor */
-    size_t limit;            /* 0 means STORE_LIST_LIMIT_DEFAULT; capped at the max */
+    const char *cursor; /* NULL for the first page, else a previous next_cursor */
+    size_t limit;       /* 0 means STORE_LIST_LIMIT_DEFAULT; capped at the max */
 } store_job_query;
 
 /*
@@ -237,7 +237,8 @@ top_status store_job_delete(store *s, const char *id, json_t **artifact_paths, t
 top_status store_jobs_recover(store *s, int max_attempts, size_t *requeued, size_t *failed,
                               top_error *err);
 
-/* Counts jobs per status into counts[STORE_JOB_STATUS_COUNT]; counts[QUEUED] is the queue depth. */
+/* Counts jobs per status into counts[STORE_JOB_STATUS_COUNT]; counts[QUEUED] is the queue
+ * depth. */
 top_status store_job_counts(store *s, int64_t counts[STORE_JOB_STATUS_COUNT], top_error *err);
 
 /* ---- models ---- */
@@ -247,7 +248,7 @@ typedef struct store_model {
     const char *sha256;       /* of the content, 64 hex digits */
     const char *architecture; /* e.g. "resnet18", "mobilenet_v2" */
     int64_t parameter_count;
-    const char *path;         /* stored content for uploads, else NULL */
+    const char *path; /* stored content for uploads, else NULL */
 } store_model;
 
 /* Inserts a model and writes its new id ("model_...") into id. */

@@ -48,7 +48,8 @@ static top_status parse(server_config *cfg, const char *const *argv, const char 
 }
 
 /* Expects a parse failure whose message contains every one of the words. */
-static void expect_error(const char *const *argv, const char *const *envp, top_status want, const char *words[])
+static void expect_error(const char *const *argv, const char *const *envp, top_status want,
+                         const char *words[])
 {
     server_config cfg;
     config_action action;
@@ -89,8 +90,8 @@ static void test_precedence(void)
     write_file(path, "# comment\n\n  TOPIARY_PORT = 1000\nTOPIARY_WORKERS=2\n"
                      "TOPIARY_LOG_LEVEL=debug\r\nTOPIARY_MAX_BODY=2M\n");
     snprintf(env_config, sizeof env_config, "TOPIARY_CONFIG=%s", path);
-    const char *envp[] = {env_config, "TOPIARY_PORT=2000", "TOPIARY_WORKERS=3", "TOPIARY_DATA_DIR=x",
-                    NULL};
+    const char *envp[] = {env_config, "TOPIARY_PORT=2000", "TOPIARY_WORKERS=3",
+                          "TOPIARY_DATA_DIR=x", NULL};
     const char *argv[] = {"serve", "--port", "3000", "--sqlite-sync-full", NULL};
     server_config cfg;
     config_action action = CONFIG_ACTION_HELP;
@@ -99,12 +100,12 @@ static void test_precedence(void)
     if (err.status != TOP_OK)
         return;
     CHECK_INT_EQ(action, CONFIG_ACTION_RUN);
-    CHECK_INT_EQ(cfg.port, 3000);                 /* flag over env over file */
-    CHECK_INT_EQ(cfg.workers, 3);                 /* env over file */
-    CHECK(!strcmp(cfg.log_level, "debug"));       /* file over default */
-    CHECK_INT_EQ(cfg.max_body_bytes, 2 << 20);    /* file, with a suffix */
-    CHECK_INT_EQ(cfg.queue_capacity, 64);         /* default */
-    CHECK(cfg.sqlite_sync_full);                  /* a bare boolean flag */
+    CHECK_INT_EQ(cfg.port, 3000);              /* flag over env over file */
+    CHECK_INT_EQ(cfg.workers, 3);              /* env over file */
+    CHECK(!strcmp(cfg.log_level, "debug"));    /* file over default */
+    CHECK_INT_EQ(cfg.max_body_bytes, 2 << 20); /* file, with a suffix */
+    CHECK_INT_EQ(cfg.queue_capacity, 64);      /* default */
+    CHECK(cfg.sqlite_sync_full);               /* a bare boolean flag */
     CHECK(cfg.config_file && !strcmp(cfg.config_file, path));
     config_free(&cfg);
 
@@ -131,8 +132,8 @@ static void test_bounds_errors_name_option(void)
                  (const char *[]){"workers", "'65'", "1..64", "flag --workers", NULL});
     expect_error((const char *[]){"serve", NULL}, (const char *[]){"TOPIARY_WORKERS=0", NULL},
                  TOP_ERR_INVALID,
-                 (const char *[]){"workers", "'0'", "1..64", "environment variable TOPIARY_WORKERS",
-                                  NULL});
+                 (const char *[]){"workers", "'0'", "1..64",
+                                  "environment variable TOPIARY_WORKERS", NULL});
     expect_error((const char *[]){"serve", "--max-body", "100G", NULL}, NULL, TOP_ERR_INVALID,
                  (const char *[]){"max_body_bytes", "100G", "1k..64M", NULL});
     expect_error((const char *[]){"serve", "--max-body", "10X", NULL}, NULL, TOP_ERR_INVALID,
@@ -141,20 +142,20 @@ static void test_bounds_errors_name_option(void)
                  (const char *[]){"port", "'80a'", "whole number", NULL});
     expect_error((const char *[]){"serve", "--port", "99999999999999999999", NULL}, NULL,
                  TOP_ERR_INVALID, (const char *[]){"port", NULL});
-    expect_error((const char *[]){"serve", "--shutdown-grace", "nan", NULL}, NULL, TOP_ERR_INVALID,
-                 (const char *[]){"shutdown_grace_s", "finite", NULL});
-    expect_error((const char *[]){"serve", "--shutdown-grace", "-1", NULL}, NULL, TOP_ERR_INVALID,
-                 (const char *[]){"shutdown_grace_s", "0..3600", NULL});
+    expect_error((const char *[]){"serve", "--shutdown-grace", "nan", NULL}, NULL,
+                 TOP_ERR_INVALID, (const char *[]){"shutdown_grace_s", "finite", NULL});
+    expect_error((const char *[]){"serve", "--shutdown-grace", "-1", NULL}, NULL,
+                 TOP_ERR_INVALID, (const char *[]){"shutdown_grace_s", "0..3600", NULL});
     expect_error((const char *[]){"serve", "--log-level", "loud", NULL}, NULL, TOP_ERR_INVALID,
                  (const char *[]){"log_level", "'loud'", "debug, info, warn or error", NULL});
-    expect_error((const char *[]){"serve", "--listen", "localhost", NULL}, NULL, TOP_ERR_INVALID,
-                 (const char *[]){"listen_address", "'localhost'", NULL});
+    expect_error((const char *[]){"serve", "--listen", "localhost", NULL}, NULL,
+                 TOP_ERR_INVALID, (const char *[]){"listen_address", "'localhost'", NULL});
     expect_error((const char *[]){"serve", "--file-roots", "/srv/models:data", NULL}, NULL,
                  TOP_ERR_INVALID, (const char *[]){"file_roots", "absolute", NULL});
     expect_error((const char *[]){"serve", "--http-allowed-hosts", "a.example,,b", NULL}, NULL,
                  TOP_ERR_INVALID, (const char *[]){"http_allowed_hosts", NULL});
-    expect_error((const char *[]){"serve", "--sqlite-sync-full=maybe", NULL}, NULL, TOP_ERR_INVALID,
-                 (const char *[]){"sqlite_sync_full", "true or false", NULL});
+    expect_error((const char *[]){"serve", "--sqlite-sync-full=maybe", NULL}, NULL,
+                 TOP_ERR_INVALID, (const char *[]){"sqlite_sync_full", "true or false", NULL});
 }
 
 static void test_usage_errors(void)
@@ -233,8 +234,9 @@ static void write_sample(FILE *out, const server_config *cfg)
 
 static void test_print_config_round_trip(void)
 {
-    const char *argv[] = {"serve", "--workers", "7", "--max-upload", "3G", "--file-roots",
-                    "/srv/a:/srv/b", "--shutdown-grace", "2.5", "--log-format", "json", NULL};
+    const char *argv[] = {
+        "serve",         "--workers",        "7",   "--max-upload", "3G",   "--file-roots",
+        "/srv/a:/srv/b", "--shutdown-grace", "2.5", "--log-format", "json", NULL};
     server_config cfg, again;
     config_action action;
     top_error err = {0};
@@ -278,7 +280,8 @@ static void test_sample_file_in_sync(void)
     size_t n = 0;
     char *want = capture(write_sample, NULL, &n);
     char *have = read_text("deploy/topiary.conf.sample");
-    CHECK_MSG(have != NULL, "deploy/topiary.conf.sample is missing (run from the repository root)");
+    CHECK_MSG(have != NULL,
+              "deploy/topiary.conf.sample is missing (run from the repository root)");
     CHECK_MSG(want && have && !strcmp(want, have),
               "deploy/topiary.conf.sample is out of date; regenerate it with "
               "`topiary serve --print-config-sample > deploy/topiary.conf.sample`");
@@ -341,11 +344,25 @@ static void test_help_lists_every_option(void)
         return;
     config_print_help(f);
     fclose(f);
-    const char *expected[] = {"--listen", "TOPIARY_PORT", "--db", "--artifact-dir", "--workers",
-                              "1..64", "--queue-capacity", "--max-body", "--max-upload",
-                              "--max-json-depth", "--file-roots", "--http-allowed-hosts",
-                              "--token-file", "--progress-interval-ms", "--max-job-attempts",
-                              "--busy-timeout-ms", "--log-level", "--log-format", "--config",
+    const char *expected[] = {"--listen",
+                              "TOPIARY_PORT",
+                              "--db",
+                              "--artifact-dir",
+                              "--workers",
+                              "1..64",
+                              "--queue-capacity",
+                              "--max-body",
+                              "--max-upload",
+                              "--max-json-depth",
+                              "--file-roots",
+                              "--http-allowed-hosts",
+                              "--token-file",
+                              "--progress-interval-ms",
+                              "--max-job-attempts",
+                              "--busy-timeout-ms",
+                              "--log-level",
+                              "--log-format",
+                              "--config",
                               "--print-config"};
     for (size_t i = 0; i < sizeof expected / sizeof expected[0]; i++)
         CHECK_MSG(strstr(text, expected[i]) != NULL, "help lacks %s", expected[i]);

@@ -27,8 +27,8 @@ static char *drain(void)
 static void test_text_format(void)
 {
     log_init(LOG_INFO, LOG_FORMAT_TEXT);
-    log_info("store", "job_0123456789abcdef", "job claimed", "attempts=%d stage=%s eta=%.1f",
-             2, "calibration data", 12.25);
+    log_info("store", "job_0123456789abcdef", "job claimed", "attempts=%d stage=%s eta=%.1f", 2,
+             "calibration data", 12.25);
     char *line = drain();
     CHECK_MSG(strlen(line) > 25 && line[4] == '-' && line[10] == 'T' && line[23] == 'Z',
               "time stamp: %s", line);
@@ -99,10 +99,11 @@ static void test_secret_keys_redacted(void)
 
     char out[128];
     CHECK(!strcmp(log_redact(out, sizeof out, "abcdef"), "[redacted 6 bytes]"));
-    CHECK_MSG(!strcmp(log_redact_url(out, sizeof out,
-                                     "https://user:pw@models.example:8443/m.json?token=abc&x=1#frag"),
-                      "https://models.example:8443/m.json?token=redacted&x=redacted"),
-              "got %s", out);
+    CHECK_MSG(
+        !strcmp(log_redact_url(out, sizeof out,
+                               "https://user:pw@models.example:8443/m.json?token=abc&x=1#frag"),
+                "https://models.example:8443/m.json?token=redacted&x=redacted"),
+        "got %s", out);
     CHECK(!strcmp(log_redact_url(out, sizeof out, "file:///srv/m.json"), "file:///srv/m.json"));
     /* A short buffer gets a prefix of the redacted URL, never a piece past it. */
     log_redact_url(out, 12, "http://u:p@a.example/long/path");
@@ -132,8 +133,9 @@ static void *log_many(void *arg)
 {
     int t = (int)(intptr_t)arg;
     for (int i = 0; i < LINES; i++)
-        log_info("worker", NULL, "tick", "thread=%d i=%d pad=%s", t, i,
-                 "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx");
+        log_info(
+            "worker", NULL, "tick", "thread=%d i=%d pad=%s", t, i,
+            "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx");
     return NULL;
 }
 

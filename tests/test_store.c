@@ -100,7 +100,8 @@ static void job_in_status(store *s, store_job_status status, char id[STORE_ID_MA
     if (status == STORE_JOB_QUEUED)
         return;
     if (status == STORE_JOB_CANCELLED) {
-        CHECK(store_job_transition(s, id, STORE_JOB_QUEUED, STORE_JOB_CANCELLED, &err) == TOP_OK);
+        CHECK(store_job_transition(s, id, STORE_JOB_QUEUED, STORE_JOB_CANCELLED, &err) ==
+              TOP_OK);
         return;
     }
     CHECK(store_job_transition(s, id, STORE_JOB_QUEUED, STORE_JOB_RUNNING, &err) == TOP_OK);
@@ -219,8 +220,8 @@ static void test_renamed_migration_rejected(void)
     store_close(s);
     sqlite3 *db;
     CHECK(sqlite3_open(path, &db) == SQLITE_OK);
-    CHECK(sqlite3_exec(db, "UPDATE schema_migrations SET name = 'other' WHERE version = 1", NULL,
-                       NULL, NULL) == SQLITE_OK);
+    CHECK(sqlite3_exec(db, "UPDATE schema_migrations SET name = 'other' WHERE version = 1",
+                       NULL, NULL, NULL) == SQLITE_OK);
     sqlite3_close(db);
     top_error err = {0};
     CHECK_INT_EQ(store_open(&s, path, NULL, &err), TOP_ERR_UNSUPPORTED);
@@ -302,10 +303,10 @@ static void test_transition_fields(void)
     CHECK(json_is_string(json_object_get(job, "started_at")));
     CHECK(json_is_string(json_object_get(job, "finished_at")));
     CHECK(json_is_string(json_object_get(job, "request")) == 0);
-    CHECK_INT_EQ(json_integer_value(json_object_get(json_object_get(job, "request"), "seed")), 1);
-    CHECK_MSG(!strcmp(jstr(job, "error"),
-                      "model file is truncated"),
-              "error: %s", json_string_value(json_object_get(job, "error")));
+    CHECK_INT_EQ(json_integer_value(json_object_get(json_object_get(job, "request"), "seed")),
+                 1);
+    CHECK_MSG(!strcmp(jstr(job, "error"), "model file is truncated"), "error: %s",
+              json_string_value(json_object_get(job, "error")));
     json_decref(job);
     CHECK(err.status == TOP_OK);
 
@@ -444,8 +445,13 @@ static void test_succeed_records_outcome(void)
     store_task_result tasks[2] = {{"digits", 0.98, 0.95, NAN}, {"flowers", 0.80, 0.61, 0.75}};
     store_layer_sparsity layers[2] = {{"conv1.weight", 864, 432}, {"fc.weight", 1000, 900}};
     json_t *report = json_pack("{s:f}", "sparsity", 0.6);
-    store_job_outcome o = {report, {"/a/dense.safetensors", 1234, sha},
-                           {"/a/compressed.safetensors", 99, sha}, tasks, 2, layers, 2};
+    store_job_outcome o = {report,
+                           {"/a/dense.safetensors", 1234, sha},
+                           {"/a/compressed.safetensors", 99, sha},
+                           tasks,
+                           2,
+                           layers,
+                           2};
 
     /* A bad digest is rejected before anything is written. */
     store_job_outcome bad = o;
@@ -460,8 +466,8 @@ static void test_succeed_records_outcome(void)
     json_t *dense = json_object_get(json_object_get(job, "artifacts"), "dense");
     CHECK_INT_EQ(json_integer_value(json_object_get(dense, "size")), 1234);
     CHECK(!strcmp(jstr(dense, "sha256"), sha));
-    CHECK_CLOSE(json_real_value(json_object_get(json_object_get(job, "result"), "sparsity")), 0.6,
-                1e-12);
+    CHECK_CLOSE(json_real_value(json_object_get(json_object_get(job, "result"), "sparsity")),
+                0.6, 1e-12);
     json_t *results = json_object_get(job, "task_results");
     CHECK_INT_EQ(json_array_size(results), 2);
     json_t *digits = json_array_get(results, 0);
@@ -470,8 +476,8 @@ static void test_succeed_records_outcome(void)
     CHECK(json_is_null(json_object_get(digits, "finetuned_accuracy")));
     json_t *layer_rows = json_object_get(job, "layers");
     CHECK_INT_EQ(json_array_size(layer_rows), 2);
-    CHECK_CLOSE(json_real_value(json_object_get(json_array_get(layer_rows, 1), "sparsity")), 0.9,
-                1e-12);
+    CHECK_CLOSE(json_real_value(json_object_get(json_array_get(layer_rows, 1), "sparsity")),
+                0.9, 1e-12);
     CHECK_CLOSE(json_real_value(json_object_get(job, "progress")), 1.0, 0.0);
     json_decref(job);
     json_decref(report);
@@ -505,7 +511,8 @@ static void test_pagination(void)
     for (int i = 0; i < N; i++)
         insert_job(s, i, ids[i]);
     top_error err = {0};
-    CHECK(store_job_transition(s, ids[3], STORE_JOB_QUEUED, STORE_JOB_CANCELLED, &err) == TOP_OK);
+    CHECK(store_job_transition(s, ids[3], STORE_JOB_QUEUED, STORE_JOB_CANCELLED, &err) ==
+          TOP_OK);
 
     char seen[N][STORE_ID_MAX];
     char prev_created[LOG_TIME_MAX] = "9999", prev_id[STORE_ID_MAX] = "job_~";
@@ -706,7 +713,8 @@ static void crash_while_running(const char *path, int n)
     CHECK_MSG(WIFEXITED(status) && WEXITSTATUS(status) == 0, "child exit status %d", status);
 }
 
-static void recover(const char *path, int max_attempts, size_t want_requeued, size_t want_failed)
+static void recover(const char *path, int max_attempts, size_t want_requeued,
+                    size_t want_failed)
 {
     store *s = NULL;
     top_error err = {0};
@@ -743,8 +751,8 @@ static void test_recover_after_crash(void)
     json_t *job = NULL;
     CHECK(!strcmp(job_status_of(s, id, &job), "failed"));
     CHECK_INT_EQ(json_integer_value(json_object_get(job, "attempts")), 3);
-    CHECK_MSG(strstr(jstr(job, "error"), "3 interrupted"),
-              "error: %s", json_string_value(json_object_get(job, "error")));
+    CHECK_MSG(strstr(jstr(job, "error"), "3 interrupted"), "error: %s",
+              json_string_value(json_object_get(job, "error")));
     json_decref(job);
 
     /* A running job with a cancel request is cancelled, not re-run. */
