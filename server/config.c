@@ -36,15 +36,15 @@ typedef struct option_def {
     size_t offset;   /* of the field in server_config */
     const char *def; /* default, parsed like any other value */
     double min, max; /* bounds of numeric types (sizes in bytes) */
-    int (*check)(const char *value, char *why, size_t cap); /* extra check of a string */
+    int (*check)(const char *value, char *reason, size_t cap); /* extra check of a string */
     const char *help;
 } option_def;
 
-static int check_address(const char *value, char *why, size_t cap);
-static int check_roots(const char *value, char *why, size_t cap);
-static int check_hosts(const char *value, char *why, size_t cap);
-static int check_log_level(const char *value, char *why, size_t cap);
-static int check_log_format(const char *value, char *why, size_t cap);
+static int check_address(const char *value, char *reason, size_t cap);
+static int check_roots(const char *value, char *reason, size_t cap);
+static int check_hosts(const char *value, char *reason, size_t cap);
+static int check_log_level(const char *value, char *reason, size_t cap);
+static int check_log_format(const char *value, char *reason, size_t cap);
 
 #define F(field) offsetof(server_config, field)
 #define KIB 1024.0
@@ -108,22 +108,23 @@ static const option_def options[] = {
 
 /* ---- checks of string options ---- */
 
-static int check_address(const char *value, char *why, size_t cap)
+static int check_address(const char *value, char *reason, size_t cap)
 {
     unsigned char buf[16];
     if (inet_pton(AF_INET, value, buf) == 1 || inet_pton(AF_INET6, value, buf) == 1)
         return 0;
-    snprintf(why, cap, "must be an IPv4 or IPv6 address such as 127.0.0.1 or ::1");
+    snprintf(reason, cap, "must be an IPv4 or IPv6 address such as 127.0.0.1 or ::1");
     return -1;
 }
 
-static int check_roots(const char *value, char *why, size_t cap)
+static int check_roots(const char *value, char *reason, size_t cap)
 {
     const char *p = value;
     while (*p) {
         size_t n = strcspn(p, ":");
         if (n == 0 || p[0] != '/') {
-            snprintf(why, cap, "every entry must be an absolute directory such as /srv/models");
+            snprintf(reason, cap,
+                     "every entry must be an absolute directory such as /srv/models");
             return -1;
         }
         p += n;
@@ -133,14 +134,14 @@ static int check_roots(const char *value, char *why, size_t cap)
     return 0;
 }
 
-static int check_hosts(const char *value, char *why, size_t cap)
+static int check_hosts(const char *value, char *reason, size_t cap)
 {
     for (const char *p = value; *p; p++) {
         char c = *p;
         bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
                   c == '.' || c == '-' || c == ',' || c == ':' || c == '[' || c == ']';
         if (!ok || (c == ',' && (p == value || p[1] == ',' || p[1] == '\0'))) {
-            snprintf(why, cap,
+            snprintf(reason, cap,
                      "must be host names separated by commas, such as a.example,b.example");
             return -1;
         }
@@ -148,21 +149,21 @@ static int check_hosts(const char *value, char *why, size_t cap)
     return 0;
 }
 
-static int check_log_level(const char *value, char *why, size_t cap)
+static int check_log_level(const char *value, char *reason, size_t cap)
 {
     log_level level;
     if (log_level_parse(value, &level) == 0)
         return 0;
-    snprintf(why, cap, "must be debug, info, warn or error");
+    snprintf(reason, cap, "must be debug, info, warn or error");
     return -1;
 }
 
-static int check_log_format(const char *value, char *why, size_t cap)
+static int check_log_format(const char *value, char *reason, size_t cap)
 {
     log_format format;
     if (log_format_parse(value, &format) == 0)
         return 0;
-    snprintf(why, cap, "must be text or json");
+    snprintf(reason, cap, "must be text or json");
     return -1;
 }
 
@@ -250,20 +251,20 @@ static void format_value(char *out, size_t cap, const option_def *o, const serve
 }
 
 static top_status bad_value(top_error *err, const option_def *o, const char *source,
-                            const char *value, const char *why)
+                            const char *value, const char *reason)
 {
     return top_error_set(err, TOP_ERR_INVALID, "invalid %s '%.200s' (from %s): %s", o->name,
-                         value, source, why);
+                         value, source, reason);
 }
 
 static top_status out_of_range(top_error *err, const option_def *o, const char *source,
                                const char *value)
 {
-    char lo[32], hi[32], why[96];
+    char lo[32], hi[32], reason[96];
     format_bound(lo, sizeof lo, o, o->min);
     format_bound(hi, sizeof hi, o, o->max);
-    snprintf(why, sizeof why, "must be within %s..%s", lo, hi);
-    return bad_value(err, o, source, value, why);
+    snprintf(reason, sizeof reason, "must be within %s..%s", lo, hi);
+    return bad_value(err, o, source, value, reason);
 }
 
 /* Parses value for option o and stores it in cfg; source names where it came from. */
@@ -271,12 +272,12 @@ static top_status set_option(server_config *cfg, const option_def *o, const char
                              const char *source, top_error *err)
 {
     char *field = (char *)cfg + o->offset;
-    char why[160] = "";
+    char reason[160] = "";
     char *end;
     switch (o->type) {
     case OPT_STRING: {
-        if (o->check && o->check(value, why, sizeof why) != 0)
-            return bad_value(err, o, source, value, why);
+        if (o->check && o->check(value, reason, sizeof reason) != 0)
+            return bad_value(err, o, source, value, reason);
         char *copy = strdup(value);
         if (!copy)
             return top_error_set(err, TOP_ERR_NOMEM, "out of memory reading %s", o->name);

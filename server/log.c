@@ -3,13 +3,14 @@
  * grammar.
  *
  * Each line is built in a stack buffer of LOG_LINE_MAX bytes and written with
- * one write() call. POSIX makes no atomicity promise for regular files or
- * terminals, but a single write() of a few kilobytes to a pipe (journald,
- * container runtimes) is atomic up to PIPE_BUF, and in practice to files
- * opened with O_APPEND; no lock is taken. The threshold, the format and the
- * fd are atomics, so a change races with no line, but it is meant to happen
- * once at start. This file does not rotate, buffer or rate-limit; callers
- * that may repeat an event count it themselves.
+ * one write() call; no lock is taken. POSIX makes a write() of at most
+ * PIPE_BUF bytes (4096 on Linux, equal to LOG_LINE_MAX) to a pipe atomic, and
+ * pipes are what journald and container runtimes read. Regular files opened
+ * with O_APPEND keep such lines whole in practice on Linux, but terminals
+ * promise nothing. The threshold, the format and the fd are atomics, so a
+ * change races with no line, but it is meant to happen once at start. This
+ * file does not rotate, buffer or rate-limit, so callers that may repeat an
+ * event count it themselves.
  */
 #include "log.h"
 
