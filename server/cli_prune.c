@@ -38,6 +38,12 @@ static int bad_option(const char *opt, const char *value, const char *fix)
     return 2;
 }
 
+static int missing_option(const char *opt, const char *fix)
+{
+    fprintf(stderr, "topiary prune: missing %s: %s\n", opt, fix);
+    return 2;
+}
+
 static int parse_double(double *out, const char *s)
 {
     char *end;
@@ -214,11 +220,11 @@ int cli_prune(int argc, char **argv)
     if (optind < argc)
         return bad_option("argument", argv[optind], "options start with --; see --help");
     if (!o.model_path)
-        return bad_option("--model", "", "pass the model folder or file to prune");
+        return missing_option("--model", "pass the model folder or file to prune");
     if (o.n_eval == 0)
-        return bad_option("--eval", "", "pass at least one evaluation data set URI");
+        return missing_option("--eval", "pass at least one evaluation data set URI");
     if (o.method == PIPELINE_METHOD_OBD && !o.calib_uri)
-        return bad_option("--calibration", "", "--method obd needs a calibration data set");
+        return missing_option("--calibration", "--method obd needs a calibration data set");
 
     progress_state ps = {.stage = NULL, .tty = isatty(2)};
     json_t *report = NULL;
