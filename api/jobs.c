@@ -354,12 +354,13 @@ json_t *api_job_view(const json_t *job)
             json_object_get(result, "sparsity_achieved"), "prunable_weights",
             json_object_get(result, "prunable_weights"), "zero_weights",
             json_object_get(result, "zero_weights"), "layers",
-            json_object_get(result, "layers"), "tasks", json_object_get(job, "task_results"),
+            json_object_get(job, "layers"), "tasks", json_object_get(job, "task_results"),
             "timings_s", json_object_get(result, "timings_s"));
         json_object_set_new(v, "results", results);
     }
     json_object_del(v, "result");
     json_object_del(v, "task_results");
+    json_object_del(v, "layers");
     json_object_set_new(v, "artifacts",
                         json_pack("{s:o, s:o}", "dense",
                                   artifact_view(json_object_get(arts, "dense"), id, "dense"),

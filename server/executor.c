@@ -300,7 +300,26 @@ static top_status record_success(store *db, const char *id, const json_t *reques
     }
     out.tasks = results;
     out.task_count = n;
-    return store_job_succeed(db, id, &out, err);
+
+    const json_t *layers = json_object_get(report, "layers");
+    size_t n_layers = json_array_size(layers);
+    store_layer_sparsity *ls = n_layers ? calloc(n_layers, sizeof *ls) : NULL;
+    if (n_layers && !ls)
+        return top_error_set(err, TOP_ERR_NOMEM, "out of memory for %zu layer results",
+                             n_layers);
+    for (size_t i = 0; i < n_layers; i++) {
+        const json_t *l = json_array_get(layers, i);
+        ls[i] = (store_layer_sparsity){
+            .layer = json_str(l, "name") ? json_str(l, "name") : "",
+            .weights = (int64_t)json_integer_value(json_object_get(l, "count")),
+            .zeros = (int64_t)json_integer_value(json_object_get(l, "zeros")),
+        };
+    }
+    out.layers = ls;
+    out.layer_count = n_layers;
+    top_status st = store_job_succeed(db, id, &out, err);
+    free(ls);
+    return st;
 }
 
 /* Removes the job's artifact folder after a failed or interrupted run. */
