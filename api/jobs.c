@@ -397,7 +397,11 @@ static struct MHD_Response *queue_full(api *a, http_request *req, int64_t queued
     executor_get_stats(a->ex, &es);
     double mean = es.duration_count ? es.duration_sum_s / (double)es.duration_count : 10.0;
     double wait = mean * (double)(queued + 1) / (double)(es.workers > 0 ? es.workers : 1);
-    long retry = wait < 1 ? 1 : wait > 3600 ? 3600 : (long)ceil(wait);
+    long retry = (long)ceil(wait);
+    if (retry < 1)
+        retry = 1;
+    if (retry > 3600)
+        retry = 3600;
     char detail[160], value[24];
     snprintf(detail, sizeof detail, "the job queue is full (%lld queued, capacity %d); retry "
              "after %ld s", (long long)queued, a->cfg->queue_capacity, retry);

@@ -73,8 +73,9 @@ struct executor {
 
 /* ---- progress ------------------------------------------------------------ */
 
-/* The pipeline's stages in order and the share of a job's time each takes
- * (an estimate from MobileNetV2 runs; only the ordering is exact). */
+/* The pipeline's stages in order and the share of a job's time each takes.
+ * NOTE: the shares are rough guesses, so progress and ETA are estimates; only
+ * the stage order is exact. */
 static const struct {
     const char *name;
     double weight;
@@ -638,7 +639,7 @@ static int busy_workers(const executor *ex)
     return n;
 }
 
-/* Waits until no worker holds a job or grace_s passed; returns the busy count. */
+/* Waits until every worker is idle or grace_s passed; returns the busy count. */
 static int wait_idle(executor *ex, double grace_s)
 {
     double deadline = monotonic_s() + grace_s;

@@ -56,7 +56,7 @@ start_server() { # extra flags...
   : >"$tmp/server.log"
   "$bin" serve --listen 127.0.0.1 --port 0 --db "$tmp/topiary.db" --artifact-dir "$tmp/artifacts" \
     --workers 1 --queue-capacity 8 --max-body 64k --file-roots "$data:$tmp/roots" \
-    --token-file "$tmp/tokens" --progress-interval-ms 100 --shutdown-grace 30 "$@" \
+    --token-file "$tmp/tokens" --max-upload 1M --progress-interval-ms 100 --shutdown-grace 30 "$@" \
     >>"$tmp/server.log" 2>&1 &
   server_pid=$!
   local port=
@@ -151,6 +151,18 @@ post_json /v1/tasks "{\"id\":\"fashion\",\"uri\":\"idx:$fashion/t10k-images-idx3
 check "fashion task registers" eq "$code" 201
 post_json /v1/tasks "{\"id\":\"digits\",\"uri\":\"digits-grid:$digits\"}"
 check "duplicate task id is 409" eq "$code" 409
+head -c 100000 /dev/urandom >"$tmp/garbage.safetensors"
+req PUT /v1/models/garbage/content -H 'Content-Type: application/octet-stream' \
+  --data-binary "@$tmp/garbage.safetensors"
+check "garbage upload is 422" eq "$code" 422
+check "garbage upload names the content" has_text "$tmp/body" '"field":"content"'
+head -c 1200000 /dev/zero >"$tmp/huge.safetensors"
+req PUT /v1/models/huge/content -H 'Content-Type: application/octet-stream' \
+  --data-binary "@$tmp/huge.safetensors"
+check "upload over the cap is 413" eq "$code" 413
+check "rejected uploads leave no file" eq "$(find "$tmp/artifacts/models" -type f | wc -l)" 0
+req PUT '/v1/models/bad%20name/content' --data-binary 'x'
+check "invalid upload name is 422" eq "$code" 422
 req GET /v1/methods
 check "methods list obd with damping" has "$tmp/body" '"name":"obd".*"damping"'
 
