@@ -164,15 +164,38 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
     *con_cls = NULL;
 }
 
+/* Fills addr from a dotted IPv4 or an IPv6 literal; returns 0, or -1. */
+static int parse_address(struct sockaddr_storage *addr, unsigned *flags, const char *host,
+                         uint16_t port)
+{
+    memset(addr, 0, sizeof *addr);
+    struct sockaddr_in *v4 = (struct sockaddr_in *)addr;
+    struct sockaddr_in6 *v6 = (struct sockaddr_in6 *)addr;
+    if (inet_pton(AF_INET, host, &v4->sin_addr) == 1) {
+        v4->sin_family = AF_INET;
+        v4->sin_port = htons(port);
+        return 0;
+    }
+    if (inet_pton(AF_INET6, host, &v6->sin6_addr) == 1) {
+        v6->sin6_family = AF_INET6;
+        v6->sin6_port = htons(port);
+        *flags |= MHD_USE_IPv6;
+        return 0;
+    }
+    return -1;
+}
+
 top_status http_server_start(http_server **out, const http_config *cfg,
                              const http_handler *handler, top_error *err)
 {
     *out = NULL;
-    struct sockaddr_in addr = {.sin_family = AF_INET, .sin_port = htons(cfg->port)};
-    if (inet_pton(AF_INET, cfg->host, &addr.sin_addr) != 1)
+    unsigned flags = MHD_USE_THREAD_PER_CONNECTION | MHD_USE_INTERNAL_POLLING_THREAD |
+                     MHD_USE_ITC | MHD_USE_ERROR_LOG;
+    struct sockaddr_storage addr;
+    if (parse_address(&addr, &flags, cfg->host, cfg->port) != 0)
         return top_error_set(err, TOP_ERR_INVALID,
-                             "invalid listen address '%s'; pass a dotted IPv4 address such "
-                             "as 127.0.0.1", cfg->host);
+                             "invalid listen address '%s'; pass an IPv4 or IPv6 literal such "
+                             "as 127.0.0.1 or ::1", cfg->host);
     http_server *s = calloc(1, sizeof *s);
     if (!s)
         return top_error_set(err, TOP_ERR_NOMEM, "out of memory starting the http server");
@@ -181,8 +204,6 @@ top_status http_server_start(http_server **out, const http_config *cfg,
     s->id_seed = mix64((uint64_t)time(NULL) ^ ((uint64_t)getpid() << 32));
     atomic_init(&s->next_id, 1);
 
-    unsigned flags = MHD_USE_THREAD_PER_CONNECTION | MHD_USE_INTERNAL_POLLING_THREAD |
-                     MHD_USE_ITC | MHD_USE_ERROR_LOG;
     s->daemon = MHD_start_daemon(
         flags, 0, NULL, NULL, on_access, s, MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&addr,
         MHD_OPTION_CONNECTION_LIMIT, cfg->connection_limit, MHD_OPTION_CONNECTION_TIMEOUT,
@@ -191,8 +212,8 @@ top_status http_server_start(http_server **out, const http_config *cfg,
     if (!s->daemon) {
         free(s);
         return top_error_set(err, TOP_ERR_IO,
-                             "cannot listen on %s:%u; check that the port is free", cfg->host,
-                             (unsigned)cfg->port);
+                             "cannot listen on %s port %u; check that the port is free",
+                             cfg->host, (unsigned)cfg->port);
     }
     const union MHD_DaemonInfo *info = MHD_get_daemon_info(s->daemon, MHD_DAEMON_INFO_BIND_PORT);
     s->port = info ? info->port : cfg->port;

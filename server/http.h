@@ -1,5 +1,5 @@
 /*
- * libmicrohttpd glue: one daemon bound to one IPv4 address, a thread per
+ * libmicrohttpd glue: one daemon bound to one IP address, a thread per
  * connection (MHD_USE_THREAD_PER_CONNECTION with the internal polling
  * thread), a connection limit and an idle timeout. The glue gathers each
  * request's body up to a cap, or hands it piece by piece to a sink the handler
@@ -63,7 +63,7 @@ typedef struct http_handler {
 } http_handler;
 
 typedef struct http_config {
-    const char *host;             /* a dotted IPv4 address, such as "127.0.0.1" */
+    const char *host;             /* an IPv4 or IPv6 literal, such as "127.0.0.1" */
     uint16_t port;                /* 0: an ephemeral port; see http_server_port */
     unsigned connection_limit;
     unsigned timeout_s;           /* idle connection timeout */
