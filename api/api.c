@@ -134,8 +134,10 @@ static void on_begin(void *user, http_request *req)
                                                      MHD_HTTP_HEADER_CONTENT_TYPE);
         if (!is_json_type(ct)) {
             char detail[160];
-            snprintf(detail, sizeof detail, "Content-Type '%.64s' is not supported; send "
-                     "application/json", ct ? ct : "(none)");
+            snprintf(detail, sizeof detail,
+                     "Content-Type '%.64s' is not supported; send "
+                     "application/json",
+                     ct ? ct : "(none)");
             resp = api_problem(req, 415, "unsupported-media-type", "Unsupported media type",
                                detail, NULL);
         }
@@ -169,7 +171,8 @@ static void on_done(void *user, http_request *req, int completed)
     const char *route = req->route ? req->route : "unmatched";
     api_metrics_count(a, route, req->method, req->status);
     double ms = 1e3 * (http_now_s() - req->start_s);
-    log_info("http", req->id, "request", "method=%s route=%s path=%s status=%u bytes=%llu "
+    log_info("http", req->id, "request",
+             "method=%s route=%s path=%s status=%u bytes=%llu "
              "duration_ms=%.1f completed=%d",
              req->method, route, req->path, req->status, (unsigned long long)req->bytes, ms,
              completed);

@@ -14,14 +14,14 @@
 #include "api.h"
 #include "store.h"
 
-#define API_MAX_STRING 4096       /* bytes of any string in a request body */
-#define API_MAX_PARAMS 2          /* path parameters of one route */
-#define API_PARAM_MAX 64          /* bytes of one path parameter */
+#define API_MAX_STRING 4096              /* bytes of any string in a request body */
+#define API_MAX_PARAMS 2                 /* path parameters of one route */
+#define API_PARAM_MAX 64                 /* bytes of one path parameter */
 #define API_MIN_FREE_BYTES (64ull << 20) /* free disk below this: 507 */
 #define API_MAX_TOKENS 64
 
 typedef struct api_token {
-    uint8_t digest[32];           /* sha256 of the token; compared in constant time */
+    uint8_t digest[32]; /* sha256 of the token; compared in constant time */
     int read_only;
 } api_token;
 
@@ -40,7 +40,7 @@ struct api {
     api_token tokens[API_MAX_TOKENS];
     int n_tokens;
     volatile int stopping;
-    pthread_mutex_t submit_mu;    /* makes the queue-capacity check and insert atomic */
+    pthread_mutex_t submit_mu; /* makes the queue-capacity check and insert atomic */
     pthread_mutex_t metrics_mu;
     api_metric metrics[API_METRIC_SLOTS];
     int n_metrics;
@@ -51,10 +51,10 @@ typedef struct MHD_Response *(*api_route_fn)(api *a, http_request *req, api_call
 
 typedef struct api_route {
     const char *method;
-    const char *pattern;          /* "/v1/jobs/{id}"; {x} matches one segment */
+    const char *pattern; /* "/v1/jobs/{id}"; {x} matches one segment */
     api_route_fn fn;
-    int body;                     /* 1: a JSON body is expected */
-    int public_route;             /* 1: no authentication */
+    int body;         /* 1: a JSON body is expected */
+    int public_route; /* 1: no authentication */
 } api_route;
 
 typedef struct upload_state upload_state;
@@ -62,8 +62,8 @@ typedef struct upload_state upload_state;
 struct api_call {
     const api_route *route;
     char params[API_MAX_PARAMS][API_PARAM_MAX];
-    store *db;                    /* opened on first use, closed in done */
-    upload_state *upload;         /* PUT /v1/models/{id}/content */
+    store *db;            /* opened on first use, closed in done */
+    upload_state *upload; /* PUT /v1/models/{id}/content */
 };
 
 /* ---- responses (problem.c) ---- */
@@ -92,9 +92,9 @@ store *api_store(api *a, api_call *call, top_error *err);
 /* ---- validation (validate.c) ---- */
 
 typedef struct api_invalid {
-    unsigned status;              /* 400 or 422 */
+    unsigned status; /* 400 or 422 */
     char field[128];
-    json_t *value;                /* a reference, or NULL */
+    json_t *value; /* a reference, or NULL */
     char detail[256];
     char fix[256];
 } api_invalid;

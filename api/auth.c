@@ -45,8 +45,10 @@ static top_status load_file(api *a, const char *path, top_error *err)
 {
     FILE *f = fopen(path, "r");
     if (!f)
-        return top_error_set(err, TOP_ERR_IO, "cannot open the token file '%s'; check "
-                             "token_file", path);
+        return top_error_set(err, TOP_ERR_IO,
+                             "cannot open the token file '%s'; check "
+                             "token_file",
+                             path);
     char line[1024];
     top_status st = TOP_OK;
     for (int lineno = 1; st == TOP_OK && fgets(line, sizeof line, f); lineno++) {
@@ -63,7 +65,8 @@ static top_status load_file(api *a, const char *path, top_error *err)
             else if (strcmp(scope, "read-write"))
                 st = top_error_set(err, TOP_ERR_INVALID,
                                    "token file '%s' line %d: unknown scope '%s'; use "
-                                   "read-only or read-write", path, lineno, scope);
+                                   "read-only or read-write",
+                                   path, lineno, scope);
         }
         if (st == TOP_OK)
             st = add_token(a, s, read_only, err);
@@ -132,8 +135,8 @@ static struct MHD_Response *unauthorized(http_request *req, const char *error,
         api_problem(req, 401, "unauthorized", "Unauthorized", detail, NULL);
     if (resp) {
         char value[128];
-        snprintf(value, sizeof value, "Bearer realm=\"topiary\"%s%s%s", error ? ", error=\"" : "",
-                 error ? error : "", error ? "\"" : "");
+        snprintf(value, sizeof value, "Bearer realm=\"topiary\"%s%s%s",
+                 error ? ", error=\"" : "", error ? error : "", error ? "\"" : "");
         MHD_add_response_header(resp, MHD_HTTP_HEADER_WWW_AUTHENTICATE, value);
     }
     return resp;
@@ -143,8 +146,8 @@ struct MHD_Response *api_authorize(api *a, http_request *req, const api_route *r
 {
     if (a->n_tokens == 0 || (route && route->public_route))
         return NULL;
-    const char *h = MHD_lookup_connection_value(req->conn, MHD_HEADER_KIND,
-                                                MHD_HTTP_HEADER_AUTHORIZATION);
+    const char *h =
+        MHD_lookup_connection_value(req->conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_AUTHORIZATION);
     if (!h)
         return unauthorized(req, NULL, "this endpoint needs an Authorization: Bearer token");
     if (strncasecmp(h, "Bearer ", 7) != 0)

@@ -49,7 +49,8 @@ static struct MHD_Response *list_page(api *a, http_request *req, api_call *call,
     if (api_query_size(req, "limit", 1, STORE_LIST_LIMIT_MAX, STORE_LIST_LIMIT_DEFAULT, &limit,
                        &bad))
         return api_problem_invalid(req, &bad);
-    const char *cursor = MHD_lookup_connection_value(req->conn, MHD_GET_ARGUMENT_KIND, "cursor");
+    const char *cursor =
+        MHD_lookup_connection_value(req->conn, MHD_GET_ARGUMENT_KIND, "cursor");
     top_error err;
     top_error_clear(&err);
     json_t *page = NULL;
@@ -129,8 +130,11 @@ static struct MHD_Response *register_model(api *a, http_request *req, api_call *
                                  "pass a TF.js layers model or a torchvision/timm safetensors "
                                  "checkpoint");
     }
-    store_model m = {.uri = uri, .sha256 = hex, .architecture = arch,
-                     .parameter_count = params, .path = stored_path};
+    store_model m = {.uri = uri,
+                     .sha256 = hex,
+                     .architecture = arch,
+                     .parameter_count = params,
+                     .path = stored_path};
     char id[STORE_ID_MAX];
     json_t *model = NULL;
     store *db = api_store(a, call, &err);
@@ -306,13 +310,15 @@ struct MHD_Response *api_put_model_content(api *a, http_request *req, api_call *
         char detail[160];
         snprintf(detail, sizeof detail, "cannot store the upload: %s", strerror(e));
         return api_problem(req, code, code == 507 ? "insufficient-storage" : "unavailable",
-                           code == 507 ? "Insufficient storage" : "Service unavailable",
-                           detail, NULL);
+                           code == 507 ? "Insufficient storage" : "Service unavailable", detail,
+                           NULL);
     }
     if (u->over_cap) {
         char detail[128];
-        snprintf(detail, sizeof detail, "the upload exceeds %llu bytes; raise max_upload_bytes "
-                 "or upload a smaller model", (unsigned long long)u->cap);
+        snprintf(detail, sizeof detail,
+                 "the upload exceeds %llu bytes; raise max_upload_bytes "
+                 "or upload a smaller model",
+                 (unsigned long long)u->cap);
         return api_problem(req, 413, "too-large", "Request too large", detail,
                            json_pack("{s:I}", "max_bytes", (json_int_t)u->cap));
     }
@@ -365,8 +371,8 @@ static int probe_dataset(const char *uri, json_t *spec, api_invalid *bad)
     top_error_clear(&err);
     if (dataset_open(&ds, uri, NULL, &err) != TOP_OK) {
         json_t *v = json_string(uri);
-        api_invalid_set(bad, 422, "uri", v, "check the data set files on the server",
-                        "%s", err.message);
+        api_invalid_set(bad, 422, "uri", v, "check the data set files on the server", "%s",
+                        err.message);
         json_decref(v);
         return -1;
     }
@@ -391,19 +397,21 @@ struct MHD_Response *api_post_task(api *a, http_request *req, api_call *call)
     char resolved[8192];
     int rc = 0;
     if (id && (!json_is_string(id) || !valid_name(json_string_value(id))))
-        rc = api_invalid_set(&bad, 422, "id", id, "use 1 to 31 characters from A-Z a-z 0-9 _ . -",
-                             "invalid task id");
+        rc =
+            api_invalid_set(&bad, 422, "id", id,
+                            "use 1 to 31 characters from A-Z a-z 0-9 _ . -", "invalid task id");
     else if (!json_is_string(uri))
-        rc = api_invalid_set(&bad, 422, "uri", uri,
-                             "pass idx:IMAGES,LABELS, folder:DIR, bundle:FILE or digits-grid:FILE",
-                             "uri is missing or not a string");
+        rc = api_invalid_set(
+            &bad, 422, "uri", uri,
+            "pass idx:IMAGES,LABELS, folder:DIR, bundle:FILE or digits-grid:FILE",
+            "uri is missing or not a string");
     else if (split && parse_split(split, &bad))
         rc = -1;
     else
         rc = api_resolve_dataset_uri(a, json_string_value(uri), resolved, sizeof resolved, &bad,
                                      "uri");
-    json_t *spec = rc ? NULL : json_pack("{s:O, s:O}", "uri", uri, "split",
-                                         split ? split : json_object());
+    json_t *spec =
+        rc ? NULL : json_pack("{s:O, s:O}", "uri", uri, "split", split ? split : json_object());
     if (spec && probe_dataset(resolved, spec, &bad))
         rc = -1;
     if (rc) {
@@ -417,8 +425,8 @@ struct MHD_Response *api_post_task(api *a, http_request *req, api_call *call)
     char id_out[STORE_ID_MAX];
     json_t *row = NULL;
     store *db = api_store(a, call, &err);
-    top_status st = db ? store_task_insert(db, json_string_value(id), spec, id_out, &err)
-                       : err.status;
+    top_status st =
+        db ? store_task_insert(db, json_string_value(id), spec, id_out, &err) : err.status;
     json_decref(spec);
     json_decref(body);
     if (st == TOP_OK)
@@ -452,9 +460,9 @@ struct MHD_Response *api_get_methods(api *a, http_request *req, api_call *call)
     json_t *damping = json_pack(
         "[{s:s, s:s, s:f, s:f, s:s}, {s:s, s:s, s:s, s:[s,s], s:s}]", "name", "damping", "type",
         "number", "default", 1e-3, "minimum", 0.0, "description",
-        "lambda added to the Fisher diagonal: damping * mean(F) (relative) or damping",
-        "name", "damping_mode", "type", "string", "default", "relative", "enum", "relative",
-        "absolute", "description", "how damping is applied");
+        "lambda added to the Fisher diagonal: damping * mean(F) (relative) or damping", "name",
+        "damping_mode", "type", "string", "default", "relative", "enum", "relative", "absolute",
+        "description", "how damping is applied");
     json_t *methods = json_pack(
         "{s:[{s:s, s:s, s:b, s:[]}, {s:s, s:s, s:b, s:o}]}", "methods", "name", "magnitude",
         "saliency", "|w|", "needs_calibration", 0, "parameters", "name", "obd", "saliency",

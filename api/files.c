@@ -116,8 +116,8 @@ static struct MHD_Response *find_artifact(api *a, http_request *req, api_call *c
         char detail[160];
         snprintf(detail, sizeof detail, "job %s is %s; a checkpoint exists once it succeeded",
                  call->params[0], status ? status : "unknown");
-        resp = api_problem(req, 409, "conflict", "Conflict with the resource state", detail,
-                           NULL);
+        resp =
+            api_problem(req, 409, "conflict", "Conflict with the resource state", detail, NULL);
     } else if (!p || !sha) {
         resp = api_problem(req, 404, "not-found", "Not found",
                            "the job has no checkpoint in this format", NULL);
@@ -133,8 +133,8 @@ static void add_download_headers(struct MHD_Response *resp, const char *etag, co
                                  const char *format)
 {
     char disposition[160];
-    snprintf(disposition, sizeof disposition,
-             "attachment; filename=\"%s-%s.safetensors\"", id, format);
+    snprintf(disposition, sizeof disposition, "attachment; filename=\"%s-%s.safetensors\"", id,
+             format);
     MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, "application/octet-stream");
     MHD_add_response_header(resp, MHD_HTTP_HEADER_ETAG, etag);
     MHD_add_response_header(resp, MHD_HTTP_HEADER_ACCEPT_RANGES, "bytes");
@@ -144,8 +144,10 @@ static void add_download_headers(struct MHD_Response *resp, const char *etag, co
 static struct MHD_Response *range_not_satisfiable(http_request *req, uint64_t size)
 {
     char detail[128], cr[64];
-    snprintf(detail, sizeof detail, "the Range header does not select bytes of this %" PRIu64
-             "-byte file; use bytes=FIRST-LAST with FIRST < %" PRIu64, size, size);
+    snprintf(detail, sizeof detail,
+             "the Range header does not select bytes of this %" PRIu64
+             "-byte file; use bytes=FIRST-LAST with FIRST < %" PRIu64,
+             size, size);
     struct MHD_Response *resp =
         api_problem(req, 416, "range-not-satisfiable", "Range not satisfiable", detail, NULL);
     snprintf(cr, sizeof cr, "bytes */%" PRIu64, size);
@@ -169,8 +171,8 @@ struct MHD_Response *api_get_checkpoint(api *a, http_request *req, api_call *cal
     if (resp)
         return resp;
 
-    const char *inm = MHD_lookup_connection_value(req->conn, MHD_HEADER_KIND,
-                                                  MHD_HTTP_HEADER_IF_NONE_MATCH);
+    const char *inm =
+        MHD_lookup_connection_value(req->conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_IF_NONE_MATCH);
     if (etag_matches(inm, etag)) {
         resp = MHD_create_response_from_buffer(0, NULL, MHD_RESPMEM_PERSISTENT);
         if (resp)
@@ -190,7 +192,8 @@ struct MHD_Response *api_get_checkpoint(api *a, http_request *req, api_call *cal
                            "the checkpoint file is missing on the server", NULL);
     }
     uint64_t size = (uint64_t)sb.st_size, first = 0, last = size ? size - 1 : 0;
-    const char *rh = MHD_lookup_connection_value(req->conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_RANGE);
+    const char *rh =
+        MHD_lookup_connection_value(req->conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_RANGE);
     range_kind rk = parse_range(rh, size, &first, &last);
     if (rk == RANGE_BAD) {
         close(fd);
@@ -219,11 +222,11 @@ typedef struct event_stream {
     api *a;
     store *db;
     char id[STORE_ID_MAX];
-    char *pending;             /* formatted bytes not yet sent */
+    char *pending; /* formatted bytes not yet sent */
     size_t pending_len, pending_off;
-    char last_state[256];      /* status, stage and progress of the last event */
+    char last_state[256]; /* status, stage and progress of the last event */
     double start_s, last_send_s;
-    int finished;              /* the done event was queued */
+    int finished; /* the done event was queued */
 } event_stream;
 
 static double now_s(void)
@@ -286,12 +289,11 @@ static int poll_job(event_stream *es)
     int rc = 0;
     if (strcmp(state, es->last_state) != 0 || final) {
         snprintf(es->last_state, sizeof es->last_state, "%s", state);
-        json_t *data = json_pack("{s:s, s:O, s:O, s:O, s:O, s:O}", "id", es->id, "status",
-                                 json_object_get(job, "status"), "stage",
-                                 json_object_get(job, "stage"), "progress",
-                                 json_object_get(job, "progress"), "eta_seconds",
-                                 json_object_get(job, "eta_seconds"), "error",
-                                 json_object_get(job, "error"));
+        json_t *data = json_pack(
+            "{s:s, s:O, s:O, s:O, s:O, s:O}", "id", es->id, "status",
+            json_object_get(job, "status"), "stage", json_object_get(job, "stage"), "progress",
+            json_object_get(job, "progress"), "eta_seconds",
+            json_object_get(job, "eta_seconds"), "error", json_object_get(job, "error"));
         es->finished = final;
         rc = queue_event(es, final ? "done" : "progress", data);
     }

@@ -24,8 +24,8 @@ void api_metrics_count(api *a, const char *route, const char *method, unsigned s
     if (i == a->n_metrics && a->n_metrics < API_METRIC_SLOTS) {
         /* route points into the static route table or is a literal; method is one of
          * a few literals MHD interns per request, so keep a static copy. */
-        static const char *const known[] = {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH",
-                                            "OPTIONS"};
+        static const char *const known[] = {"GET",    "HEAD",  "POST",   "PUT",
+                                            "DELETE", "PATCH", "OPTIONS"};
         const char *m = "OTHER";
         for (size_t k = 0; k < sizeof known / sizeof known[0]; k++)
             if (!strcmp(known[k], method))
@@ -56,9 +56,10 @@ struct MHD_Response *api_get_readyz(api *a, http_request *req, api_call *call)
         store_state = err.message;
     int ready = db && err.status == TOP_OK && es.workers_alive == es.workers && !es.draining &&
                 !a->stopping;
-    json_t *body = json_pack("{s:s, s:s, s:i, s:i, s:b}", "status", ready ? "ready" : "not ready",
-                             "store", store_state, "workers", es.workers, "workers_alive",
-                             es.workers_alive, "draining", es.draining || a->stopping);
+    json_t *body =
+        json_pack("{s:s, s:s, s:i, s:i, s:b}", "status", ready ? "ready" : "not ready", "store",
+                  store_state, "workers", es.workers, "workers_alive", es.workers_alive,
+                  "draining", es.draining || a->stopping);
     if (ready)
         return api_json(req, 200, body);
     struct MHD_Response *resp =
@@ -123,8 +124,9 @@ static int write_executor(char **b, size_t *len, size_t *cap, const executor_sta
     for (int i = 0; i <= EXECUTOR_DURATION_BUCKETS && !rc; i++) {
         cumulative += es->duration_counts[i];
         if (i < EXECUTOR_DURATION_BUCKETS)
-            rc = buf_printf(b, len, cap, "topiary_job_duration_seconds_bucket{le=\"%g\"} %llu\n",
-                            executor_duration_bounds[i], (unsigned long long)cumulative);
+            rc =
+                buf_printf(b, len, cap, "topiary_job_duration_seconds_bucket{le=\"%g\"} %llu\n",
+                           executor_duration_bounds[i], (unsigned long long)cumulative);
         else
             rc = buf_printf(b, len, cap,
                             "topiary_job_duration_seconds_bucket{le=\"+Inf\"} %llu\n",
@@ -140,9 +142,10 @@ static int write_executor(char **b, size_t *len, size_t *cap, const executor_sta
 
 static int write_http(api *a, char **b, size_t *len, size_t *cap)
 {
-    int rc = buf_printf(b, len, cap,
-                        "# HELP topiary_http_requests_total HTTP requests by route and status.\n"
-                        "# TYPE topiary_http_requests_total counter\n");
+    int rc =
+        buf_printf(b, len, cap,
+                   "# HELP topiary_http_requests_total HTTP requests by route and status.\n"
+                   "# TYPE topiary_http_requests_total counter\n");
     pthread_mutex_lock(&a->metrics_mu);
     for (int i = 0; i < a->n_metrics && !rc; i++)
         rc = buf_printf(b, len, cap,

@@ -34,7 +34,8 @@ static int int_member(const json_t *obj, const char *key, const char *field, jso
     if (!v)
         return 0;
     char fix[96];
-    snprintf(fix, sizeof fix, "pass an integer from %lld to %lld", (long long)lo, (long long)hi);
+    snprintf(fix, sizeof fix, "pass an integer from %lld to %lld", (long long)lo,
+             (long long)hi);
     if (!json_is_integer(v) || json_integer_value(v) < lo || json_integer_value(v) > hi)
         return api_invalid_set(bad, 422, field, v, fix, "%s must be an integer in [%lld, %lld]",
                                field, (long long)lo, (long long)hi);
@@ -88,8 +89,8 @@ static int resolve_model(api *a, api_call *call, const json_t *v, json_t *resolv
 
 /* Resolves a task reference (a registered task id or a data set URI) to a data set URI
  * and reads the task's default split sizes. */
-static int resolve_task(api *a, api_call *call, const json_t *v, const char *field,
-                        char *uri, size_t cap, job_defaults *d, api_invalid *bad)
+static int resolve_task(api *a, api_call *call, const json_t *v, const char *field, char *uri,
+                        size_t cap, job_defaults *d, api_invalid *bad)
 {
     if (!json_is_string(v) || json_string_length(v) == 0)
         return api_invalid_set(bad, 422, field, v, "pass a task id or a data set URI",
@@ -203,7 +204,8 @@ static int check_overlap(const json_t *uris, size_t i, const char *uri, const js
         return api_invalid_set(bad, 422, field, v,
                                "evaluate on tasks other than the calibration task",
                                "evaluation task %zu is the calibration task; the evaluation "
-                               "must be zero-shot", i);
+                               "must be zero-shot",
+                               i);
     return 0;
 }
 
@@ -223,10 +225,9 @@ static int parse_evaluation(api *a, api_call *call, const json_t *req, json_t *o
     const json_t *tasks = json_object_get(e, "tasks");
     size_t n = json_array_size(tasks);
     if (!json_is_array(tasks) || n < 1 || n > PIPELINE_MAX_EVAL_TASKS)
-        return api_invalid_set(bad, 422, "evaluation.tasks", tasks,
-                               "pass an array of 1 to 16 task ids",
-                               "evaluation.tasks must list 1 to %d tasks",
-                               PIPELINE_MAX_EVAL_TASKS);
+        return api_invalid_set(
+            bad, 422, "evaluation.tasks", tasks, "pass an array of 1 to 16 task ids",
+            "evaluation.tasks must list 1 to %d tasks", PIPELINE_MAX_EVAL_TASKS);
     json_t *uris = json_array();
     job_defaults d = {.eval_fit = 200, .eval_images = 200};
     for (size_t i = 0; i < n; i++) {
@@ -259,8 +260,8 @@ static int parse_evaluation(api *a, api_call *call, const json_t *req, json_t *o
 
 static int parse_options(const json_t *req, json_t *out, api_invalid *bad)
 {
-    static const char *const members[] = {"seed", "ridge_alpha", "batch_size",
-                                          "bn_recalibration", "feature_node", NULL};
+    static const char *const members[] = {
+        "seed", "ridge_alpha", "batch_size", "bn_recalibration", "feature_node", NULL};
     const json_t *o;
     if (object_member(req, "options", &o, bad) ||
         (o && api_check_members(o, "options.", members, bad)))
@@ -273,7 +274,8 @@ static int parse_options(const json_t *req, json_t *out, api_invalid *bad)
     if (alpha && (!json_is_number(alpha) || !(json_number_value(alpha) > 0.0) ||
                   !(json_number_value(alpha) < 1e30)))
         return api_invalid_set(bad, 422, "options.ridge_alpha", alpha,
-                               "pass a ridge penalty > 0, such as 1.0", "ridge_alpha out of range");
+                               "pass a ridge penalty > 0, such as 1.0",
+                               "ridge_alpha out of range");
     const json_t *bn = json_object_get(o, "bn_recalibration");
     if (bn && !json_is_boolean(bn))
         return api_invalid_set(bad, 422, "options.bn_recalibration", bn, "pass true or false",
@@ -293,15 +295,16 @@ static int parse_options(const json_t *req, json_t *out, api_invalid *bad)
 /* Validates a submission into the normalised request; NULL with bad filled on failure. */
 static json_t *normalise_job(api *a, api_call *call, const json_t *req, api_invalid *bad)
 {
-    static const char *const members[] = {"model", "sparsity", "method", "method_options",
-                                          "calibration", "evaluation", "options", NULL};
+    static const char *const members[] = {"model",          "sparsity",    "method",
+                                          "method_options", "calibration", "evaluation",
+                                          "options",        NULL};
     if (api_check_members(req, "", members, bad))
         return NULL;
     json_t *out = json_object(), *resolved = json_object();
     const json_t *q = json_object_get(req, "sparsity");
     int rc = resolve_model(a, call, json_object_get(req, "model"), resolved, bad);
-    if (!rc && (!json_is_number(q) || !(json_number_value(q) >= 0.0) ||
-                !(json_number_value(q) < 1.0)))
+    if (!rc &&
+        (!json_is_number(q) || !(json_number_value(q) >= 0.0) || !(json_number_value(q) < 1.0)))
         rc = api_invalid_set(bad, 422, "sparsity", q,
                              "pass a fraction q with 0 <= q < 1, such as 0.5",
                              "sparsity must be a number in [0, 1)");
@@ -353,20 +356,19 @@ json_t *api_job_view(const json_t *job)
             json_object_get(result, "sparsity_requested"), "sparsity_achieved",
             json_object_get(result, "sparsity_achieved"), "prunable_weights",
             json_object_get(result, "prunable_weights"), "zero_weights",
-            json_object_get(result, "zero_weights"), "layers",
-            json_object_get(job, "layers"), "tasks", json_object_get(job, "task_results"),
-            "timings_s", json_object_get(result, "timings_s"));
+            json_object_get(result, "zero_weights"), "layers", json_object_get(job, "layers"),
+            "tasks", json_object_get(job, "task_results"), "timings_s",
+            json_object_get(result, "timings_s"));
         json_object_set_new(v, "results", results);
     }
     json_object_del(v, "result");
     json_object_del(v, "task_results");
     json_object_del(v, "layers");
-    json_object_set_new(v, "artifacts",
-                        json_pack("{s:o, s:o}", "dense",
-                                  artifact_view(json_object_get(arts, "dense"), id, "dense"),
-                                  "compressed",
-                                  artifact_view(json_object_get(arts, "compressed"), id,
-                                                "compressed")));
+    json_object_set_new(
+        v, "artifacts",
+        json_pack("{s:o, s:o}", "dense",
+                  artifact_view(json_object_get(arts, "dense"), id, "dense"), "compressed",
+                  artifact_view(json_object_get(arts, "compressed"), id, "compressed")));
     return v;
 }
 
@@ -403,8 +405,10 @@ static struct MHD_Response *queue_full(api *a, http_request *req, int64_t queued
     if (retry > 3600)
         retry = 3600;
     char detail[160], value[24];
-    snprintf(detail, sizeof detail, "the job queue is full (%lld queued, capacity %d); retry "
-             "after %ld s", (long long)queued, a->cfg->queue_capacity, retry);
+    snprintf(detail, sizeof detail,
+             "the job queue is full (%lld queued, capacity %d); retry "
+             "after %ld s",
+             (long long)queued, a->cfg->queue_capacity, retry);
     snprintf(value, sizeof value, "%ld", retry);
     struct MHD_Response *resp = api_problem(req, 429, "queue-full", "Too many requests", detail,
                                             json_pack("{s:i}", "retry_after", (int)retry));
@@ -446,7 +450,8 @@ struct MHD_Response *api_post_job(api *a, http_request *req, api_call *call)
     if (!request)
         return api_problem_invalid(req, &bad);
 
-    const char *key = MHD_lookup_connection_value(req->conn, MHD_HEADER_KIND, "Idempotency-Key");
+    const char *key =
+        MHD_lookup_connection_value(req->conn, MHD_HEADER_KIND, "Idempotency-Key");
     if (key && (strlen(key) == 0 || strlen(key) > 255)) {
         json_decref(request);
         return api_problem_field(req, 400, "Idempotency-Key", json_string(key),
@@ -457,7 +462,8 @@ struct MHD_Response *api_post_job(api *a, http_request *req, api_call *call)
         json_decref(request);
         return api_problem(req, 507, "insufficient-storage", "Insufficient storage",
                            "the artifact folder has too little free space for a new job; free "
-                           "disk space or delete finished jobs", NULL);
+                           "disk space or delete finished jobs",
+                           NULL);
     }
 
     top_error err;
@@ -466,12 +472,13 @@ struct MHD_Response *api_post_job(api *a, http_request *req, api_call *call)
     char id[STORE_ID_MAX];
     bool existed = false;
     int64_t full = -1;
-    top_status st = db ? insert_job(a, db, request, key, id, &existed, &full, &err) : err.status;
+    top_status st =
+        db ? insert_job(a, db, request, key, id, &existed, &full, &err) : err.status;
     json_decref(request);
     if (st == TOP_ERR_STATE)
-        return api_problem(req, 422, "idempotency-key-reused", "Idempotency key reused",
-                           err.message, json_pack("{s:s}", "fix",
-                                                  "use a new Idempotency-Key for a new request"));
+        return api_problem(
+            req, 422, "idempotency-key-reused", "Idempotency key reused", err.message,
+            json_pack("{s:s}", "fix", "use a new Idempotency-Key for a new request"));
     if (st != TOP_OK)
         return api_problem_from_error(req, &err);
     if (full >= 0)
@@ -497,7 +504,8 @@ struct MHD_Response *api_list_jobs(api *a, http_request *req, api_call *call)
 {
     api_invalid bad = {0};
     store_job_query q = {0};
-    const char *status = MHD_lookup_connection_value(req->conn, MHD_GET_ARGUMENT_KIND, "status");
+    const char *status =
+        MHD_lookup_connection_value(req->conn, MHD_GET_ARGUMENT_KIND, "status");
     if (status && store_job_status_parse(status, &q.status) != 0)
         return api_problem_field(req, 400, "status", json_string(status),
                                  "unknown job status in ?status=",
@@ -575,7 +583,8 @@ struct MHD_Response *api_delete_job(api *a, http_request *req, api_call *call)
     snprintf(dir, sizeof dir, "%s/%s", a->cfg->artifact_dir, call->params[0]);
     rmdir(dir);
     log_info("api", call->params[0], "job deleted", "request_id=%s", req->id);
-    struct MHD_Response *resp = MHD_create_response_from_buffer(0, NULL, MHD_RESPMEM_PERSISTENT);
+    struct MHD_Response *resp =
+        MHD_create_response_from_buffer(0, NULL, MHD_RESPMEM_PERSISTENT);
     req->status = 204;
     return resp;
 }

@@ -17,8 +17,7 @@ struct MHD_Response *api_json(http_request *req, unsigned status, json_t *body)
     if (!text)
         return NULL;
     size_t n = strlen(text);
-    struct MHD_Response *resp =
-        MHD_create_response_from_buffer(n, text, MHD_RESPMEM_MUST_FREE);
+    struct MHD_Response *resp = MHD_create_response_from_buffer(n, text, MHD_RESPMEM_MUST_FREE);
     if (!resp) {
         free(text);
         return NULL;
@@ -44,8 +43,7 @@ struct MHD_Response *api_problem(http_request *req, unsigned status, const char 
     struct MHD_Response *resp = api_json(req, status, doc);
     if (resp) {
         MHD_del_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, "application/json");
-        MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE,
-                                "application/problem+json");
+        MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, "application/problem+json");
     }
     return resp;
 }
@@ -54,17 +52,13 @@ struct MHD_Response *api_problem(http_request *req, unsigned status, const char 
 static void status_for(top_status st, unsigned *code, const char **slug, const char **title)
 {
     switch (st) {
-    case TOP_ERR_NOT_FOUND:
-        *code = 404, *slug = "not-found", *title = "Not found";
-        return;
+    case TOP_ERR_NOT_FOUND: *code = 404, *slug = "not-found", *title = "Not found"; return;
     case TOP_ERR_STATE:
         *code = 409, *slug = "conflict", *title = "Conflict with the resource state";
         return;
     case TOP_ERR_INVALID:
     case TOP_ERR_FORMAT:
-    case TOP_ERR_SHAPE:
-        *code = 422, *slug = "invalid-value", *title = "Invalid value";
-        return;
+    case TOP_ERR_SHAPE: *code = 422, *slug = "invalid-value", *title = "Invalid value"; return;
     case TOP_ERR_UNSUPPORTED:
         *code = 422, *slug = "unsupported", *title = "Unsupported input";
         return;
@@ -78,9 +72,7 @@ static void status_for(top_status st, unsigned *code, const char **slug, const c
     case TOP_ERR_NOMEM:
         *code = 503, *slug = "unavailable", *title = "Service unavailable";
         return;
-    default:
-        *code = 500, *slug = "internal", *title = "Internal error";
-        return;
+    default: *code = 500, *slug = "internal", *title = "Internal error"; return;
     }
 }
 

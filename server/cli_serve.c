@@ -59,8 +59,8 @@ static top_status recover_jobs(const server_config *cfg, top_error *err)
     if (st == TOP_OK)
         st = store_jobs_recover(db, cfg->max_job_attempts, &requeued, &failed, err);
     if (st == TOP_OK && (requeued || failed))
-        log_warn("serve", NULL, "recovered jobs interrupted by a crash", "requeued=%zu failed=%zu",
-                 requeued, failed);
+        log_warn("serve", NULL, "recovered jobs interrupted by a crash",
+                 "requeued=%zu failed=%zu", requeued, failed);
     store_close(db);
     return st;
 }
@@ -90,8 +90,10 @@ static int run(const server_config *cfg)
                   cfg->artifact_dir, strerror(errno));
         return 1;
     }
-    executor_config ec = {.database_path = cfg->database_path, .store_opts = store_opts(cfg),
-                          .artifact_dir = cfg->artifact_dir, .workers = cfg->workers,
+    executor_config ec = {.database_path = cfg->database_path,
+                          .store_opts = store_opts(cfg),
+                          .artifact_dir = cfg->artifact_dir,
+                          .workers = cfg->workers,
                           .progress_interval_ms = cfg->progress_interval_ms,
                           .poll_interval_ms = 1000};
     top_status st = recover_jobs(cfg, &err);
@@ -99,8 +101,10 @@ static int run(const server_config *cfg)
         st = executor_start(&ex, &ec, &err);
     if (st == TOP_OK)
         st = api_new(&a, cfg, ex, &err);
-    http_config hc = {.host = cfg->listen_address, .port = (uint16_t)cfg->port,
-                      .connection_limit = SERVE_CONNECTION_LIMIT, .timeout_s = SERVE_TIMEOUT_S,
+    http_config hc = {.host = cfg->listen_address,
+                      .port = (uint16_t)cfg->port,
+                      .connection_limit = SERVE_CONNECTION_LIMIT,
+                      .timeout_s = SERVE_TIMEOUT_S,
                       .default_body_cap = cfg->max_body_bytes};
     http_handler handler = {0};
     if (st == TOP_OK) {
@@ -118,8 +122,8 @@ static int run(const server_config *cfg)
              cfg->database_path);
 
     int sig = wait_for_signal();
-    log_info("serve", NULL, "draining", "signal=%s grace_s=%g", sig == SIGTERM ? "SIGTERM" : "SIGINT",
-             cfg->shutdown_grace_s);
+    log_info("serve", NULL, "draining", "signal=%s grace_s=%g",
+             sig == SIGTERM ? "SIGTERM" : "SIGINT", cfg->shutdown_grace_s);
     api_set_stopping(a);
     http_server_quiesce(srv);
     executor_drain(ex, cfg->shutdown_grace_s);

@@ -41,9 +41,9 @@ typedef struct worker_slot {
     int index;
     uv_thread_t thread;
     uv_cond_t cond;
-    json_t *job;               /* the claimed job, or NULL when idle */
+    json_t *job; /* the claimed job, or NULL when idle */
     char job_id[STORE_ID_MAX];
-    volatile int cancel;       /* read by pipeline_run between batches */
+    volatile int cancel; /* read by pipeline_run between batches */
     int alive;
     int started;
 } worker_slot;
@@ -60,12 +60,12 @@ struct executor {
     int loop_started;
     store *loop_store;
 
-    uv_mutex_t mu;             /* guards everything below and each slot's job fields */
-    uv_cond_t idle_cond;       /* signalled when a worker finishes a job */
+    uv_mutex_t mu;       /* guards everything below and each slot's job fields */
+    uv_cond_t idle_cond; /* signalled when a worker finishes a job */
     worker_slot *slots;
     int draining;
-    int stopping;              /* the loop closes its handles */
-    int quit;                  /* the workers exit */
+    int stopping; /* the loop closes its handles */
+    int quit;     /* the workers exit */
     uint64_t duration_counts[EXECUTOR_DURATION_BUCKETS + 1];
     double duration_sum_s;
     uint64_t duration_count;
@@ -80,8 +80,8 @@ static const struct {
     const char *name;
     double weight;
 } stage_weights[] = {
-    {"load", 0.02},          {"dense features", 0.45}, {"saliency", 0.15},
-    {"mask", 0.03},          {"bn recalibration", 0.10}, {"pruned evaluation", 0.20},
+    {"load", 0.02},        {"dense features", 0.45},   {"saliency", 0.15},
+    {"mask", 0.03},        {"bn recalibration", 0.10}, {"pruned evaluation", 0.20},
     {"checkpoints", 0.05},
 };
 #define N_STAGES (sizeof stage_weights / sizeof stage_weights[0])
@@ -91,8 +91,8 @@ typedef struct run_state {
     store *db;
     double start_s;
     double last_write_s;
-    int stage;                 /* index into stage_weights, -1 before the first */
-    double progress;           /* 0..1, never decreases */
+    int stage;       /* index into stage_weights, -1 before the first */
+    double progress; /* 0..1, never decreases */
 } run_state;
 
 static double monotonic_s(void)
@@ -155,7 +155,8 @@ static top_status bad_member(top_error *err, const char *name)
 {
     return top_error_set(err, TOP_ERR_FORMAT,
                          "job request member '%s' is missing or has the wrong type; "
-                         "resubmit the job", name);
+                         "resubmit the job",
+                         name);
 }
 
 static top_status counts_from(size_t *a, size_t *b, const json_t *obj, const char *ka,
@@ -202,8 +203,8 @@ static top_status options_from_method(pipeline_options *opt, const json_t *reque
         opt->damping = json_number_value(damping);
     const char *mode = json_str(mo, "damping_mode");
     if (mode)
-        opt->damping_mode = strcmp(mode, "absolute") ? PIPELINE_DAMPING_RELATIVE
-                                                     : PIPELINE_DAMPING_ABSOLUTE;
+        opt->damping_mode =
+            strcmp(mode, "absolute") ? PIPELINE_DAMPING_RELATIVE : PIPELINE_DAMPING_ABSOLUTE;
     return TOP_OK;
 }
 
@@ -385,8 +386,8 @@ static void run_job(worker_slot *slot, store *db)
     top_error_clear(&err);
     top_status st = executor_options_from_request(&opt, request, &err);
     if (st == TOP_OK && mkdir(dir, 0750) != 0 && errno != EEXIST)
-        st = top_error_set(&err, TOP_ERR_IO, "cannot create the artifact folder '%s': %s",
-                           dir, strerror(errno));
+        st = top_error_set(&err, TOP_ERR_IO, "cannot create the artifact folder '%s': %s", dir,
+                           strerror(errno));
     opt.out_dir = dir;
 
     run_state rs = {.slot = slot, .db = db, .start_s = monotonic_s(), .stage = -1};
@@ -563,8 +564,8 @@ top_status executor_start(executor **out, const executor_config *cfg, top_error 
 {
     *out = NULL;
     if (cfg->workers < 1 || cfg->workers > 256)
-        return top_error_set(err, TOP_ERR_INVALID,
-                             "invalid worker count %d; pass 1 to 256", cfg->workers);
+        return top_error_set(err, TOP_ERR_INVALID, "invalid worker count %d; pass 1 to 256",
+                             cfg->workers);
     executor *ex = calloc(1, sizeof *ex);
     if (!ex)
         return top_error_set(err, TOP_ERR_NOMEM, "out of memory for the executor");
@@ -672,8 +673,8 @@ void executor_drain(executor *ex, double grace_s)
     log_info("executor", NULL, "draining", "running=%d grace_s=%g", running, grace_s);
     int left = wait_idle(ex, grace_s);
     if (left > 0)
-        log_warn("executor", NULL, "jobs still running after the grace period",
-                 "running=%d", left);
+        log_warn("executor", NULL, "jobs still running after the grace period", "running=%d",
+                 left);
     else
         log_info("executor", NULL, "drained", "requeued=%d", running);
 }

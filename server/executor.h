@@ -30,16 +30,16 @@ extern const double executor_duration_bounds[EXECUTOR_DURATION_BUCKETS];
 typedef struct executor_config {
     const char *database_path;
     store_options store_opts;
-    const char *artifact_dir;     /* each job writes ARTIFACT_DIR/JOB_ID/ */
-    int workers;                  /* 1 or more */
-    int progress_interval_ms;     /* min time between progress writes of one job */
-    int poll_interval_ms;         /* the loop also looks for queued jobs this often */
+    const char *artifact_dir; /* each job writes ARTIFACT_DIR/JOB_ID/ */
+    int workers;              /* 1 or more */
+    int progress_interval_ms; /* min time between progress writes of one job */
+    int poll_interval_ms;     /* the loop also looks for queued jobs this often */
 } executor_config;
 
 typedef struct executor_stats {
-    int workers;                  /* configured */
-    int workers_alive;            /* threads that started and have not exited */
-    int running;                  /* workers busy with a job */
+    int workers;       /* configured */
+    int workers_alive; /* threads that started and have not exited */
+    int running;       /* workers busy with a job */
     int draining;
     /* Finished jobs by duration: counts per bucket (not cumulative), then +Inf. */
     uint64_t duration_counts[EXECUTOR_DURATION_BUCKETS + 1];

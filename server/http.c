@@ -43,8 +43,8 @@ static uint64_t mix64(uint64_t z)
     return z ^ (z >> 31);
 }
 
-static http_request *request_new(http_server *s, struct MHD_Connection *conn,
-                                 const char *url, const char *method)
+static http_request *request_new(http_server *s, struct MHD_Connection *conn, const char *url,
+                                 const char *method)
 {
     http_request *req = calloc(1, sizeof *req);
     if (!req)
@@ -195,7 +195,8 @@ top_status http_server_start(http_server **out, const http_config *cfg,
     if (parse_address(&addr, &flags, cfg->host, cfg->port) != 0)
         return top_error_set(err, TOP_ERR_INVALID,
                              "invalid listen address '%s'; pass an IPv4 or IPv6 literal such "
-                             "as 127.0.0.1 or ::1", cfg->host);
+                             "as 127.0.0.1 or ::1",
+                             cfg->host);
     http_server *s = calloc(1, sizeof *s);
     if (!s)
         return top_error_set(err, TOP_ERR_NOMEM, "out of memory starting the http server");
@@ -204,18 +205,19 @@ top_status http_server_start(http_server **out, const http_config *cfg,
     s->id_seed = mix64((uint64_t)time(NULL) ^ ((uint64_t)getpid() << 32));
     atomic_init(&s->next_id, 1);
 
-    s->daemon = MHD_start_daemon(
-        flags, 0, NULL, NULL, on_access, s, MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&addr,
-        MHD_OPTION_CONNECTION_LIMIT, cfg->connection_limit, MHD_OPTION_CONNECTION_TIMEOUT,
-        cfg->timeout_s, MHD_OPTION_NOTIFY_COMPLETED, on_completed, s,
-        MHD_OPTION_LISTENING_ADDRESS_REUSE, 1u, MHD_OPTION_END);
+    s->daemon = MHD_start_daemon(flags, 0, NULL, NULL, on_access, s, MHD_OPTION_SOCK_ADDR,
+                                 (struct sockaddr *)&addr, MHD_OPTION_CONNECTION_LIMIT,
+                                 cfg->connection_limit, MHD_OPTION_CONNECTION_TIMEOUT,
+                                 cfg->timeout_s, MHD_OPTION_NOTIFY_COMPLETED, on_completed, s,
+                                 MHD_OPTION_LISTENING_ADDRESS_REUSE, 1u, MHD_OPTION_END);
     if (!s->daemon) {
         free(s);
         return top_error_set(err, TOP_ERR_IO,
                              "cannot listen on %s port %u; check that the port is free",
                              cfg->host, (unsigned)cfg->port);
     }
-    const union MHD_DaemonInfo *info = MHD_get_daemon_info(s->daemon, MHD_DAEMON_INFO_BIND_PORT);
+    const union MHD_DaemonInfo *info =
+        MHD_get_daemon_info(s->daemon, MHD_DAEMON_INFO_BIND_PORT);
     s->port = info ? info->port : cfg->port;
     *out = s;
     return TOP_OK;

@@ -27,28 +27,28 @@ typedef int (*http_sink_fn)(void *user, const char *data, size_t size);
 typedef struct http_request {
     struct MHD_Connection *conn;
     const char *method;
-    const char *path;             /* the URL path, without the query string */
+    const char *path; /* the URL path, without the query string */
     char id[HTTP_REQUEST_ID_BYTES];
-    double start_s;               /* monotonic seconds at the first byte */
+    double start_s; /* monotonic seconds at the first byte */
 
     /* Set by the handler's begin callback. */
-    size_t body_cap;              /* buffered body limit in bytes */
-    http_sink_fn sink;            /* non-NULL: stream the body here, buffer nothing */
+    size_t body_cap;   /* buffered body limit in bytes */
+    http_sink_fn sink; /* non-NULL: stream the body here, buffer nothing */
     void *sink_user;
-    struct MHD_Response *early;   /* non-NULL: answer now without reading the body */
+    struct MHD_Response *early; /* non-NULL: answer now without reading the body */
     unsigned early_status;
 
     /* The buffered body (NUL-terminated), or the state of the sink. */
     char *body;
     size_t body_len;
-    int body_over_cap;            /* the body exceeded body_cap */
-    int sink_stopped;             /* the sink returned -1 */
+    int body_over_cap; /* the body exceeded body_cap */
+    int sink_stopped;  /* the sink returned -1 */
 
     /* Set by the handler for the access log. */
-    const char *route;            /* the route pattern, such as "/v1/jobs/{id}" */
+    const char *route; /* the route pattern, such as "/v1/jobs/{id}" */
     unsigned status;
-    uint64_t bytes;               /* response body bytes, when known */
-    void *state;                  /* the handler's per-request state */
+    uint64_t bytes; /* response body bytes, when known */
+    void *state;    /* the handler's per-request state */
 } http_request;
 
 typedef struct http_handler {
@@ -63,11 +63,11 @@ typedef struct http_handler {
 } http_handler;
 
 typedef struct http_config {
-    const char *host;             /* an IPv4 or IPv6 literal, such as "127.0.0.1" */
-    uint16_t port;                /* 0: an ephemeral port; see http_server_port */
+    const char *host; /* an IPv4 or IPv6 literal, such as "127.0.0.1" */
+    uint16_t port;    /* 0: an ephemeral port; see http_server_port */
     unsigned connection_limit;
-    unsigned timeout_s;           /* idle connection timeout */
-    size_t default_body_cap;      /* body_cap before begin runs */
+    unsigned timeout_s;      /* idle connection timeout */
+    size_t default_body_cap; /* body_cap before begin runs */
 } http_config;
 
 typedef struct http_server http_server;
