@@ -56,7 +56,7 @@ def run(args):
                       "batch": args.batch, "backward": int(args.backward),
                       "images_per_s": round(args.batch / best, 3),
                       "peak_rss_mib": round(peak), "torch": torch.__version__,
-                      "threads": torch.get_num_threads()}))
+                      "threads": torch.get_num_threads()}, separators=(",", ":")))
 
 
 def export(args):

@@ -8,21 +8,27 @@
  * with g = k / (K/G) the group of output channel k and out-of-range x read as 0.
  * Three fast paths, chosen by conv_path_select:
  * - depthwise (C/G = 1, G > 1, so K = m*C): a direct kernel, OpenMP over
- *   (n, k) planes in the forward and over channels in the backward, with
- *   fused vectorised rows for 3x3 kernels of stride 1 and 2;
+ *   (n, k) planes in the forward and over channels in the backward. 3x3
+ *   kernels of stride 1 and 2 copy each plane into a zero-bordered scratch
+ *   plane, so every output cell takes one fused, vectorised sum;
  * - pointwise (1x1, stride 1, no padding): one sgemm per image and group,
  *   since the input already has the column layout;
  * - everything else: im2col of a tile of output rows of one image and group
  *   into the workspace, then sgemm. The backward pass reuses the tile for
  *   dW += dy * col^T and then for dcol = W^T * dy, which col2im adds into dx.
- * The sgemm calls use OpenBLAS threads. im2col and col2im run on the calling
- * thread, because idle OpenMP workers spin for a while after a parallel
- * region and would take the cores from the OpenBLAS threads of the next sgemm.
+ * The sgemm paths split the images of a batch over OpenMP threads, each with
+ * its own column tile and its own dW partial sum, and run OpenBLAS on one
+ * thread meanwhile (openblas_set_num_threads, restored afterwards): OpenBLAS
+ * workers spinning next to OpenMP workers on the same cores cost more than
+ * they gain on these per-image products. A batch of one image keeps the
+ * OpenBLAS threads instead.
  *
  * Layout: float32, NCHW row-major; conv weights (K, C/G, R, S).
  * Accumulation in double: batch-norm statistics and gradient sums, pooling
  * and bias-gradient sums, the naive conv twins. sgemm accumulates in float.
- * Thread-safety: kernels touch only their arguments and the workspace.
+ * Thread-safety: kernels touch only their arguments and the workspace; the
+ * OpenBLAS thread count is process state, so a concurrent caller's sgemm may
+ * run on one thread while a batch convolution is in progress.
  * Not here: running-statistics updates of batch norm, which the graph owns.
  * PyTorch updates running_var with the unbiased variance, while training-mode
  * normalisation here (as in PyTorch) uses the biased one. No ceil-mode pooling.
@@ -32,6 +38,7 @@
 #include <cblas.h>
 #include <limits.h>
 #include <math.h>
+#include <omp.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -396,6 +403,89 @@ static int depthwise_is_3x3(const conv2d_shape *s)
            s->stride_h == s->stride_w && (s->stride_w == 1 || s->stride_w == 2);
 }
 
+/* Height and width of the zero-padded copy of an input plane that
+ * depthwise_plane_padded reads: the rows and columns of every window. */
+static void depthwise_padded_size(int *hp, int *wp, const conv2d_shape *s)
+{
+    int rows = (s->p - 1) * s->stride_h + 3, cols = (s->q - 1) * s->stride_w + 3;
+    *hp = s->pad_top + s->h > rows ? s->pad_top + s->h : rows;
+    *wp = s->pad_left + s->w > cols ? s->pad_left + s->w : cols;
+}
+
+/* Whether the padded path applies: a depthwise_is_3x3 geometry whose
+ * padding is within the window, so the copy holds every cell it reads. */
+static int depthwise_padded_fits(const conv2d_shape *s)
+{
+    return depthwise_is_3x3(s) && s->pad_top >= 0 && s->pad_left >= 0 && s->pad_top <= 2 &&
+           s->pad_left <= 2;
+}
+
+/*
+ * One output plane of a depthwise_padded_fits geometry. y: (P, Q)
+ * xp: (HP, WP) the input plane at offset (pad_top, pad_left) of a zero
+ * border, so every cell takes the same fused 3x3 sum without bounds checks.
+ * Blocks of LANES columns with a constant stride, so -O2 vectorises them.
+ */
+CONV_CLONES
+static void depthwise_plane_padded(float *restrict y, const float *restrict xp, int wp,
+                                   const float *w, float bias, const conv2d_shape *s)
+{
+    const float w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3], w4 = w[4], w5 = w[5];
+    const float w6 = w[6], w7 = w[7], w8 = w[8];
+    int stride = s->stride_w, blocks = s->q / LANES * LANES;
+    for (int p = 0; p < s->p; p++) {
+        const float *x0 = xp + (size_t)p * s->stride_h * wp, *x1 = x0 + wp, *x2 = x1 + wp;
+        float *row = y + (size_t)p * s->q;
+        int q = 0;
+        if (stride == 1)
+            for (; q < blocks; q += LANES)
+                for (int l = 0; l < LANES; l++) {
+                    int at = q + l;
+                    row[at] = bias + (w0 * x0[at] + w1 * x0[at + 1] + w2 * x0[at + 2]) +
+                              (w3 * x1[at] + w4 * x1[at + 1] + w5 * x1[at + 2]) +
+                              (w6 * x2[at] + w7 * x2[at + 1] + w8 * x2[at + 2]);
+                }
+        else
+            for (; q < blocks; q += LANES)
+                for (int l = 0; l < LANES; l++) {
+                    int at = 2 * (q + l);
+                    row[q + l] = bias + (w0 * x0[at] + w1 * x0[at + 1] + w2 * x0[at + 2]) +
+                                 (w3 * x1[at] + w4 * x1[at + 1] + w5 * x1[at + 2]) +
+                                 (w6 * x2[at] + w7 * x2[at + 1] + w8 * x2[at + 2]);
+                }
+        for (; q < s->q; q++) {
+            int at = q * stride;
+            row[q] = bias + (w0 * x0[at] + w1 * x0[at + 1] + w2 * x0[at + 2]) +
+                     (w3 * x1[at] + w4 * x1[at + 1] + w5 * x1[at + 2]) +
+                     (w6 * x2[at] + w7 * x2[at + 1] + w8 * x2[at + 2]);
+        }
+    }
+}
+
+/* Scratch of one thread for the padded path: a zeroed (HP, WP) plane whose
+ * border stays zero, because each plane copies only its interior. NULL when
+ * the path does not apply or the allocation fails (the row path runs then). */
+static float *depthwise_scratch_new(const conv2d_shape *s)
+{
+    if (!depthwise_padded_fits(s))
+        return NULL;
+    int hp, wp;
+    depthwise_padded_size(&hp, &wp, s);
+    return calloc((size_t)hp * wp, sizeof(float));
+}
+
+/* y: (P, Q) of x: (H, W) through the padded copy in scratch. */
+static void depthwise_plane_forward_padded(float *y, const float *x, const float *w, float bias,
+                                           const conv2d_shape *s, float *scratch)
+{
+    int hp, wp;
+    depthwise_padded_size(&hp, &wp, s);
+    for (int i = 0; i < s->h; i++)
+        memcpy(scratch + (size_t)(i + s->pad_top) * wp + s->pad_left, x + (size_t)i * s->w,
+               (size_t)s->w * sizeof *x);
+    depthwise_plane_padded(y, scratch, wp, w, bias, s);
+}
+
 /* One output plane. y: (P, Q)  x: (H, W) of the input channel  w: (R, S) */
 static void depthwise_plane_forward(float *y, const float *x, const float *w, float bias,
                                     const conv2d_shape *s)
@@ -541,26 +631,37 @@ static double depthwise_tap_gradient(const float *dy, const float *x, int r, int
            ((lane[4] + lane[5]) + (lane[6] + lane[7]));
 }
 
+/* The geometry of the stride-1 3x3 input gradient as a forward pass over
+ * dy: (P, Q) into (H, W) with padding 2 - pad. */
+static void depthwise_back_shape(conv2d_shape *back, const conv2d_shape *s)
+{
+    *back = *s;
+    back->h = s->p;
+    back->w = s->q;
+    back->p = s->h;
+    back->q = s->w;
+    back->pad_top = 2 - s->pad_top;
+    back->pad_left = 2 - s->pad_left;
+    back->pad_bottom = s->h + 2 - s->p - back->pad_top;
+    back->pad_right = s->w + 2 - s->q - back->pad_left;
+}
+
 /* dx: (H, W) += the input gradient of one plane for a 3x3 kernel of
  * stride 1, computed as the forward pass over dy: (P, Q) with the kernel
- * flipped and padding 2 - pad, into the scratch plane tmp: (H, W). */
-static void depthwise_plane_backward_input_3x3(float *dx, float *tmp, const float *dy,
-                                               const float *w, const conv2d_shape *s)
+ * flipped (depthwise_back_shape), into the scratch plane tmp: (H, W).
+ * scratch: depthwise_scratch_new(back) or NULL. */
+static void depthwise_plane_backward_input_3x3(float *dx, float *tmp, float *scratch,
+                                               const float *dy, const float *w,
+                                               const conv2d_shape *back)
 {
-    conv2d_shape back = *s;
-    back.h = s->p;
-    back.w = s->q;
-    back.p = s->h;
-    back.q = s->w;
-    back.pad_top = 2 - s->pad_top;
-    back.pad_left = 2 - s->pad_left;
-    back.pad_bottom = s->h + 2 - s->p - back.pad_top;
-    back.pad_right = s->w + 2 - s->q - back.pad_left;
     float flipped[9];
     for (int i = 0; i < 9; i++)
         flipped[i] = w[8 - i];
-    depthwise_plane_forward(tmp, dy, flipped, 0.0f, &back);
-    add_floats(dx, tmp, (size_t)s->h * s->w);
+    if (scratch)
+        depthwise_plane_forward_padded(tmp, dy, flipped, 0.0f, back, scratch);
+    else
+        depthwise_plane_forward(tmp, dy, flipped, 0.0f, back);
+    add_floats(dx, tmp, (size_t)back->p * back->q);
 }
 
 /* sums[r*3 + t] += the gradient of tap (r, t) over one plane pair, for
@@ -651,39 +752,56 @@ static void depthwise_forward(float *y, const float *x, const float *w, const fl
     int m = s->k / s->c;
     size_t hw = (size_t)s->h * s->w, pq = (size_t)s->p * s->q, rs = (size_t)s->r * s->s;
     int planes = s->n * s->k;
-#pragma omp parallel for schedule(static) if (planes * pq * rs > PARALLEL_MIN_WORK)
-    for (int i = 0; i < planes; i++) {
-        int n = i / s->k, k = i % s->k;
-        const float *xc = x + ((size_t)n * s->c + k / m) * hw;
-        depthwise_plane_forward(y + (size_t)i * pq, xc, w + k * rs, b ? b[k] : 0.0f, s);
+#pragma omp parallel if (planes * pq * rs > PARALLEL_MIN_WORK)
+    {
+        float *scratch = depthwise_scratch_new(s);
+#pragma omp for schedule(static)
+        for (int i = 0; i < planes; i++) {
+            int n = i / s->k, k = i % s->k;
+            const float *xc = x + ((size_t)n * s->c + k / m) * hw;
+            float bias = b ? b[k] : 0.0f;
+            if (scratch)
+                depthwise_plane_forward_padded(y + (size_t)i * pq, xc, w + k * rs, bias, s,
+                                               scratch);
+            else
+                depthwise_plane_forward(y + (size_t)i * pq, xc, w + k * rs, bias, s);
+        }
+        free(scratch);
     }
 }
 
 /* dy: (N, K, P, Q)  dx: (N, C, H, W)  dw: (K, 1, R, S)
  * The loop runs in parallel over input channels, so the m output channels
- * that read one input channel never race on dx. */
+ * that read one input channel never race on dx. Without the scratch planes
+ * (an allocation failed) the row path runs. */
 static void depthwise_backward(float *dx, float *dw, const float *dy, const float *x,
                                const float *w, const conv2d_shape *s)
 {
-    int m = s->k / s->c, flip = depthwise_is_3x3(s) && s->stride_w == 1;
+    int m = s->k / s->c, flip = dx && depthwise_is_3x3(s) && s->stride_w == 1;
     size_t hw = (size_t)s->h * s->w, pq = (size_t)s->p * s->q, rs = (size_t)s->r * s->s;
-#pragma omp parallel for schedule(static) if (s->n * s->k * pq > PARALLEL_MIN_WORK)
-    for (int c = 0; c < s->c; c++) {
-        /* Without the scratch plane (allocation failed) the row path runs. */
-        float *tmp = dx && flip ? malloc(hw * sizeof *tmp) : NULL;
-        for (int k = c * m; k < (c + 1) * m; k++) {
-            for (int n = 0; dx && n < s->n; n++) {
-                float *dx_plane = dx + ((size_t)n * s->c + c) * hw;
-                const float *dy_plane = dy + ((size_t)n * s->k + k) * pq;
-                if (tmp)
-                    depthwise_plane_backward_input_3x3(dx_plane, tmp, dy_plane, w + k * rs, s);
-                else
-                    depthwise_plane_backward_input(dx_plane, dy_plane, w + k * rs, s);
+    conv2d_shape back;
+    depthwise_back_shape(&back, s);
+#pragma omp parallel if (s->n * s->k * pq > PARALLEL_MIN_WORK)
+    {
+        float *tmp = flip ? malloc(hw * sizeof *tmp) : NULL;
+        float *scratch = tmp ? depthwise_scratch_new(&back) : NULL;
+#pragma omp for schedule(static)
+        for (int c = 0; c < s->c; c++)
+            for (int k = c * m; k < (c + 1) * m; k++) {
+                for (int n = 0; dx && n < s->n; n++) {
+                    float *dx_plane = dx + ((size_t)n * s->c + c) * hw;
+                    const float *dy_plane = dy + ((size_t)n * s->k + k) * pq;
+                    if (tmp)
+                        depthwise_plane_backward_input_3x3(dx_plane, tmp, scratch, dy_plane,
+                                                           w + k * rs, &back);
+                    else
+                        depthwise_plane_backward_input(dx_plane, dy_plane, w + k * rs, s);
+                }
+                if (dw)
+                    depthwise_weight_gradient(dw + k * rs, dy + (size_t)k * pq,
+                                              x + (size_t)c * hw, s);
             }
-            if (dw)
-                depthwise_weight_gradient(dw + k * rs, dy + (size_t)k * pq, x + (size_t)c * hw,
-                                          s);
-        }
+        free(scratch);
         free(tmp);
     }
 }
@@ -826,16 +944,60 @@ static void conv_group_backward(float *dxg, float *dwg, const float *dyg, const 
     }
 }
 
-/* One column tile of CG*R*S rows and conv_tile_rows(s) * Q columns. */
-size_t conv2d_workspace_floats(const conv2d_shape *s)
+/* ---- conv2d: threads over images ------------------------------------------------ */
+
+/* Threads that split the images of one call: one per image up to
+ * omp_get_max_threads(), and 1 inside an enclosing OpenMP region. */
+static int conv_threads(const conv2d_shape *s)
+{
+    if (omp_in_parallel())
+        return 1;
+    int t = omp_get_max_threads();
+    return t < s->n ? t : s->n;
+}
+
+/*
+ * While threads > 1, each thread calls sgemm on its own images, so OpenBLAS
+ * must not start its own threads as well: two kinds of workers on the same
+ * cores slow each other down. Returns the OpenBLAS thread count to restore.
+ */
+static int blas_serial_begin(int threads)
+{
+    int previous = openblas_get_num_threads();
+    if (threads > 1 && previous != 1)
+        openblas_set_num_threads(1);
+    return previous;
+}
+
+static void blas_serial_end(int threads, int previous)
+{
+    if (threads > 1 && previous != 1)
+        openblas_set_num_threads(previous);
+}
+
+/* Floats of one thread's column tile: CG*R*S rows, conv_tile_rows(s) * Q columns. */
+static size_t conv_tile_floats(const conv2d_shape *s)
 {
     if (conv_path_select(s) != CONV_PATH_IM2COL)
         return 0;
     return (size_t)(s->c / s->groups) * s->r * s->s * (size_t)conv_tile_rows(s) * s->q;
 }
 
+/* One column tile per thread, then a weight-gradient partial sum
+ * (K, C/G, R, S) for every thread but the first. The size depends on
+ * omp_get_max_threads(), which must not grow between this call and the
+ * kernels that use the workspace. */
+size_t conv2d_workspace_floats(const conv2d_shape *s)
+{
+    if (conv_path_select(s) == CONV_PATH_DEPTHWISE)
+        return 0;
+    size_t threads = (size_t)conv_threads(s);
+    size_t weights = (size_t)s->k * (size_t)(s->c / s->groups) * s->r * s->s;
+    return threads * conv_tile_floats(s) + (threads - 1) * weights;
+}
+
 /* x: (N, C, H, W)  w: (K, C/G, R, S)  b: (K) or NULL  y: (N, K, P, Q)
- * work: conv2d_workspace_floats(s) */
+ * work: conv2d_workspace_floats(s). Images split evenly over the threads. */
 void conv2d_forward(float *y, const float *x, const float *w, const float *b,
                     const conv2d_shape *s, float *work)
 {
@@ -845,23 +1007,49 @@ void conv2d_forward(float *y, const float *x, const float *w, const float *b,
         return;
     }
 
-    int cg = s->c / s->groups, kg = s->k / s->groups;
+    int cg = s->c / s->groups, kg = s->k / s->groups, threads = conv_threads(s);
     size_t hw = (size_t)s->h * s->w, pq = (size_t)s->p * s->q;
+    size_t w_group = (size_t)kg * cg * s->r * s->s, tile = conv_tile_floats(s);
+    int blas = blas_serial_begin(threads);
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        int t = omp_get_thread_num();
+        for (int n = s->n * t / threads; n < s->n * (t + 1) / threads; n++)
+            for (int g = 0; g < s->groups; g++)
+                conv_group_forward(y + ((size_t)n * s->k + (size_t)g * kg) * pq,
+                                   x + ((size_t)n * s->c + (size_t)g * cg) * hw,
+                                   w + g * w_group, b ? b + g * kg : NULL, path, s,
+                                   work + (size_t)t * tile);
+    }
+    blas_serial_end(threads, blas);
+}
+
+/* The images [n0, n1) of the backward pass; dw may be NULL, dx too. */
+static void conv_images_backward(float *dx, float *dw, const float *dy, const float *x,
+                                 const float *w, int n0, int n1, conv_path path,
+                                 const conv2d_shape *s, float *work)
+{
+    int cg = s->c / s->groups, kg = s->k / s->groups;
+    size_t pq = (size_t)s->p * s->q, hw = (size_t)s->h * s->w;
     size_t w_group = (size_t)kg * cg * s->r * s->s;
-    for (int n = 0; n < s->n; n++)
-        for (int g = 0; g < s->groups; g++)
-            conv_group_forward(y + ((size_t)n * s->k + (size_t)g * kg) * pq,
-                               x + ((size_t)n * s->c + (size_t)g * cg) * hw, w + g * w_group,
-                               b ? b + g * kg : NULL, path, s, work);
+    for (int n = n0; n < n1; n++)
+        for (int g = 0; g < s->groups; g++) {
+            size_t x_at = ((size_t)n * s->c + (size_t)g * cg) * hw;
+            conv_group_backward(dx ? dx + x_at : NULL, dw ? dw + g * w_group : NULL,
+                                dy + ((size_t)n * s->k + (size_t)g * kg) * pq, x + x_at,
+                                w + g * w_group, path, s, work);
+        }
 }
 
 /* dy: (N, K, P, Q)  x: (N, C, H, W)  w: (K, C/G, R, S)
  * dx: (N, C, H, W)  dw: (K, C/G, R, S)  db: (K), each accumulated, NULL skipped
- * work: conv2d_workspace_floats(s) */
+ * work: conv2d_workspace_floats(s). Images split evenly over the threads; the
+ * first thread adds into dw, the others into zeroed partial sums that are
+ * added to dw in thread order afterwards, so results do not vary run to run. */
 void conv2d_backward(float *dx, float *dw, float *db, const float *dy, const float *x,
                      const float *w, const conv2d_shape *s, float *work)
 {
-    size_t pq = (size_t)s->p * s->q, hw = (size_t)s->h * s->w;
+    size_t pq = (size_t)s->p * s->q;
     if (db)
         conv_bias_backward(db, dy, s->n, s->k, pq);
     conv_path path = conv_path_select(s);
@@ -872,15 +1060,23 @@ void conv2d_backward(float *dx, float *dw, float *db, const float *dy, const flo
     if (!dx && !dw)
         return;
 
-    int cg = s->c / s->groups, kg = s->k / s->groups;
-    size_t w_group = (size_t)kg * cg * s->r * s->s;
-    for (int n = 0; n < s->n; n++)
-        for (int g = 0; g < s->groups; g++) {
-            size_t x_at = ((size_t)n * s->c + (size_t)g * cg) * hw;
-            conv_group_backward(dx ? dx + x_at : NULL, dw ? dw + g * w_group : NULL,
-                                dy + ((size_t)n * s->k + (size_t)g * kg) * pq, x + x_at,
-                                w + g * w_group, path, s, work);
-        }
+    int threads = conv_threads(s);
+    size_t tile = conv_tile_floats(s);
+    size_t weights = (size_t)s->k * (size_t)(s->c / s->groups) * s->r * s->s;
+    float *partials = work + (size_t)threads * tile;
+    int blas = blas_serial_begin(threads);
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        int t = omp_get_thread_num();
+        float *dw_t = dw && t > 0 ? partials + (size_t)(t - 1) * weights : dw;
+        if (dw_t && t > 0)
+            memset(dw_t, 0, weights * sizeof *dw_t);
+        conv_images_backward(dx, dw_t, dy, x, w, s->n * t / threads, s->n * (t + 1) / threads,
+                             path, s, work + (size_t)t * tile);
+    }
+    blas_serial_end(threads, blas);
+    for (int t = 1; dw && t < threads; t++)
+        add_floats(dw, partials + (size_t)(t - 1) * weights, weights);
 }
 
 /* ---- conv2d: naive twins (the oracle in tests) ------------------------------------ */
