@@ -1370,6 +1370,7 @@ void global_avgpool_backward(float *dx, const float *dy, int n, int c, int hw)
 #pragma omp parallel for schedule(static) if ((size_t)planes * hw > PARALLEL_MIN_WORK)
     for (int i = 0; i < planes; i++) {
         float share = dy[i] / (float)hw;
+#pragma omp simd
         for (int j = 0; j < hw; j++)
             dx[(size_t)i * hw + j] += share;
     }
@@ -1390,6 +1391,7 @@ void batchnorm_forward_inference(float *y, const float *x, const float *gamma,
         float shift = beta[j] - mean[j] * scale;
         const float *xp = x + (size_t)i * hw;
         float *yp = y + (size_t)i * hw;
+#pragma omp simd
         for (int t = 0; t < hw; t++)
             yp[t] = xp[t] * scale + shift;
     }
@@ -1426,6 +1428,7 @@ void batchnorm_forward_train(float *y, float *save_mean, float *save_invstd, con
         for (int i = 0; i < n; i++) {
             const float *xp = x + ((size_t)i * c + j) * hw;
             float *yp = y + ((size_t)i * c + j) * hw;
+#pragma omp simd
             for (int t = 0; t < hw; t++)
                 yp[t] = xp[t] * scale + shift;
         }
@@ -1466,6 +1469,7 @@ void batchnorm_backward_inference(float *dx, float *dgamma, float *dbeta, const 
         for (int i = 0; dx && i < n; i++) {
             const float *dyp = dy + ((size_t)i * c + j) * hw;
             float *dxp = dx + ((size_t)i * c + j) * hw;
+#pragma omp simd
             for (int t = 0; t < hw; t++)
                 dxp[t] += dyp[t] * scale;
         }
@@ -1497,6 +1501,7 @@ void batchnorm_backward_train(float *dx, float *dgamma, float *dbeta, const floa
             const float *dyp = dy + ((size_t)i * c + j) * hw,
                         *xp = x + ((size_t)i * c + j) * hw;
             float *dxp = dx + ((size_t)i * c + j) * hw;
+#pragma omp simd
             for (int t = 0; t < hw; t++)
                 dxp[t] += a * (dyp[t] - mean_dy) - b * (xp[t] - mu);
         }

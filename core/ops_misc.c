@@ -46,7 +46,7 @@
 /* x, y: (COUNT). NaN passes through, as in PyTorch. */
 void relu_forward(float *y, const float *x, size_t count)
 {
-#pragma omp parallel for if (count >= OPS_PARALLEL_MIN) schedule(static)
+#pragma omp parallel for simd if (count >= OPS_PARALLEL_MIN) schedule(static)
     for (size_t i = 0; i < count; i++)
         y[i] = x[i] < 0.0f ? 0.0f : x[i];
 }
@@ -56,7 +56,7 @@ void relu_backward(float *dx, const float *dy, const float *x, size_t count)
 {
     if (!dx)
         return;
-#pragma omp parallel for if (count >= OPS_PARALLEL_MIN) schedule(static)
+#pragma omp parallel for simd if (count >= OPS_PARALLEL_MIN) schedule(static)
     for (size_t i = 0; i < count; i++)
         dx[i] += x[i] > 0.0f ? dy[i] : 0.0f;
 }
@@ -64,7 +64,7 @@ void relu_backward(float *dx, const float *dy, const float *x, size_t count)
 /* x, y: (COUNT). NaN passes through, as in PyTorch. */
 void relu6_forward(float *y, const float *x, size_t count)
 {
-#pragma omp parallel for if (count >= OPS_PARALLEL_MIN) schedule(static)
+#pragma omp parallel for simd if (count >= OPS_PARALLEL_MIN) schedule(static)
     for (size_t i = 0; i < count; i++) {
         float v = x[i] < 0.0f ? 0.0f : x[i];
         y[i] = v > 6.0f ? 6.0f : v;
@@ -76,7 +76,7 @@ void relu6_backward(float *dx, const float *dy, const float *x, size_t count)
 {
     if (!dx)
         return;
-#pragma omp parallel for if (count >= OPS_PARALLEL_MIN) schedule(static)
+#pragma omp parallel for simd if (count >= OPS_PARALLEL_MIN) schedule(static)
     for (size_t i = 0; i < count; i++)
         dx[i] += (x[i] > 0.0f && x[i] < 6.0f) ? dy[i] : 0.0f;
 }
@@ -262,6 +262,13 @@ void softmax_backward(float *dx, const float *dy, const float *y, size_t rows, i
 /* xs: COUNT buffers of (SIZE)  y: (SIZE). y may alias any input. */
 void add_forward(float *y, const float *const *xs, int count, size_t size)
 {
+    if (count == 2) { /* the residual case, as one vectorised pass */
+        const float *a = xs[0], *b = xs[1];
+#pragma omp parallel for simd if (size >= OPS_PARALLEL_MIN) schedule(static)
+        for (size_t i = 0; i < size; i++)
+            y[i] = 0.0f + a[i] + b[i];
+        return;
+    }
 #pragma omp parallel for if (size >= OPS_PARALLEL_MIN) schedule(static)
     for (size_t i = 0; i < size; i++) {
         float sum = 0.0f;
