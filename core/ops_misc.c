@@ -13,8 +13,14 @@
  * strided views of the qkv buffer, so no head is copied. Means, variances,
  * bias gradients and the log-sum-exp of the loss accumulate in double.
  *
- * Thread-safety: kernels touch only their arguments. Row loops use OpenMP,
- * sgemm uses OpenBLAS threads, and no sgemm runs inside an OpenMP region.
+ * Thread-safety: kernels touch only their arguments. Row loops use OpenMP.
+ * Dense products of at least OPS_SPLIT_MIN_ROWS rows split into row blocks
+ * (dx, y) or output-row blocks (dw), and the attention products into
+ * (sample, head) pairs, over OpenMP threads that each call sgemm with
+ * OpenBLAS on one thread (openblas_set_num_threads, restored afterwards), as
+ * in ops_conv.c. The OpenBLAS thread count is process state, so a concurrent
+ * caller's sgemm may run on one thread meanwhile. Smaller products keep the
+ * OpenBLAS threads.
  * Sizes are not validated here (the graph does that, see ops.h).
  */
 #include "ops.h"
@@ -22,6 +28,7 @@
 #include <cblas.h>
 #include <limits.h>
 #include <math.h>
+#include <omp.h>
 #include <string.h>
 
 /*
@@ -57,8 +64,10 @@ void relu_backward(float *dx, const float *dy, const float *x, size_t count)
     if (!dx)
         return;
 #pragma omp parallel for simd if (count >= OPS_PARALLEL_MIN) schedule(static)
-    for (size_t i = 0; i < count; i++)
-        dx[i] += x[i] > 0.0f ? dy[i] : 0.0f;
+    for (size_t i = 0; i < count; i++) {
+        float g = dy[i]; /* loaded unconditionally, so the loop vectorises */
+        dx[i] += x[i] > 0.0f ? g : 0.0f;
+    }
 }
 
 /* x, y: (COUNT). NaN passes through, as in PyTorch. */
@@ -77,8 +86,10 @@ void relu6_backward(float *dx, const float *dy, const float *x, size_t count)
     if (!dx)
         return;
 #pragma omp parallel for simd if (count >= OPS_PARALLEL_MIN) schedule(static)
-    for (size_t i = 0; i < count; i++)
-        dx[i] += (x[i] > 0.0f && x[i] < 6.0f) ? dy[i] : 0.0f;
+    for (size_t i = 0; i < count; i++) {
+        float v = x[i], g = dy[i];
+        dx[i] += ((v > 0.0f) & (v < 6.0f)) ? g : 0.0f;
+    }
 }
 
 #define OPS_SQRT1_2 0.70710678118654752440f
@@ -321,6 +332,47 @@ void dropout_backward(float *dx, const float *dy, const float *m, size_t count)
         dx[i] += dy[i] * m[i];
 }
 
+/* ---- threads around sgemm ------------------------------------------------------ */
+
+/* Rows below which a dense product stays one sgemm with OpenBLAS threads. */
+#define OPS_SPLIT_MIN_ROWS 64
+
+/* OpenMP threads that split `jobs` independent products: 1 inside an
+ * enclosing OpenMP region or when there is only one job. */
+static int ops_threads(size_t jobs)
+{
+    if (omp_in_parallel() || jobs < 2)
+        return 1;
+    int t = omp_get_max_threads();
+    return (size_t)t < jobs ? t : (int)jobs;
+}
+
+/*
+ * While threads > 1, each OpenMP thread calls sgemm on its own part, so
+ * OpenBLAS must not start its own threads as well: its workers spin next to
+ * the OpenMP workers and both slow down. Returns the count to restore.
+ */
+static int blas_serial_begin(int threads)
+{
+    int previous = openblas_get_num_threads();
+    if (threads > 1 && previous != 1)
+        openblas_set_num_threads(1);
+    return previous;
+}
+
+static void blas_serial_end(int threads, int previous)
+{
+    if (threads > 1 && previous != 1)
+        openblas_set_num_threads(previous);
+}
+
+/* First index of part t of `count` items split over `parts` threads. */
+static size_t part_start(size_t count, int t, int parts)
+{
+    size_t base = count / (size_t)parts, extra = count % (size_t)parts;
+    return base * (size_t)t + (extra < (size_t)t ? extra : (size_t)t);
+}
+
 /* ---- dense ------------------------------------------------------------------ */
 
 /* dy: (ROWS, COLS) with row stride LD  db: (COLS). db += column sums of dy,
@@ -366,11 +418,20 @@ void dense_forward(float *y, const float *x, const float *w, const float *b, siz
             memcpy(y + r * o, b, o * sizeof(float));
         beta = 1.0f;
     }
-    for (size_t r0 = 0; r0 < rows; r0 += OPS_GEMM_MAX_ROWS) {
-        size_t m = rows - r0 < OPS_GEMM_MAX_ROWS ? rows - r0 : OPS_GEMM_MAX_ROWS;
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)m, out, in, 1.0f, x + r0 * i,
-                    in, w, in, beta, y + r0 * o, out);
+    /* Row blocks split over the threads, one sgemm each. */
+    int threads = ops_threads(rows >= OPS_SPLIT_MIN_ROWS ? rows : 1);
+    int blas = blas_serial_begin(threads);
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        int t = omp_get_thread_num();
+        size_t end = part_start(rows, t + 1, threads);
+        for (size_t r0 = part_start(rows, t, threads); r0 < end; r0 += OPS_GEMM_MAX_ROWS) {
+            size_t m = end - r0 < OPS_GEMM_MAX_ROWS ? end - r0 : OPS_GEMM_MAX_ROWS;
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)m, out, in, 1.0f,
+                        x + r0 * i, in, w, in, beta, y + r0 * o, out);
+        }
     }
+    blas_serial_end(threads, blas);
 }
 
 /* x: (ROWS, IN)  w: (OUT, IN)  b: (OUT) or NULL  y: (ROWS, OUT); dot products in
@@ -398,15 +459,29 @@ void dense_backward(float *dx, float *dw, float *db, const float *dy, const floa
     if (rows == 0 || out <= 0)
         return;
 
-    for (size_t r0 = 0; r0 < rows; r0 += OPS_GEMM_MAX_ROWS) {
-        size_t m = rows - r0 < OPS_GEMM_MAX_ROWS ? rows - r0 : OPS_GEMM_MAX_ROWS;
-        if (dx && in > 0)
+    /* dx by row blocks and dw by blocks of its output rows, so no two
+     * threads write the same cell. */
+    int threads = ops_threads(rows >= OPS_SPLIT_MIN_ROWS && out >= 2 ? rows : 1);
+    threads = threads < out ? threads : out;
+    int blas = blas_serial_begin(threads);
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        int t = omp_get_thread_num();
+        size_t end = part_start(rows, t + 1, threads);
+        for (size_t r0 = part_start(rows, t, threads); dx && in > 0 && r0 < end;
+             r0 += OPS_GEMM_MAX_ROWS) {
+            size_t m = end - r0 < OPS_GEMM_MAX_ROWS ? end - r0 : OPS_GEMM_MAX_ROWS;
             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)m, in, out, 1.0f,
                         dy + r0 * o, out, w, in, 1.0f, dx + r0 * i, in);
-        if (dw && in > 0)
-            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, out, in, (int)m, 1.0f,
-                        dy + r0 * o, out, x + r0 * i, in, 1.0f, dw, in);
+        }
+        size_t o0 = part_start(o, t, threads), o1 = part_start(o, t + 1, threads);
+        for (size_t r0 = 0; dw && in > 0 && o1 > o0 && r0 < rows; r0 += OPS_GEMM_MAX_ROWS) {
+            size_t m = rows - r0 < OPS_GEMM_MAX_ROWS ? rows - r0 : OPS_GEMM_MAX_ROWS;
+            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int)(o1 - o0), in, (int)m,
+                        1.0f, dy + r0 * o + o0, out, x + r0 * i, in, 1.0f, dw + o0 * i, in);
+        }
     }
+    blas_serial_end(threads, blas);
     if (db)
         column_sums_add(db, dy, rows, out, o);
 }
@@ -565,22 +640,24 @@ void mhsa_forward(float *y, float *qkv, float *att, float *ctx, const float *x,
 
     dense_forward(qkv, x, w_qkv, b_qkv, rows, d, 3 * d);
 
-    /* Scores q k^T * scale per (sample, head), read in place from qkv. */
-    for (size_t s = 0; s < (size_t)n * (size_t)heads; s++) {
+    /* Per (sample, head), read in place from qkv: scores q k^T * scale, their
+     * softmax, and att v into the head's (T, DH) slice of ctx. The pairs
+     * write disjoint slices, so they split over the threads. */
+    size_t pairs = (size_t)n * (size_t)heads;
+    int threads = ops_threads(pairs);
+    int blas = blas_serial_begin(threads);
+#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
+    for (size_t s = 0; s < pairs; s++) {
         size_t i = s / (size_t)heads, h = s % (size_t)heads;
-        const float *q = qkv + i * tt * d3 + h * (size_t)dh;
+        const float *q = qkv + i * tt * d3 + h * (size_t)dh, *v = q + 2 * (size_t)d;
+        float *a = att + s * tt * tt;
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, t, t, dh, scale, q, (int)d3, q + d,
-                    (int)d3, 0.0f, att + s * tt * tt, t);
+                    (int)d3, 0.0f, a, t);
+        softmax_forward(a, a, tt, t);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, t, dh, t, 1.0f, a, t, v, (int)d3,
+                    0.0f, ctx + i * tt * d + h * dh, d);
     }
-    softmax_forward(att, att, (size_t)n * (size_t)heads * tt, t);
-
-    /* Each head writes its (T, DH) slice of ctx: att v. */
-    for (size_t s = 0; s < (size_t)n * (size_t)heads; s++) {
-        size_t i = s / (size_t)heads, h = s % (size_t)heads;
-        const float *v = qkv + i * tt * d3 + 2 * (size_t)d + h * (size_t)dh;
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, t, dh, t, 1.0f,
-                    att + s * tt * tt, t, v, (int)d3, 0.0f, ctx + i * tt * d + h * dh, d);
-    }
+    blas_serial_end(threads, blas);
 
     dense_forward(y, ctx, w_out, b_out, rows, d, d);
 }
@@ -615,30 +692,28 @@ static void mhsa_backward_attention(float *dqkv, float *ds, const float *dctx, c
     int dh = d / heads;
     float scale = 1.0f / sqrtf((float)dh);
 
-    /* dv = att^T dctx_h and d(att) = dctx_h v^T per (sample, head). */
+    /* Per (sample, head): dv = att^T dctx_h and d(att) = dctx_h v^T, the
+     * score gradient ds, then dq = ds k and dk = ds^T q with the scale already
+     * inside ds. The pairs write disjoint slices, so they split over threads. */
+    int threads = ops_threads(pairs);
+    int blas = blas_serial_begin(threads);
+#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
     for (size_t s = 0; s < pairs; s++) {
         size_t i = s / (size_t)heads, h = s % (size_t)heads, off = h * (size_t)dh;
         const float *dc = dctx + i * tt * d + off, *p = att + s * tt * tt;
-        const float *v = qkv + i * tt * d3 + 2 * (size_t)d + off;
-        float *dv = dqkv + i * tt * d3 + 2 * (size_t)d + off;
+        const float *q = qkv + i * tt * d3 + off, *v = q + 2 * (size_t)d;
+        float *dq = dqkv + i * tt * d3 + off, *dv = dq + 2 * (size_t)d, *g = ds + s * tt * tt;
         cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, t, dh, t, 1.0f, p, t, dc, d, 0.0f,
                     dv, (int)d3);
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, t, t, dh, 1.0f, dc, d, v, (int)d3,
-                    0.0f, ds + s * tt * tt, t);
-    }
-
-    softmax_grad_inplace(ds, att, pairs * tt, t, scale);
-
-    /* dq = ds k and dk = ds^T q, with the scale already inside ds. */
-    for (size_t s = 0; s < pairs; s++) {
-        size_t i = s / (size_t)heads, h = s % (size_t)heads, off = h * (size_t)dh;
-        const float *q = qkv + i * tt * d3 + off, *g = ds + s * tt * tt;
-        float *dq = dqkv + i * tt * d3 + off;
+                    0.0f, g, t);
+        softmax_grad_inplace(g, p, tt, t, scale);
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, t, dh, t, 1.0f, g, t, q + d,
                     (int)d3, 0.0f, dq, (int)d3);
         cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, t, dh, t, 1.0f, g, t, q, (int)d3,
                     0.0f, dq + d, (int)d3);
     }
+    blas_serial_end(threads, blas);
 }
 
 /* dy, x, ctx, dx: (N, T, D)  qkv: (N, T, 3D)  att: (N, H, T, T)
