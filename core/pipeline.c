@@ -54,6 +54,9 @@ typedef struct pipeline_ctx {
     pipeline_task eval[PIPELINE_MAX_EVAL_TASKS];
     int bn_ran, bn_layers;
     size_t bn_images;
+    double **bn_dense;              /* match_dense: (2, C) per BN node, mean then var */
+    int bn_passes_run;
+    double bn_max_shift;            /* largest |mu_p - mu_d| / sd_d in the last pass */
     double lambda;                  /* obd damping used */
     double timings[8];
     json_t *checkpoints;
@@ -100,6 +103,8 @@ void pipeline_options_init(pipeline_options *opt)
     opt->damping_mode = PIPELINE_DAMPING_RELATIVE;
     opt->damping = 1e-3;
     opt->bn_recalibration = -1;
+    opt->bn_mode = PIPELINE_BN_MATCH_DENSE;
+    opt->bn_passes = 1;
     opt->batch_size = 16;
 }
 
@@ -116,6 +121,12 @@ static top_status validate_options(const pipeline_options *o, top_error *err)
     if (o->method == PIPELINE_METHOD_OBD && !o->calib_uri)
         return top_error_set(err, TOP_ERR_INVALID, "method obd needs a calibration task; "
                              "pass a calibration data set or use magnitude");
+    if (o->bn_mode != PIPELINE_BN_MATCH_DENSE && o->bn_mode != PIPELINE_BN_REESTIMATE)
+        return top_error_set(err, TOP_ERR_INVALID, "batch-norm mode %d is unknown; use "
+                             "match_dense or reestimate", (int)o->bn_mode);
+    if (o->bn_passes < 1 || o->bn_passes > 16)
+        return top_error_set(err, TOP_ERR_INVALID, "batch-norm passes %d is outside 1..16",
+                             o->bn_passes);
     if (o->bn_recalibration == 1 && !o->calib_uri)
         return top_error_set(err, TOP_ERR_INVALID, "batch-norm recalibration needs a "
                              "calibration task; pass one or turn recalibration off");
@@ -572,6 +583,197 @@ static top_status bn_stage(pipeline_ctx *c, top_error *err)
     return st;
 }
 
+/* ---- batch-norm correction: match the dense statistics ---------------------- */
+
+static int bn_count(const graph *g)
+{
+    int count = 0;
+    for (int i = 0; i < g->n_nodes; i++)
+        count += g->nodes[i].op == OP_BATCHNORM;
+    return count;
+}
+
+static void bn_stats_free(double **stats, int count)
+{
+    for (int n = 0; stats && n < count; n++)
+        free(stats[n]);
+    free(stats);
+}
+
+/* Allocates (2, C) doubles per BN node, zeroed. */
+static double **bn_stats_new(const graph *g, int count)
+{
+    double **stats = calloc((size_t)count + 1, sizeof *stats);
+    for (int n = 0, i = 0; stats && i < g->n_nodes; i++) {
+        if (g->nodes[i].op != OP_BATCHNORM)
+            continue;
+        stats[n] = calloc(2 * (size_t)g->nodes[i].dims[0], sizeof(double));
+        if (!stats[n++]) {
+            bn_stats_free(stats, count);
+            return NULL;
+        }
+    }
+    return stats;
+}
+
+/* Adds the per-channel sum and sum of squares of BN node b's input.
+ *   x: (N, C, HW)  acc: (2, C) */
+static void bn_add_moments(double *acc, const graph *g, int b, int n)
+{
+    const graph_node *nd = &g->nodes[b];
+    const float *x = graph_node_output(g, nd->inputs[0]);
+    size_t ch = (size_t)nd->dims[0], hw = nd->sample_numel / ch;
+    for (int i = 0; i < n; i++)
+        for (size_t k = 0; k < ch; k++) {
+            const float *p = x + (size_t)i * nd->sample_numel + k * hw;
+            double sum = 0.0, sq = 0.0;
+            for (size_t j = 0; j < hw; j++) {
+                sum += p[j];
+                sq += (double)p[j] * p[j];
+            }
+            acc[k] += sum;
+            acc[ch + k] += sq;
+        }
+}
+
+/*
+ * Measures the mean and (population) variance of every BN input channel over
+ * the calibration split, with the graph in inference mode, into stats.
+ */
+static top_status bn_measure(double **stats, pipeline_ctx *c, const char *stage,
+                             top_error *err)
+{
+    const task_split *split = &c->calib.t.calib;
+    batch_iter *it = NULL;
+    size_t images = 0;
+    top_status st = batch_iter_new(&it, split, &c->g->preprocess, c->opt->batch_size, err);
+    report_progress(c, stage, 0, split->count);
+    while (st == TOP_OK) {
+        const batch *b = NULL;
+        st = batch_iter_next(it, &b, err);
+        if (st == TOP_OK)
+            st = check_cancel(c, err);
+        if (st != TOP_OK || b->n == 0)
+            break;
+        st = graph_forward(c->g, b->x, b->n, GRAPH_MODE_INFERENCE, err);
+        for (int n = 0, i = 0; st == TOP_OK && i < c->g->n_nodes; i++)
+            if (c->g->nodes[i].op == OP_BATCHNORM)
+                bn_add_moments(stats[n++], c->g, i, b->n);
+        images += st == TOP_OK ? (size_t)b->n : 0;
+        report_progress(c, stage, b->first + (size_t)b->n, split->count);
+    }
+    batch_iter_free(it);
+    for (int n = 0, i = 0; st == TOP_OK && images && i < c->g->n_nodes; i++) {
+        if (c->g->nodes[i].op != OP_BATCHNORM)
+            continue;
+        size_t ch = (size_t)c->g->nodes[i].dims[0];
+        double m = (double)images * (double)(c->g->nodes[i].sample_numel / ch);
+        for (size_t k = 0; k < ch; k++) {
+            double mean = stats[n][k] / m;
+            double var = stats[n][ch + k] / m - mean * mean;
+            stats[n][k] = mean;
+            stats[n][ch + k] = var > 0.0 ? var : 0.0;
+        }
+        n++;
+    }
+    c->bn_images = images;
+    return st;
+}
+
+/* Records the dense model's BN input statistics, before the mask is applied. */
+static top_status bn_dense_stage(pipeline_ctx *c, top_error *err)
+{
+    c->bn_layers = bn_count(c->g);
+    c->bn_dense = bn_stats_new(c->g, c->bn_layers);
+    if (!c->bn_dense)
+        return top_error_set(err, TOP_ERR_NOMEM, "out of memory for batch-norm statistics");
+    return bn_measure(c->bn_dense, c, "bn dense statistics", err);
+}
+
+/*
+ * Moves one BN layer's running statistics so that its output on the pruned
+ * inputs (mu_p, var_p) has the mean and spread the dense model's output had
+ * on its inputs (mu_d, var_d): s' = s sqrt(var_p / var_d), m' = mu_p -
+ * (mu_d - m) s' / s, from the original m and v (s = sqrt(v + eps)). Channels
+ * whose dense input is constant keep their spread. Returns the largest
+ * |mu_p - mu_d| / sqrt(var_d + eps) before the move.
+ */
+static double bn_match_layer(float *mean, float *var, const float *mean0, const float *var0,
+                             const double *dense, const double *pruned, size_t ch,
+                             double eps)
+{
+    double shift = 0.0;
+    for (size_t k = 0; k < ch; k++) {
+        double mu_d = dense[k], var_d = dense[ch + k];
+        double mu_p = pruned[k], var_p = pruned[ch + k];
+        double d = fabs(mu_p - mu_d) / sqrt(var_d + eps);
+        shift = d > shift ? d : shift;
+        double s = sqrt((double)var0[k] + eps);
+        /* The spread ratio is clamped to [1/2, 2]: a channel the pruning left
+         * (nearly) constant would otherwise be amplified without bound. */
+        double ratio = var_d > 1e-12 ? sqrt(var_p / var_d) : 1.0;
+        ratio = ratio < 0.5 ? 0.5 : ratio > 2.0 ? 2.0 : ratio;
+        double s_new = s * ratio;
+        double v_new = s_new * s_new - eps;
+        mean[k] = (float)(mu_p - (mu_d - mean0[k]) * s_new / s);
+        var[k] = (float)(v_new > 0.0 ? v_new : 0.0);
+    }
+    return shift;
+}
+
+static top_status bn_match_stage(pipeline_ctx *c, top_error *err)
+{
+    int count = c->bn_layers;
+    double **pruned = bn_stats_new(c->g, count);
+    float **saved = calloc(2 * (size_t)count + 1, sizeof *saved);
+    top_status st = pruned && saved ? TOP_OK
+                                    : top_error_set(err, TOP_ERR_NOMEM,
+                                                    "out of memory for batch-norm statistics");
+    for (int n = 0, i = 0; st == TOP_OK && i < c->g->n_nodes; i++) {
+        const graph_node *nd = &c->g->nodes[i];
+        if (nd->op != OP_BATCHNORM)
+            continue;
+        size_t bytes = (size_t)nd->dims[0] * sizeof(float);
+        saved[2 * n] = malloc(bytes);
+        saved[2 * n + 1] = malloc(bytes);
+        if (!saved[2 * n] || !saved[2 * n + 1]) {
+            st = top_error_set(err, TOP_ERR_NOMEM, "out of memory for batch-norm statistics");
+            break;
+        }
+        memcpy(saved[2 * n], c->g->params[nd->params[PARAM_MEAN]].value.data, bytes);
+        memcpy(saved[2 * n + 1], c->g->params[nd->params[PARAM_VAR]].value.data, bytes);
+        n++;
+    }
+    for (int pass = 0; st == TOP_OK && pass < c->opt->bn_passes; pass++) {
+        bn_stats_free(pruned, count); /* fresh zeroed sums for this pass */
+        pruned = bn_stats_new(c->g, count);
+        if (!pruned) {
+            st = top_error_set(err, TOP_ERR_NOMEM, "out of memory for batch-norm statistics");
+            break;
+        }
+        st = bn_measure(pruned, c, "bn correction", err);
+        c->bn_max_shift = 0.0;
+        for (int n = 0, i = 0; st == TOP_OK && i < c->g->n_nodes; i++) {
+            const graph_node *nd = &c->g->nodes[i];
+            if (nd->op != OP_BATCHNORM)
+                continue;
+            double shift = bn_match_layer(c->g->params[nd->params[PARAM_MEAN]].value.data,
+                                          c->g->params[nd->params[PARAM_VAR]].value.data,
+                                          saved[2 * n], saved[2 * n + 1], c->bn_dense[n],
+                                          pruned[n], (size_t)nd->dims[0], nd->attrs.eps);
+            c->bn_max_shift = shift > c->bn_max_shift ? shift : c->bn_max_shift;
+            n++;
+        }
+        c->bn_passes_run = pass + 1;
+    }
+    c->bn_ran = st == TOP_OK;
+    for (int n = 0; saved && n < 2 * count; n++)
+        free(saved[n]);
+    free(saved);
+    bn_stats_free(pruned, count);
+    return st;
+}
+
 /* ---- pruned evaluation ----------------------------------------------------- */
 
 static top_status pruned_stage(pipeline_ctx *c, top_error *err)
@@ -780,8 +982,13 @@ static json_t *report_build(const pipeline_ctx *c)
                             o->damping_mode == PIPELINE_DAMPING_ABSOLUTE ? "absolute"
                                                                          : "relative",
                             "value", o->damping, "lambda", c->lambda));
-    json_object_set_new(r, "bn_recalibration", json_pack("{s:b, s:i, s:I}", "ran", c->bn_ran,
-                        "layers", c->bn_layers, "images", (json_int_t)c->bn_images));
+    const char *bn_mode =
+        c->opt->bn_mode == PIPELINE_BN_MATCH_DENSE ? "match_dense" : "reestimate";
+    json_object_set_new(r, "bn_recalibration",
+                        json_pack("{s:b, s:s, s:i, s:I, s:i, s:f}", "ran", c->bn_ran, "mode",
+                                  bn_mode, "layers", c->bn_layers, "images",
+                                  (json_int_t)c->bn_images, "passes", c->bn_passes_run,
+                                  "max_mean_shift", c->bn_max_shift));
     json_object_set_new(r, "calibration", c->calib.ds
                         ? json_pack("{s:s, s:I, s:I}", "uri", dataset_uri(c->calib.ds),
                                     "calibration_images", (json_int_t)c->calib.t.calib.count,
@@ -824,15 +1031,20 @@ static top_status run_stages(pipeline_ctx *c, top_error *err)
     if (st == TOP_OK)
         st = dense_stage(c, err);
     c->timings[T_DENSE] = now_s() - t0;
+    int bn = c->opt->bn_recalibration < 0 ? c->opt->calib_uri != NULL
+                                          : c->opt->bn_recalibration;
+    int match = bn && c->opt->bn_mode == PIPELINE_BN_MATCH_DENSE;
+    t0 = now_s();
+    if (st == TOP_OK && match)
+        st = bn_dense_stage(c, err);
+    double dense_bn_time = now_s() - t0;
     if (st == TOP_OK)
         st = prune_stage(c, err);
 
     t0 = now_s();
-    int bn = c->opt->bn_recalibration < 0 ? c->opt->calib_uri != NULL
-                                          : c->opt->bn_recalibration;
     if (st == TOP_OK && bn)
-        st = bn_stage(c, err);
-    c->timings[T_BN] = now_s() - t0;
+        st = match ? bn_match_stage(c, err) : bn_stage(c, err);
+    c->timings[T_BN] = now_s() - t0 + dense_bn_time;
 
     t0 = now_s();
     if (st == TOP_OK)
@@ -876,6 +1088,7 @@ top_status pipeline_run(json_t **report, graph **pruned, const pipeline_options 
     for (int i = 0; i < PIPELINE_MAX_EVAL_TASKS; i++)
         task_release(&c.eval[i]);
     json_decref(c.checkpoints);
+    bn_stats_free(c.bn_dense, c.bn_layers);
     free(c.prunable);
     graph_free(c.g);
     return st;

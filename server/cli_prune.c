@@ -21,13 +21,16 @@ static void prune_usage(FILE *out)
             "                     [--method magnitude|obd] [--calibration URI]\n"
             "                     [--calibration-split N,HEADFIT] [--eval-split HEADFIT,EVAL]\n"
             "                     [--feature-node NAME] [--damping X | --damping-absolute X]\n"
-            "                     [--no-bn-recalibration] [--alpha A] [--batch B]\n"
+            "                     [--bn-correction match-dense|reestimate|none]\n"
+            "                     [--bn-passes P] [--alpha A] [--batch B]\n"
             "                     [--seed S] [--out DIR]\n\n"
             "Prunes the model's backbone to sparsity Q (default 0.5) and reports the\n"
             "zero-shot accuracy of ridge heads, fitted on the dense features, before and\n"
             "after pruning. URIs: idx:IMAGES,LABELS  folder:DIR  bundle:FILE\n"
-            "digits-grid:FILE. obd needs --calibration; batch-norm recalibration runs\n"
-            "when a calibration set is given. Defaults: calibration split 64,200,\n"
+            "digits-grid:FILE. obd needs --calibration. With a calibration set the\n"
+            "batch norms are corrected after pruning (default match-dense: each BN\n"
+            "input gets the dense model's mean and spread on the calibration images,\n"
+            "in P passes, default 1). Defaults: calibration split 64,200,\n"
             "eval split 200,200, damping 1e-3 * mean Fisher, alpha 1.0, batch 16.\n"
             "--out DIR writes DIR/dense.safetensors and DIR/compressed.safetensors.\n");
 }
@@ -115,7 +118,7 @@ static void draw_progress(void *user, const char *stage, size_t done, size_t tot
 }
 
 enum { OPT_CALIB_SPLIT = 256, OPT_EVAL_SPLIT, OPT_FEATURE, OPT_DAMPING, OPT_DAMPING_ABS,
-       OPT_NO_BN, OPT_ALPHA, OPT_BATCH };
+       OPT_NO_BN, OPT_BN_CORRECTION, OPT_BN_PASSES, OPT_ALPHA, OPT_BATCH };
 
 static const struct option prune_options[] = {
     {"model", required_argument, NULL, 'm'},
@@ -129,6 +132,8 @@ static const struct option prune_options[] = {
     {"damping", required_argument, NULL, OPT_DAMPING},
     {"damping-absolute", required_argument, NULL, OPT_DAMPING_ABS},
     {"no-bn-recalibration", no_argument, NULL, OPT_NO_BN},
+    {"bn-correction", required_argument, NULL, OPT_BN_CORRECTION},
+    {"bn-passes", required_argument, NULL, OPT_BN_PASSES},
     {"alpha", required_argument, NULL, OPT_ALPHA},
     {"batch", required_argument, NULL, OPT_BATCH},
     {"seed", required_argument, NULL, 's'},
@@ -149,6 +154,20 @@ static int parse_one(pipeline_options *o, int c, char *arg)
     case OPT_FEATURE: o->feature_node = arg; return 0;
     case 'o': o->out_dir = arg; return 0;
     case OPT_NO_BN: o->bn_recalibration = 0; return 0;
+    case OPT_BN_CORRECTION:
+        if (!strcmp(arg, "none")) {
+            o->bn_recalibration = 0;
+        } else if (!strcmp(arg, "match-dense") || !strcmp(arg, "reestimate")) {
+            o->bn_mode = arg[0] == 'm' ? PIPELINE_BN_MATCH_DENSE : PIPELINE_BN_REESTIMATE;
+        } else {
+            return bad_option("--bn-correction", arg, "use match-dense, reestimate or none");
+        }
+        return 0;
+    case OPT_BN_PASSES:
+        if (parse_size(&n, arg, '\0', &rest) || n < 1 || n > 16)
+            return bad_option("--bn-passes", arg, "pass a count from 1 to 16");
+        o->bn_passes = (int)n;
+        return 0;
     case 'q':
         if (parse_double(&v, arg) || !(v >= 0.0 && v < 1.0))
             return bad_option("--sparsity", arg, "pass a fraction in [0, 1), such as 0.5");

@@ -9,6 +9,7 @@
  * ASan builds, where a forward is much slower, and TOPIARY_PIPELINE_SMALL=1
  * shrink them to 16, 60 and 40; the accuracy check stays at > 0.5.
  */
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -273,6 +274,51 @@ static void test_obd(void)
     graph_free(g);
 }
 
+/* With nothing pruned (q = 0 only zeroes weights that are zero already), the
+ * match-dense correction finds the dense statistics and changes nothing: the
+ * running statistics stay bit for bit and the accuracy stays the dense one. */
+static void test_bn_match_dense_identity(void)
+{
+    char bufs[4][1024];
+    pipeline_options o;
+    make_options(&o, bufs);
+    o.sparsity = 0.0;
+    o.n_eval = 1;
+    o.bn_passes = 2;
+    graph *dense = NULL;
+    top_error err;
+    top_error_clear(&err);
+    CHECK_INT_EQ(model_load(&dense, o.model_path, &err), TOP_OK);
+    json_t *r = NULL;
+    graph *g = NULL;
+    top_status st = pipeline_run(&r, &g, &o, NULL, NULL, NULL, &err);
+    CHECK_MSG(st == TOP_OK, "pipeline: %s", err.message);
+    if (st != TOP_OK || !dense) {
+        graph_free(dense);
+        return;
+    }
+    json_t *bn = json_object_get(r, "bn_recalibration");
+    CHECK(json_is_true(json_object_get(bn, "ran")));
+    CHECK(strcmp(json_string_value(json_object_get(bn, "mode")), "match_dense") == 0);
+    CHECK_INT_EQ(json_integer_value(json_object_get(bn, "passes")), 2);
+    CHECK_CLOSE(json_real_value(json_object_get(bn, "max_mean_shift")), 0.0, 1e-3);
+    size_t moved = 0;
+    for (int i = 0; i < g->n_params; i++) {
+        if (g->params[i].role != PARAM_ROLE_STATISTIC)
+            continue;
+        const float *a = g->params[i].value.data, *b = dense->params[i].value.data;
+        for (size_t k = 0; k < g->params[i].value.numel; k++)
+            moved += fabsf(a[k] - b[k]) > 1e-4f * (1.0f + fabsf(b[k]));
+    }
+    CHECK_INT_EQ(moved, 0);
+    json_t *task = json_array_get(json_object_get(r, "tasks"), 0);
+    CHECK_CLOSE(json_real_value(json_object_get(task, "pruned_accuracy")),
+                json_real_value(json_object_get(task, "dense_accuracy")), 1e-9);
+    json_decref(r);
+    graph_free(g);
+    graph_free(dense);
+}
+
 static void test_invalid_options(void)
 {
     char bufs[4][1024];
@@ -320,5 +366,6 @@ int main(void)
     TEST_RUN(test_cancel);
     TEST_RUN(test_magnitude_with_checkpoints);
     TEST_RUN(test_obd);
+    TEST_RUN(test_bn_match_dense_identity);
     return TEST_FINISH();
 }
