@@ -11,10 +11,11 @@
  *
  * Layout: activations are (N, per-sample shape), row-major fp32; (C, H, W)
  * samples are NCHW, (T, D) samples are token-major. Memory: one output buffer
- * per node, one gradient buffer per node on the path of a backward, the tensors
- * each op saves for its backward, and one workspace shared by all nodes and
- * sized as the largest need. Buffers stay allocated while the batch size stays
- * the same.
+ * per node, one gradient buffer per node on the path of a backward that has a
+ * trainable parameter at or above it (every node on the path when the caller
+ * asks for the input gradient), the tensors each op saves for its backward,
+ * and one workspace shared by all nodes and sized as the largest need. Buffers
+ * stay allocated while the batch size stays the same.
  *
  * Thread-safety: one thread uses a graph at a time; kernels parallelise inside.
  * Not done here: in-place execution or early release of activations, so a
@@ -43,7 +44,8 @@ typedef struct node_run {
     float *y;                    /* output (N, sample) */
     float *dy;                   /* gradient of the output, set by backward */
     float *saved[RUN_MAX_SAVED]; /* tensors the op keeps for its backward */
-    int needs_grad;              /* the node leads to the backward's seed */
+    int needs_grad;              /* the backward needs this node's gradient */
+    int upstream;                /* it or an ancestor has a trainable parameter */
 } node_run;
 
 typedef struct op_info {
@@ -1336,7 +1338,8 @@ const float *graph_node_output(const graph *g, int node)
 /* The gradient buffer of input k of nd, or NULL when no gradient flows there. */
 static float *input_dy(const graph *g, const graph_node *nd, int k)
 {
-    return run_of(g, nd->inputs[k])->dy;
+    const node_run *run = run_of(g, nd->inputs[k]);
+    return run->needs_grad ? run->dy : NULL;
 }
 
 static top_status backward_conv(graph *g, const graph_node *nd, int n, top_error *err)
@@ -1537,8 +1540,25 @@ static top_status backward_node(graph *g, int i, int n, top_error *err)
                          (int)nd->op);
 }
 
-/* Marks the nodes that lead to `from` (its ancestors and itself). */
-static void mark_needs_grad(graph *g, int from)
+/* 1 if node i has a trainable parameter. */
+static int node_has_trainable(const graph *g, int i)
+{
+    for (int slot = 0; slot < GRAPH_MAX_PARAMS; slot++) {
+        int p = g->nodes[i].params[slot];
+        if (p >= 0 && param_is_trainable(g, p))
+            return 1;
+    }
+    return 0;
+}
+
+/*
+ * Marks the nodes whose output gradient the backward from `from` needs: the
+ * nodes that lead to `from` (its ancestors and itself) and that have a
+ * trainable parameter at or above them. Gradients of nodes fed by the input
+ * alone, such as a zero padding in front of the first convolution, would
+ * only flow back to the input batch, so they are needed only with want_dx.
+ */
+static void mark_needs_grad(graph *g, int from, int want_dx)
 {
     for (int i = 0; i < g->n_nodes; i++)
         run_of(g, i)->needs_grad = i == from;
@@ -1548,19 +1568,29 @@ static void mark_needs_grad(graph *g, int from)
         for (int k = 0; k < g->nodes[i].n_inputs; k++)
             run_of(g, g->nodes[i].inputs[k])->needs_grad = 1;
     }
+    if (want_dx)
+        return;
+    /* Inputs come first, so one pass in index order settles upstream. */
+    for (int i = 0; i <= from; i++) {
+        node_run *run = run_of(g, i);
+        run->upstream = node_has_trainable(g, i);
+        for (int k = 0; k < g->nodes[i].n_inputs; k++)
+            run->upstream |= run_of(g, g->nodes[i].inputs[k])->upstream;
+        run->needs_grad &= run->upstream;
+    }
 }
 
 /*
  * Allocates (once per batch size) and zeroes the gradient buffers of the
  * marked nodes, and allocates zeroed gradients of their trainable parameters
- * on first use. The input node gets a buffer only when want_dx is set.
+ * on first use.
  */
-static top_status prepare_grads(graph *g, int n, int want_dx, top_error *err)
+static top_status prepare_grads(graph *g, int n, top_error *err)
 {
     for (int i = 0; i < g->n_nodes; i++) {
         graph_node *nd = &g->nodes[i];
         node_run *run = nd->run;
-        if (!run->needs_grad || (i == 0 && !want_dx))
+        if (!run->needs_grad)
             continue;
         size_t floats = (size_t)n * nd->sample_numel;
         if (!run->dy) {
@@ -1601,12 +1631,12 @@ top_status graph_backward(graph *g, int from, const float *dy, float *dx, top_er
                              from, g->n_nodes);
     int n = g->batch;
     size_t floats = (size_t)n * g->nodes[from].sample_numel;
-    mark_needs_grad(g, from);
-    top_status st = prepare_grads(g, n, dx != NULL, err);
+    mark_needs_grad(g, from, dx != NULL);
+    top_status st = prepare_grads(g, n, err);
     if (st != TOP_OK)
         return st;
 
-    if (from > 0 || dx)
+    if (run_of(g, from)->needs_grad)
         memcpy(run_of(g, from)->dy, dy, floats * sizeof(float));
     for (int i = from; i > 0; i--) {
         if (!run_of(g, i)->needs_grad)
@@ -1615,8 +1645,11 @@ top_status graph_backward(graph *g, int from, const float *dy, float *dx, top_er
         if (st != TOP_OK)
             return st;
     }
-    if (dx)
-        memcpy(dx, run_of(g, 0)->dy, (size_t)n * g->nodes[0].sample_numel * sizeof(float));
+    size_t dx_bytes = (size_t)n * g->nodes[0].sample_numel * sizeof(float);
+    if (dx && run_of(g, 0)->needs_grad)
+        memcpy(dx, run_of(g, 0)->dy, dx_bytes);
+    else if (dx) /* `from` does not depend on the input */
+        memset(dx, 0, dx_bytes);
     return TOP_OK;
 }
 
