@@ -15,5 +15,10 @@ int cli_inspect(int argc, char **argv);
 int cli_prune(int argc, char **argv);
 int cli_dataset(int argc, char **argv);
 int cli_serve(int argc, char **argv);
+int cli_submit(int argc, char **argv);
+int cli_jobs(int argc, char **argv);
+int cli_job(int argc, char **argv);
+int cli_cancel(int argc, char **argv);
+int cli_checkpoint(int argc, char **argv);
 
 #endif

@@ -14,6 +14,11 @@ static const cli_command commands[] = {
     {"prune", "prune a model and evaluate it zero-shot on held-out tasks", cli_prune},
     {"dataset", "inspect a labelled data set or convert it to a bundle", cli_dataset},
     {"serve", "run the HTTP service", cli_serve},
+    {"submit", "submit a pruning job to a server, wait, download the result", cli_submit},
+    {"jobs", "list a server's jobs", cli_jobs},
+    {"job", "print one job of a server as JSON", cli_job},
+    {"cancel", "cancel a queued or running job on a server", cli_cancel},
+    {"checkpoint", "verify a compressed checkpoint: load it, print sparsity and sha256", cli_checkpoint},
     {"version", "print the version", cli_version},
 };
 
