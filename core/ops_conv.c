@@ -755,7 +755,7 @@ static void depthwise_forward(float *y, const float *x, const float *w, const fl
 #pragma omp parallel if (planes * pq * rs > PARALLEL_MIN_WORK)
     {
         float *scratch = depthwise_scratch_new(s);
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 16)
         for (int i = 0; i < planes; i++) {
             int n = i / s->k, k = i % s->k;
             const float *xc = x + ((size_t)n * s->c + k / m) * hw;
@@ -785,7 +785,7 @@ static void depthwise_backward(float *dx, float *dw, const float *dy, const floa
     {
         float *tmp = flip ? malloc(hw * sizeof *tmp) : NULL;
         float *scratch = tmp ? depthwise_scratch_new(&back) : NULL;
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 1)
         for (int c = 0; c < s->c; c++)
             for (int k = c * m; k < (c + 1) * m; k++) {
                 for (int n = 0; dx && n < s->n; n++) {
@@ -997,7 +997,9 @@ size_t conv2d_workspace_floats(const conv2d_shape *s)
 }
 
 /* x: (N, C, H, W)  w: (K, C/G, R, S)  b: (K) or NULL  y: (N, K, P, Q)
- * work: conv2d_workspace_floats(s). Images split evenly over the threads. */
+ * work: conv2d_workspace_floats(s). Threads take the next image as they
+ * finish one, so a thread that other load delays holds up the others less;
+ * each image's result does not depend on the thread. */
 void conv2d_forward(float *y, const float *x, const float *w, const float *b,
                     const conv2d_shape *s, float *work)
 {
@@ -1013,13 +1015,13 @@ void conv2d_forward(float *y, const float *x, const float *w, const float *b,
     int blas = blas_serial_begin(threads);
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
-        int t = omp_get_thread_num();
-        for (int n = s->n * t / threads; n < s->n * (t + 1) / threads; n++)
+        float *tile_t = work + (size_t)omp_get_thread_num() * tile;
+#pragma omp for schedule(dynamic, 1)
+        for (int n = 0; n < s->n; n++)
             for (int g = 0; g < s->groups; g++)
                 conv_group_forward(y + ((size_t)n * s->k + (size_t)g * kg) * pq,
                                    x + ((size_t)n * s->c + (size_t)g * cg) * hw,
-                                   w + g * w_group, b ? b + g * kg : NULL, path, s,
-                                   work + (size_t)t * tile);
+                                   w + g * w_group, b ? b + g * kg : NULL, path, s, tile_t);
     }
     blas_serial_end(threads, blas);
 }

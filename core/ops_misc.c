@@ -646,7 +646,7 @@ void mhsa_forward(float *y, float *qkv, float *att, float *ctx, const float *x,
     size_t pairs = (size_t)n * (size_t)heads;
     int threads = ops_threads(pairs);
     int blas = blas_serial_begin(threads);
-#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
+#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(dynamic, 1)
     for (size_t s = 0; s < pairs; s++) {
         size_t i = s / (size_t)heads, h = s % (size_t)heads;
         const float *q = qkv + i * tt * d3 + h * (size_t)dh, *v = q + 2 * (size_t)d;
@@ -697,7 +697,7 @@ static void mhsa_backward_attention(float *dqkv, float *ds, const float *dctx, c
      * inside ds. The pairs write disjoint slices, so they split over threads. */
     int threads = ops_threads(pairs);
     int blas = blas_serial_begin(threads);
-#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
+#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(dynamic, 1)
     for (size_t s = 0; s < pairs; s++) {
         size_t i = s / (size_t)heads, h = s % (size_t)heads, off = h * (size_t)dh;
         const float *dc = dctx + i * tt * d + off, *p = att + s * tt * tt;
