@@ -17,11 +17,11 @@
  *   into the workspace, then sgemm. The backward pass reuses the tile for
  *   dW += dy * col^T and then for dcol = W^T * dy, which col2im adds into dx.
  * The sgemm paths split the images of a batch over OpenMP threads, each with
- * its own column tile and its own dW partial sum, and run OpenBLAS on one
- * thread meanwhile (openblas_set_num_threads, restored afterwards): OpenBLAS
- * workers spinning next to OpenMP workers on the same cores cost more than
- * they gain on these per-image products. A batch of one image keeps the
- * OpenBLAS threads instead.
+ * its own column tile (and, backward, a dW partial sum per chunk of images,
+ * added in a fixed order), and run OpenBLAS on one thread meanwhile
+ * (openblas_set_num_threads, restored afterwards): OpenBLAS workers spinning
+ * next to OpenMP workers on the same cores cost more than they gain on these
+ * per-image products. A batch of one image keeps the OpenBLAS threads.
  *
  * Layout: float32, NCHW row-major; conv weights (K, C/G, R, S).
  * Accumulation in double: batch-norm statistics and gradient sums, pooling
@@ -983,17 +983,29 @@ static size_t conv_tile_floats(const conv2d_shape *s)
     return (size_t)(s->c / s->groups) * s->r * s->s * (size_t)conv_tile_rows(s) * s->q;
 }
 
+/* Image chunks per thread in the backward pass: more than one, so a thread
+ * that other load delays leaves its later chunks to the others. */
+#define CONV_CHUNKS_PER_THREAD 2
+
+/* Chunks of images in the backward pass, each with its own dW partial sum. */
+static int conv_chunks(const conv2d_shape *s, int threads)
+{
+    int chunks = threads > 1 ? threads * CONV_CHUNKS_PER_THREAD : 1;
+    return chunks < s->n ? chunks : s->n;
+}
+
 /* One column tile per thread, then a weight-gradient partial sum
- * (K, C/G, R, S) for every thread but the first. The size depends on
- * omp_get_max_threads(), which must not grow between this call and the
+ * (K, C/G, R, S) for every backward chunk but the first. The size depends
+ * on omp_get_max_threads(), which must not grow between this call and the
  * kernels that use the workspace. */
 size_t conv2d_workspace_floats(const conv2d_shape *s)
 {
     if (conv_path_select(s) == CONV_PATH_DEPTHWISE)
         return 0;
-    size_t threads = (size_t)conv_threads(s);
+    int threads = conv_threads(s);
     size_t weights = (size_t)s->k * (size_t)(s->c / s->groups) * s->r * s->s;
-    return threads * conv_tile_floats(s) + (threads - 1) * weights;
+    return (size_t)threads * conv_tile_floats(s) +
+           (size_t)(conv_chunks(s, threads) - 1) * weights;
 }
 
 /* x: (N, C, H, W)  w: (K, C/G, R, S)  b: (K) or NULL  y: (N, K, P, Q)
@@ -1045,9 +1057,10 @@ static void conv_images_backward(float *dx, float *dw, const float *dy, const fl
 
 /* dy: (N, K, P, Q)  x: (N, C, H, W)  w: (K, C/G, R, S)
  * dx: (N, C, H, W)  dw: (K, C/G, R, S)  db: (K), each accumulated, NULL skipped
- * work: conv2d_workspace_floats(s). Images split evenly over the threads; the
- * first thread adds into dw, the others into zeroed partial sums that are
- * added to dw in thread order afterwards, so results do not vary run to run. */
+ * work: conv2d_workspace_floats(s). The images form conv_chunks fixed chunks
+ * that threads take as they become free; the first chunk adds into dw, the
+ * others into zeroed partial sums that are added to dw in chunk order
+ * afterwards, so results do not depend on which thread ran what. */
 void conv2d_backward(float *dx, float *dw, float *db, const float *dy, const float *x,
                      const float *w, const conv2d_shape *s, float *work)
 {
@@ -1062,23 +1075,26 @@ void conv2d_backward(float *dx, float *dw, float *db, const float *dy, const flo
     if (!dx && !dw)
         return;
 
-    int threads = conv_threads(s);
+    int threads = conv_threads(s), chunks = conv_chunks(s, threads);
     size_t tile = conv_tile_floats(s);
     size_t weights = (size_t)s->k * (size_t)(s->c / s->groups) * s->r * s->s;
     float *partials = work + (size_t)threads * tile;
     int blas = blas_serial_begin(threads);
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
-        int t = omp_get_thread_num();
-        float *dw_t = dw && t > 0 ? partials + (size_t)(t - 1) * weights : dw;
-        if (dw_t && t > 0)
-            memset(dw_t, 0, weights * sizeof *dw_t);
-        conv_images_backward(dx, dw_t, dy, x, w, s->n * t / threads, s->n * (t + 1) / threads,
-                             path, s, work + (size_t)t * tile);
+        float *tile_t = work + (size_t)omp_get_thread_num() * tile;
+#pragma omp for schedule(dynamic, 1)
+        for (int c = 0; c < chunks; c++) {
+            float *dw_c = dw && c > 0 ? partials + (size_t)(c - 1) * weights : dw;
+            if (dw_c && c > 0)
+                memset(dw_c, 0, weights * sizeof *dw_c);
+            conv_images_backward(dx, dw_c, dy, x, w, s->n * c / chunks, s->n * (c + 1) / chunks,
+                                 path, s, tile_t);
+        }
     }
     blas_serial_end(threads, blas);
-    for (int t = 1; dw && t < threads; t++)
-        add_floats(dw, partials + (size_t)(t - 1) * weights, weights);
+    for (int c = 1; dw && c < chunks; c++)
+        add_floats(dw, partials + (size_t)(c - 1) * weights, weights);
 }
 
 /* ---- conv2d: naive twins (the oracle in tests) ------------------------------------ */
