@@ -714,17 +714,76 @@ static void depthwise_plane_gradient_3x3(double *sums, const float *dy, const fl
     }
 }
 
+/* sums[r*3 + t] += the gradient of tap (r, t) over one plane pair, for
+ * depthwise_padded_fits geometries: dy: (P, Q) and the zero-bordered copy
+ * xp: (HP, WP) of the input plane, so every cell takes the blocked loop (the
+ * border adds products with zero). Eight float lanes per tap. */
+CONV_CLONES
+static void depthwise_plane_gradient_padded(double *sums, const float *restrict dy,
+                                            const float *restrict xp, int wp,
+                                            const conv2d_shape *s)
+{
+    int stride = s->stride_w, blocks = s->q / LANES * LANES;
+    for (int r = 0; r < 3; r++) {
+        float acc0[LANES] = {0}, acc1[LANES] = {0}, acc2[LANES] = {0};
+        for (int p = 0; p < s->p; p++) {
+            const float *a = dy + (size_t)p * s->q;
+            const float *b = xp + ((size_t)p * s->stride_h + r) * wp;
+            int q = 0;
+            if (stride == 1)
+                for (; q < blocks; q += LANES)
+                    for (int l = 0; l < LANES; l++) {
+                        acc0[l] += a[q + l] * b[q + l];
+                        acc1[l] += a[q + l] * b[q + l + 1];
+                        acc2[l] += a[q + l] * b[q + l + 2];
+                    }
+            else
+                for (; q < blocks; q += LANES)
+                    for (int l = 0; l < LANES; l++) {
+                        acc0[l] += a[q + l] * b[2 * (q + l)];
+                        acc1[l] += a[q + l] * b[2 * (q + l) + 1];
+                        acc2[l] += a[q + l] * b[2 * (q + l) + 2];
+                    }
+            for (; q < s->q; q++) {
+                acc0[q % LANES] += a[q] * b[q * stride];
+                acc1[q % LANES] += a[q] * b[q * stride + 1];
+                acc2[q % LANES] += a[q] * b[q * stride + 2];
+            }
+        }
+        float *acc[3] = {acc0, acc1, acc2};
+        for (int t = 0; t < 3; t++)
+            sums[r * 3 + t] += ((acc[t][0] + acc[t][1]) + (acc[t][2] + acc[t][3])) +
+                               ((acc[t][4] + acc[t][5]) + (acc[t][6] + acc[t][7]));
+    }
+}
+
 /* Taps whose double sums one pass over the batch keeps on the stack. */
 #define DEPTHWISE_TAP_BLOCK 64
 
 /* dwk: (R, S) += the gradient of output channel k over the batch.
  * dy: plane k of image 0 of (N, K, P, Q)  x: its input plane of (N, C, H, W).
- * Images go outside the taps so both planes stay in cache for every tap. */
+ * Images go outside the taps so both planes stay in cache for every tap.
+ * scratch: depthwise_scratch_new(s) or NULL. */
 static void depthwise_weight_gradient(float *dwk, const float *dy, const float *x,
-                                      const conv2d_shape *s)
+                                      const conv2d_shape *s, float *scratch)
 {
     int taps = s->r * s->s;
     size_t dy_step = (size_t)s->k * s->p * s->q, x_step = (size_t)s->c * s->h * s->w;
+    if (scratch) {
+        int hp, wp;
+        depthwise_padded_size(&hp, &wp, s);
+        double sum[9] = {0};
+        for (int n = 0; n < s->n; n++) {
+            const float *xn = x + n * x_step;
+            for (int i = 0; i < s->h; i++)
+                memcpy(scratch + (size_t)(i + s->pad_top) * wp + s->pad_left,
+                       xn + (size_t)i * s->w, (size_t)s->w * sizeof *xn);
+            depthwise_plane_gradient_padded(sum, dy + n * dy_step, scratch, wp, s);
+        }
+        for (int j = 0; j < 9; j++)
+            dwk[j] += (float)sum[j];
+        return;
+    }
     if (depthwise_is_3x3(s)) {
         double sum[9] = {0};
         for (int n = 0; n < s->n; n++)
@@ -785,6 +844,7 @@ static void depthwise_backward(float *dx, float *dw, const float *dy, const floa
     {
         float *tmp = flip ? malloc(hw * sizeof *tmp) : NULL;
         float *scratch = tmp ? depthwise_scratch_new(&back) : NULL;
+        float *x_scratch = dw ? depthwise_scratch_new(s) : NULL;
 #pragma omp for schedule(dynamic, 1)
         for (int c = 0; c < s->c; c++)
             for (int k = c * m; k < (c + 1) * m; k++) {
@@ -799,8 +859,9 @@ static void depthwise_backward(float *dx, float *dw, const float *dy, const floa
                 }
                 if (dw)
                     depthwise_weight_gradient(dw + k * rs, dy + (size_t)k * pq,
-                                              x + (size_t)c * hw, s);
+                                              x + (size_t)c * hw, s, x_scratch);
             }
+        free(x_scratch);
         free(scratch);
         free(tmp);
     }
