@@ -14,7 +14,7 @@
 #
 # Environment (the CI test uses smaller sizes):
 #   DEMO_DIR                  state folder (default var/demo)
-#   DEMO_SPARSITY             fraction of prunable weights to zero (default 0.4)
+#   DEMO_SPARSITY             fraction of prunable weights to zero (default 0.3)
 #   DEMO_CALIBRATION_IMAGES   Fashion-MNIST images for the saliency (default 64)
 #   DEMO_HEAD_FIT_IMAGES      images per task to fit the ridge head (default 200)
 #   DEMO_EVAL_IMAGES          images per task to score (default 200)
@@ -24,7 +24,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 state=${DEMO_DIR:-var/demo}
-sparsity=${DEMO_SPARSITY:-0.4}
+sparsity=${DEMO_SPARSITY:-0.3}
 calibration_images=${DEMO_CALIBRATION_IMAGES:-64}
 head_fit_images=${DEMO_HEAD_FIT_IMAGES:-200}
 eval_images=${DEMO_EVAL_IMAGES:-200}
