@@ -12,6 +12,7 @@
  * See dataset.h for the URI forms, the memory budget and thread-safety.
  */
 #include "dataset.h"
+#include "fileio.h"
 
 #include <dirent.h>
 #include <errno.h>
@@ -198,10 +199,14 @@ static top_status reader_open_file(byte_reader *r, const char *path, top_error *
 {
     memset(r, 0, sizeof *r);
     r->what = path;
-    r->gz = gzopen(path, "rb");
-    if (!r->gz)
-        return top_error_set(err, TOP_ERR_IO, "%s: cannot open: %s", path,
-                             errno ? strerror(errno) : "out of memory");
+    int fd = top_open_regular(path, err);
+    if (fd < 0)
+        return err ? err->status : TOP_ERR_IO;
+    r->gz = gzdopen(fd, "rb");
+    if (!r->gz) {
+        close(fd);
+        return top_error_set(err, TOP_ERR_IO, "%s: cannot open: out of memory", path);
+    }
     gzbuffer(r->gz, 1 << 17);
     return TOP_OK;
 }
@@ -389,9 +394,9 @@ static top_status idx_spill(dataset *ds, byte_reader *r, size_t total, top_error
 /* Plain file over the budget: read by offset from the file itself. */
 static top_status idx_stream_plain(dataset *ds, const char *path, size_t total, top_error *err)
 {
-    ds->fd = open(path, O_RDONLY | O_CLOEXEC);
+    ds->fd = top_open_regular(path, err);
     if (ds->fd < 0)
-        return top_error_set(err, TOP_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
+        return err ? err->status : TOP_ERR_IO;
     struct stat sb;
     if (fstat(ds->fd, &sb) != 0)
         return top_error_set(err, TOP_ERR_IO, "%s: cannot stat: %s", path, strerror(errno));
@@ -621,9 +626,9 @@ static int probe_jpeg(FILE *f, unsigned long *w, unsigned long *h)
  */
 static top_status probe_image(const char *path, const image_limits *lim, top_error *err)
 {
-    FILE *f = fopen(path, "rb");
+    FILE *f = top_fopen_regular(path, err);
     if (!f)
-        return top_error_set(err, TOP_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
+        return err ? err->status : TOP_ERR_IO;
     unsigned char head[24];
     size_t n = fread(head, 1, sizeof head, f);
     static const unsigned char png_sig[8] = {0x89, 'P', 'N', 'G', '\r', '\n', 0x1a, '\n'};

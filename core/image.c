@@ -25,6 +25,7 @@
  * large downscale differs from PIL's or torchvision's antialiased resize).
  */
 #include "image.h"
+#include "fileio.h"
 
 #include <errno.h>
 #include <math.h>
@@ -335,9 +336,9 @@ top_status image_load(image_u8 *out, const char *path, const image_limits *lim, 
         return top_error_set(err, TOP_ERR_INVALID, "image_load: out or path is NULL");
     memset(out, 0, sizeof *out);
 
-    FILE *f = fopen(path, "rb");
+    FILE *f = top_fopen_regular(path, err);
     if (!f)
-        return top_error_set(err, TOP_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
+        return err ? err->status : TOP_ERR_IO;
     top_status st = TOP_OK;
     unsigned char *data = NULL;
     long end = -1;

@@ -33,6 +33,7 @@
  * inbound-node format, layers and activations not listed in layer_table.
  */
 #include "import_keras.h"
+#include "fileio.h"
 
 #include <jansson.h>
 #include <math.h>
@@ -1666,12 +1667,12 @@ static top_status read_file(unsigned char **data, size_t *len, const char *path,
 {
     *data = NULL;
     *len = 0;
-    FILE *f = fopen(path, "rb");
+    top_error open_err;
+    top_error_clear(&open_err);
+    FILE *f = top_fopen_regular(path, &open_err);
     if (!f)
-        return top_error_set(err, TOP_ERR_IO,
-                             "cannot open %s; run tools/fetch-models.sh or "
-                             "check the path",
-                             path);
+        return top_error_set(err, TOP_ERR_IO, "%s; run tools/fetch-models.sh or check the path",
+                             open_err.message);
     struct stat sb;
     top_status st = TOP_OK;
     if (fstat(fileno(f), &sb) != 0 || !S_ISREG(sb.st_mode))

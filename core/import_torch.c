@@ -24,6 +24,7 @@
 #include "import_torch.h"
 
 #include <limits.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -166,6 +167,15 @@ static top_status attach_param(torch_ctx *c, int node, int slot, const char *nam
     st = st_read_f32(c->f, info, &value, err);
     if (st != TOP_OK)
         return st;
+    for (size_t i = 0; i < value.numel; i++)
+        if (!isfinite(value.data[i])) {
+            st = top_error_set(err, TOP_ERR_FORMAT,
+                               "tensor '%s': element %zu is not finite (%g); the checkpoint "
+                               "is corrupt",
+                               name, i, (double)value.data[i]);
+            tensor_free(&value);
+            return st;
+        }
     const int64_t *src_shape = NULL;
     int src_ndim = 0;
     if (engine) {

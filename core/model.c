@@ -1,5 +1,6 @@
 /* Format detection and dispatch to the importers; see model.h. */
 #include "model.h"
+#include "fileio.h"
 
 #include <stdint.h>
 #include <stdio.h>
@@ -19,7 +20,7 @@ static int has_suffix(const char *s, const char *suffix)
  * followed by '{'. */
 static int looks_like_safetensors(const char *path)
 {
-    FILE *f = fopen(path, "rb");
+    FILE *f = top_fopen_regular(path, NULL);
     if (!f)
         return 0;
     unsigned char head[9];

@@ -20,6 +20,7 @@
  * header is validated at open, with no lazy parsing.
  */
 #include "safetensors.h"
+#include "fileio.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -439,9 +440,9 @@ top_status st_open_memory(st_file **out, const void *data, size_t size, top_erro
  * access; checkpoints are replaced by rename, never rewritten in place. */
 static top_status st_map(const uint8_t **base, size_t *size, const char *path, top_error *err)
 {
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    int fd = top_open_regular(path, err);
     if (fd < 0)
-        return top_error_set(err, TOP_ERR_IO, "cannot open '%s': %s", path, strerror(errno));
+        return err ? err->status : TOP_ERR_IO;
     struct stat sb;
     top_status st = TOP_OK;
     if (fstat(fd, &sb) != 0) {
@@ -927,8 +928,26 @@ static top_status st_sync_dir(const char *path, top_error *err)
     return st;
 }
 
+/* Rejects an empty path and a path that exists as anything but a regular
+ * file, since the rename would replace a device, FIFO or socket. */
+static top_status st_check_target(const char *path, top_error *err)
+{
+    struct stat sb;
+    if (path[0] == '\0')
+        return top_error_set(err, TOP_ERR_INVALID, "the output path is empty; pass a file path");
+    if (lstat(path, &sb) == 0 && !S_ISREG(sb.st_mode))
+        return top_error_set(err, TOP_ERR_INVALID,
+                             "cannot write '%s': it exists and is not a regular file; pass "
+                             "a new file path",
+                             path);
+    return TOP_OK;
+}
+
 top_status st_writer_write(st_writer *w, const char *path, top_error *err)
 {
+    top_status check = st_check_target(path, err);
+    if (check != TOP_OK)
+        return check;
     size_t path_len = strlen(path);
     char *tmp = malloc(path_len + sizeof ".tmp");
     if (!tmp)

@@ -4,6 +4,7 @@
  * Portable C with no assumption about host byte order.
  */
 #include "sha256.h"
+#include "fileio.h"
 
 #include <errno.h>
 #include <stdio.h>
@@ -136,10 +137,9 @@ top_status sha256_file(char hex[SHA256_HEX_BYTES], const char *path, top_error *
     static const size_t piece = 64 * 1024;
     uint8_t buf[64 * 1024], digest[SHA256_DIGEST_BYTES];
     hex[0] = '\0';
-    FILE *f = fopen(path, "rb");
+    FILE *f = top_fopen_regular(path, err);
     if (!f)
-        return top_error_set(err, TOP_ERR_IO, "cannot open %s for sha256: %s", path,
-                             strerror(errno));
+        return err ? err->status : TOP_ERR_IO;
     sha256_ctx ctx;
     sha256_init(&ctx);
     size_t got;

@@ -14,6 +14,10 @@
 #include "dataset.h"
 #include "safetensors.h"
 
+/* The bundle is built in memory (the pixels are held twice while writing),
+ * so convert refuses data sets over this many pixel bytes. */
+#define CONVERT_MAX_BYTES ((size_t)1 << 30)
+
 /* Images decoded by inspect to report sizes: spread evenly over the set. */
 #define INSPECT_SIZE_SAMPLES 1000
 
@@ -97,7 +101,16 @@ static int gather_images(unsigned char **pixels, int shape[3], const dataset *ds
         if (i == 0) {
             shape[0] = img.height, shape[1] = img.width, shape[2] = img.channels;
             per_image = (size_t)img.height * (size_t)img.width * (size_t)img.channels;
-            *pixels = malloc(per_image * n);
+            size_t total;
+            if (top_size_mul(&total, per_image, n) || total > CONVERT_MAX_BYTES) {
+                fprintf(stderr,
+                        "topiary: %zu images of %zu bytes exceed the %zu-byte limit of "
+                        "dataset convert; convert a class subset or a smaller data set\n",
+                        n, per_image, CONVERT_MAX_BYTES);
+                image_free(&img);
+                return -1;
+            }
+            *pixels = malloc(total);
         }
         if (img.height != shape[0] || img.width != shape[1] || img.channels != shape[2]) {
             fprintf(stderr,

@@ -10,6 +10,7 @@
 #include <sys/stat.h>
 
 #include "cli.h"
+#include "fileio.h"
 #include "graph.h"
 #include "image.h"
 #include "model.h"
@@ -18,6 +19,8 @@
 #define CLI_MAX_IMAGES 64
 #define CLI_MAX_LABELS 4096
 #define CLI_LABEL_MAX 128
+/* Images per forward pass of `topiary forward`. */
+#define FORWARD_BATCH 8
 
 typedef struct label_list {
     int count;
@@ -29,10 +32,12 @@ static int labels_read(label_list *labels, const char *path, int required)
 {
     labels->count = 0;
     labels->names = NULL;
-    FILE *f = fopen(path, "r");
+    top_error err;
+    top_error_clear(&err);
+    FILE *f = top_fopen_regular(path, &err);
     if (!f) {
         if (required)
-            fprintf(stderr, "topiary: cannot open labels file '%s'\n", path);
+            fprintf(stderr, "topiary: labels file: %s\n", err.message);
         return required ? -1 : 0;
     }
     labels->names = calloc(CLI_MAX_LABELS, sizeof *labels->names);
@@ -175,28 +180,41 @@ int cli_forward(int argc, char **argv)
         fprintf(stderr, "topiary: cannot load model: %s\n", err.message);
         goto done;
     }
-    if (forward_make_batch(&batch, g, images, n_images))
-        goto done;
-    if (graph_forward(g, batch, n_images, GRAPH_MODE_INFERENCE, &err) != TOP_OK) {
-        fprintf(stderr, "topiary: forward pass failed: %s\n", err.message);
-        goto done;
-    }
-
     const graph_node *out = &g->nodes[g->output];
     int classes = (int)out->sample_numel;
-    probs = malloc((size_t)classes * (size_t)n_images * sizeof(float));
+    if (labels.count && labels.count != classes) {
+        fprintf(stderr,
+                "topiary: labels file '%s' has %d names but the model has %d classes; pass "
+                "a file with one name per line for each class\n",
+                labels_path ? labels_path : default_labels, labels.count, classes);
+        rc = 2;
+        goto done;
+    }
+    probs = malloc((size_t)classes * FORWARD_BATCH * sizeof(float));
     if (!probs) {
         fprintf(stderr, "topiary: out of memory for %d outputs\n", classes);
         goto done;
     }
-    /* Models whose graph ends in softmax already output probabilities. */
-    if (out->op == OP_SOFTMAX)
-        memcpy(probs, graph_node_output(g, g->output),
-               (size_t)classes * (size_t)n_images * sizeof(float));
-    else
-        softmax_forward(probs, graph_node_output(g, g->output), (size_t)n_images, classes);
-    for (int i = 0; i < n_images; i++)
-        print_top_k(images[i], probs + (size_t)classes * (size_t)i, classes, top, &labels);
+    /* Fixed-size batches keep the memory independent of the image count. */
+    for (int first = 0; first < n_images; first += FORWARD_BATCH) {
+        int n = n_images - first < FORWARD_BATCH ? n_images - first : FORWARD_BATCH;
+        free(batch);
+        if (forward_make_batch(&batch, g, images + first, n))
+            goto done;
+        if (graph_forward(g, batch, n, GRAPH_MODE_INFERENCE, &err) != TOP_OK) {
+            fprintf(stderr, "topiary: forward pass failed: %s\n", err.message);
+            goto done;
+        }
+        /* Models whose graph ends in softmax already output probabilities. */
+        if (out->op == OP_SOFTMAX)
+            memcpy(probs, graph_node_output(g, g->output),
+                   (size_t)classes * (size_t)n * sizeof(float));
+        else
+            softmax_forward(probs, graph_node_output(g, g->output), (size_t)n, classes);
+        for (int i = 0; i < n; i++)
+            print_top_k(images[first + i], probs + (size_t)classes * (size_t)i, classes, top,
+                        &labels);
+    }
     rc = 0;
 
 done:

@@ -49,5 +49,19 @@ printf 'not a png' >"$tmp/fake.png"
 check "undecodable image fails with exit code 1" exit_code_is 1 "$bin" forward --model "$mnv2" --image "$tmp/fake.png"
 check "undecodable image error names the file" contains "$tmp/err" "fake.png"
 
+mkfifo "$tmp/fifo.jpg" "$tmp/fifo.safetensors"
+check "a FIFO image is rejected, not waited on" exit_code_is 1 timeout 30 "$bin" forward --model "$mnv2" --image "$tmp/fifo.jpg"
+check "the FIFO error says it is not a regular file" contains "$tmp/err" "not a regular file"
+check "a FIFO model is rejected" exit_code_is 1 timeout 30 "$bin" inspect --model "$tmp/fifo.safetensors"
+check "convert refuses to replace a FIFO" exit_code_is 1 "$bin" dataset convert "$digits" --out "$tmp/fifo.jpg"
+check "the FIFO target is still a FIFO" test -p "$tmp/fifo.jpg"
+printf 'a\nb\n' >"$tmp/two-labels.txt"
+check "a labels file of the wrong length is a usage error" exit_code_is 2 "$bin" forward --model "$mnv2" --image "$data/datasets/photos/dog.jpg" --labels "$tmp/two-labels.txt"
+check "the labels error gives both counts" contains "$tmp/err" "has 2 names but the model has 5 classes"
+photos=()
+for i in $(seq 1 10); do photos+=(--image "$data/datasets/photos/dog.jpg"); done
+"$bin" forward --model "$mnv2" --top 1 "${photos[@]}" >"$tmp/ten" 2>&1
+check "forward prints one result per image past a batch" test "$(grep -c 'Neutral' "$tmp/ten")" -eq 10
+
 echo "$passed passed, $failed failed"
 [[ $failed -eq 0 ]]

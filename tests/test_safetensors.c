@@ -846,13 +846,14 @@ static void test_writer_io_errors(void)
     CHECK_MSG(strstr(err.message, path) && strstr(err.message, strerror(ENOENT)), "%s",
               err.message);
 
-    /* rename onto a directory fails after the temporary file is written,
-     * which must then be removed. */
+    /* A target that exists as a directory (or FIFO, or device) is rejected
+     * before anything is written, since the rename would replace it. */
     tmp_path(path, sizeof path, "a_directory");
     CHECK(mkdir(path, 0755) == 0);
     top_error_clear(&err);
-    CHECK_INT_EQ(st_writer_write(w, path, &err), TOP_ERR_IO);
-    CHECK_MSG(strstr(err.message, "rename") && strstr(err.message, path), "%s", err.message);
+    CHECK_INT_EQ(st_writer_write(w, path, &err), TOP_ERR_INVALID);
+    CHECK_MSG(strstr(err.message, "not a regular file") && strstr(err.message, path), "%s",
+              err.message);
     snprintf(tmp, sizeof tmp, "%s.tmp", path);
     CHECK_MSG(!file_exists(tmp), "%s is left behind", tmp);
     rmdir(path);

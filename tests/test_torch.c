@@ -66,6 +66,7 @@ typedef struct ckpt {
     ckpt_entry e[CKPT_MAX];
     int n;
     char heads[16];     /* metadata num_heads, "" for none */
+    char poison[96];    /* a tensor whose middle element is written as NaN */
 } ckpt;
 
 static char tmp_dir[256];
@@ -146,6 +147,8 @@ static int ckpt_write(const ckpt *c, const char *file, char *path, size_t size)
             float v = (float)(seed >> 8) / 16777216.0f - 0.5f;
             ((float *)data)[k] = positive ? 1.0f + v : 0.2f * v;
         }
+        if (e->dtype == ST_DTYPE_F32 && numel && strcmp(e->name, c->poison) == 0)
+            ((float *)data)[numel / 2] = NAN;
         if (e->dtype == ST_DTYPE_I64 && numel == 1) {
             int64_t one = 1;
             memcpy(data, &one, sizeof one);
@@ -449,6 +452,15 @@ static void test_resnet_extra_tensor(void)
     make_resnet(&c, 0, blocks);
     CHECK(ckpt_rename(&c, "layer4.1.conv1.weight", "layer4.2.conv1.weight"));
     expect_error(&c, TOP_ERR_FORMAT, "unexpected tensor 'layer4.", "resnet16");
+}
+
+static void test_resnet_nan_weight(void)
+{
+    static ckpt c;
+    static const int blocks[4] = {2, 2, 2, 2};
+    make_resnet(&c, 0, blocks);
+    snprintf(c.poison, sizeof c.poison, "layer2.0.conv1.weight");
+    expect_error(&c, TOP_ERR_FORMAT, "layer2.0.conv1.weight", "not finite");
 }
 
 static void test_resnet_wrong_shape(void)
@@ -965,6 +977,7 @@ int main(int argc, char **argv)
     TEST_RUN(test_resnet_missing_tensor);
     TEST_RUN(test_resnet_extra_tensor);
     TEST_RUN(test_resnet_wrong_shape);
+    TEST_RUN(test_resnet_nan_weight);
     TEST_RUN(test_unknown_architecture);
     TEST_RUN(test_batch_counter_unused);
     TEST_RUN(test_vit_torchvision_names);
