@@ -3,7 +3,7 @@
 # in one run on this machine, plus the OpenBLAS sgemm rate for scale.
 #
 # usage: bench/run.sh [--quick] [--rounds R] [--iters I] [--batch N]
-#   default: batch 32, 2 timed iterations per process, 3 rounds
+#   default: batch 32, 1 timed iteration (after a warm-up one) per process, 3 rounds
 #   --quick: batch 8, 1 timed iteration, 1 round
 #
 # Each row runs topiary and PyTorch alternately, R rounds of one process
@@ -17,7 +17,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 build=${BUILD:-build}
 data=${TOPIARY_DATA_DIR:-data}
-batch=32 iters=2 rounds=3
+batch=32 iters=1 rounds=3
 while (($#)); do
   case $1 in
     --quick) batch=8 iters=1 rounds=1 ;;

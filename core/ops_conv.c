@@ -96,19 +96,25 @@ static double sum_sq_dev_f64(const float *a, size_t n, double mu)
            ((lane[4] + lane[5]) + (lane[6] + lane[7]));
 }
 
-/* Returns sum_i a[i] * (b[i] - mu) in double. */
+/* *sum_a = sum_i a[i] and *sum_ab = sum_i a[i] * (b[i] - mu), in double, in
+ * one pass over a; the first sum has the lanes and order of sum_f64. */
 CONV_CLONES
-static double sum_prod_dev_f64(const float *a, const float *b, size_t n, double mu)
+static void sum_and_prod_dev_f64(double *sum_a, double *sum_ab, const float *a, const float *b,
+                                 size_t n, double mu)
 {
-    double lane[LANES] = {0};
+    double la[LANES] = {0}, lab[LANES] = {0};
     size_t i = 0;
     for (; i + LANES <= n; i += LANES)
-        for (int l = 0; l < LANES; l++)
-            lane[l] += (double)a[i + l] * (b[i + l] - mu);
-    for (; i < n; i++)
-        lane[0] += (double)a[i] * (b[i] - mu);
-    return ((lane[0] + lane[1]) + (lane[2] + lane[3])) +
-           ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+        for (int l = 0; l < LANES; l++) {
+            la[l] += a[i + l];
+            lab[l] += (double)a[i + l] * (b[i + l] - mu);
+        }
+    for (; i < n; i++) {
+        la[0] += a[i];
+        lab[0] += (double)a[i] * (b[i] - mu);
+    }
+    *sum_a = ((la[0] + la[1]) + (la[2] + la[3])) + ((la[4] + la[5]) + (la[6] + la[7]));
+    *sum_ab = ((lab[0] + lab[1]) + (lab[2] + lab[3])) + ((lab[4] + lab[5]) + (lab[6] + lab[7]));
 }
 
 /* dst[i] += src[i] for n floats, in blocks of LANES so that -O2 vectorises. */
@@ -1521,8 +1527,10 @@ static void batchnorm_channel_sums(double *sum_dy, double *sum_dy_xc, const floa
     double a = 0.0, b = 0.0;
     for (int i = 0; i < n; i++) {
         size_t base = ((size_t)i * c + j) * hw;
-        a += sum_f64(dy + base, (size_t)hw);
-        b += sum_prod_dev_f64(dy + base, x + base, (size_t)hw, mean);
+        double sum_a, sum_ab;
+        sum_and_prod_dev_f64(&sum_a, &sum_ab, dy + base, x + base, (size_t)hw, mean);
+        a += sum_a;
+        b += sum_ab;
     }
     *sum_dy = a;
     *sum_dy_xc = b;
