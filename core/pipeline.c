@@ -102,6 +102,8 @@ void pipeline_options_init(pipeline_options *opt)
     opt->ridge_balanced = 1;
     opt->damping_mode = PIPELINE_DAMPING_RELATIVE;
     opt->damping = 1e-3;
+    opt->scope = PRUNE_SCOPE_GLOBAL;
+    opt->rounds = 1;
     opt->bn_recalibration = -1;
     opt->bn_mode = PIPELINE_BN_MATCH_DENSE;
     opt->bn_passes = 1;
@@ -121,6 +123,23 @@ static top_status validate_options(const pipeline_options *o, top_error *err)
     if (o->method == PIPELINE_METHOD_OBD && !o->calib_uri)
         return top_error_set(err, TOP_ERR_INVALID, "method obd needs a calibration task; "
                              "pass a calibration data set or use magnitude");
+    if (o->scope != PRUNE_SCOPE_GLOBAL && o->scope != PRUNE_SCOPE_PER_LAYER)
+        return top_error_set(err, TOP_ERR_INVALID, "mask scope %d is unknown; use global or "
+                             "per_layer", (int)o->scope);
+    if (o->nm_m != 0 && (o->nm_n < 1 || o->nm_n >= o->nm_m || o->nm_m > PRUNE_NM_MAX_GROUP))
+        return top_error_set(err, TOP_ERR_INVALID, "N:M pattern %d:%d is invalid; use N < M "
+                             "<= %d, such as 2:4", o->nm_n, o->nm_m, PRUNE_NM_MAX_GROUP);
+    if (o->nm_m != 0 && o->sparsity < 1.0 - (double)o->nm_n / o->nm_m - 1e-12)
+        return top_error_set(err, TOP_ERR_INVALID, "sparsity %g is below the %g that %d:%d "
+                             "forces; raise it to at least %g", o->sparsity,
+                             1.0 - (double)o->nm_n / o->nm_m, o->nm_n, o->nm_m,
+                             1.0 - (double)o->nm_n / o->nm_m);
+    if (o->rounds < 1 || o->rounds > 100 || (o->nm_m != 0 && o->rounds != 1))
+        return top_error_set(err, TOP_ERR_INVALID, "rounds %d is invalid; use 1 to 100 "
+                             "(1 with an N:M pattern)", o->rounds);
+    if (!(o->min_density >= 0.0 && o->min_density <= 1.0 - o->sparsity))
+        return top_error_set(err, TOP_ERR_INVALID, "minimum density %g is outside [0, 1 - "
+                             "sparsity = %g]; lower it", o->min_density, 1.0 - o->sparsity);
     if (o->bn_mode != PIPELINE_BN_MATCH_DENSE && o->bn_mode != PIPELINE_BN_REESTIMATE)
         return top_error_set(err, TOP_ERR_INVALID, "batch-norm mode %d is unknown; use "
                              "match_dense or reestimate", (int)o->bn_mode);
@@ -437,7 +456,7 @@ static top_status saliency_obd(float **scores, pipeline_ctx *c, top_error *err)
 
 /* ---- mask ------------------------------------------------------------------ */
 
-static top_status prune_stage(pipeline_ctx *c, top_error *err)
+static top_status prune_stage(pipeline_ctx *c, double sparsity, top_error *err)
 {
     size_t n = (size_t)c->n_prunable;
     float **scores = calloc(n, sizeof *scores);
@@ -460,11 +479,15 @@ static top_status prune_stage(pipeline_ctx *c, top_error *err)
     double t0 = now_s();
     if (st == TOP_OK && c->opt->method == PIPELINE_METHOD_OBD)
         st = saliency_obd(scores, c, err);
-    c->timings[T_SALIENCY] = now_s() - t0;
+    c->timings[T_SALIENCY] += now_s() - t0;
 
     t0 = now_s();
     report_progress(c, "mask", 0, 1);
-    prune_mask_options mo = {.sparsity = c->opt->sparsity, .scope = PRUNE_SCOPE_GLOBAL};
+    prune_mask_options mo = {.sparsity = sparsity,
+                             .scope = c->opt->scope,
+                             .nm_n = c->opt->nm_n,
+                             .nm_m = c->opt->nm_m,
+                             .min_density = c->opt->min_density};
     if (st == TOP_OK)
         st = prune_mask_compute(layers, n, &mo, err);
     for (size_t l = 0; st == TOP_OK && l < n; l++) {
@@ -473,7 +496,7 @@ static top_status prune_stage(pipeline_ctx *c, top_error *err)
             if (!masks[l][i])
                 w->data[i] = 0.0f;
     }
-    c->timings[T_MASK] = now_s() - t0;
+    c->timings[T_MASK] += now_s() - t0;
     for (size_t l = 0; l < n; l++) {
         free(scores ? scores[l] : NULL);
         free(masks ? masks[l] : NULL);
@@ -982,6 +1005,14 @@ static json_t *report_build(const pipeline_ctx *c)
                             o->damping_mode == PIPELINE_DAMPING_ABSOLUTE ? "absolute"
                                                                          : "relative",
                             "value", o->damping, "lambda", c->lambda));
+    char nm_text[32];
+    snprintf(nm_text, sizeof nm_text, "%d:%d", o->nm_n, o->nm_m);
+    json_object_set_new(r, "mask",
+                        json_pack("{s:s, s:s, s:f, s:i}", "scope",
+                                  c->opt->scope == PRUNE_SCOPE_GLOBAL ? "global" : "per_layer",
+                                  "nm", c->opt->nm_m ? nm_text : "unstructured",
+                                  "min_density", c->opt->min_density, "rounds",
+                                  c->opt->rounds));
     const char *bn_mode =
         c->opt->bn_mode == PIPELINE_BN_MATCH_DENSE ? "match_dense" : "reestimate";
     json_object_set_new(r, "bn_recalibration",
@@ -1038,8 +1069,13 @@ static top_status run_stages(pipeline_ctx *c, top_error *err)
     if (st == TOP_OK && match)
         st = bn_dense_stage(c, err);
     double dense_bn_time = now_s() - t0;
-    if (st == TOP_OK)
-        st = prune_stage(c, err);
+    /* Iterative rounds: density k^(r/R); the last round hits q exactly. */
+    for (int r = 1; st == TOP_OK && r <= c->opt->rounds; r++) {
+        double q = r == c->opt->rounds
+                       ? c->opt->sparsity
+                       : 1.0 - prune_schedule_density(1.0 - c->opt->sparsity, r, c->opt->rounds);
+        st = prune_stage(c, q, err);
+    }
 
     t0 = now_s();
     if (st == TOP_OK && bn)

@@ -17,7 +17,10 @@
  *                   cross-entropy of the calibration task's ridge head
  *                   (softmax over its decision scores); lambda = damping *
  *                   mean(F) (relative, default 1e-3) or damping (absolute)
- *   4. one global unstructured mask (prune_mask_compute); pruned weights = +0.0
+ *   4. a mask (prune_mask_compute): global or per-layer ranking, unstructured or
+ *      N:M, a minimum density per layer; pruned weights = +0.0. With R rounds,
+ *      steps 3 and 4 repeat with sparsity 1 - k^(r/R), k = 1 - q, r = 1..R;
+ *      pruned weights score 0 and stay pruned.
  *   5. batch-norm correction from the calibration images (no labels), in
  *      one of two modes:
  *      match_dense (default): before pruning, the mean mu_d and variance
@@ -59,6 +62,7 @@
 #include <jansson.h>
 
 #include "graph.h"
+#include "prune.h"
 #include "status.h"
 
 #define PIPELINE_MAX_EVAL_TASKS 16
@@ -98,6 +102,10 @@ typedef struct pipeline_options {
     int ridge_balanced;             /* balanced class weights */
     pipeline_damping damping_mode;
     double damping;                 /* see pipeline_damping; >= 0 */
+    prune_scope scope;              /* global ranking (default) or per layer */
+    int nm_n, nm_m;                 /* N:M pattern; nm_m = 0: unstructured */
+    double min_density;             /* each layer keeps >= this fraction; 0: off */
+    int rounds;                     /* R: prune to 1 - k^(r/R), r = 1..R, rescoring */
     int bn_recalibration;           /* -1: on iff a calibration task is given */
     pipeline_bn_mode bn_mode;       /* how the correction moves the statistics */
     int bn_passes;                  /* match_dense passes, 1..16 (default 1) */
@@ -123,7 +131,7 @@ typedef void (*pipeline_progress_fn)(void *user, const char *stage, size_t done,
  * Report keys: model, architecture, method, feature_node, feature_dim,
  * sparsity_requested, sparsity_achieved (zeros counted in the tensors),
  * prunable_weights, zero_weights, layers [{name, count, zeros, sparsity}],
- * damping (obd), bn_recalibration {ran, mode, layers, images, passes,
+ * mask {scope, nm, min_density, rounds}, damping (obd), bn_recalibration {ran, mode, layers, images, passes,
  * max_mean_shift}, calibration,
  * tasks [{uri, classes, fit_images, eval_images, dense_accuracy,
  * pruned_accuracy}], timings_s, checkpoints (with --out: dense and compressed,

@@ -21,7 +21,8 @@ static void prune_usage(FILE *out)
             "                     [--method magnitude|obd] [--calibration URI]\n"
             "                     [--calibration-split N,HEADFIT] [--eval-split HEADFIT,EVAL]\n"
             "                     [--feature-node NAME] [--damping X | --damping-absolute X]\n"
-            "                     [--bn-correction match-dense|reestimate|none]\n"
+            "                     [--scope global|per-layer] [--nm N:M] [--min-density D]\n"
+            "                     [--rounds R] [--bn-correction match-dense|reestimate|none]\n"
             "                     [--bn-passes P] [--alpha A] [--batch B]\n"
             "                     [--seed S] [--out DIR]\n\n"
             "Prunes the model's backbone to sparsity Q (default 0.5) and reports the\n"
@@ -118,7 +119,8 @@ static void draw_progress(void *user, const char *stage, size_t done, size_t tot
 }
 
 enum { OPT_CALIB_SPLIT = 256, OPT_EVAL_SPLIT, OPT_FEATURE, OPT_DAMPING, OPT_DAMPING_ABS,
-       OPT_NO_BN, OPT_BN_CORRECTION, OPT_BN_PASSES, OPT_ALPHA, OPT_BATCH };
+       OPT_NO_BN, OPT_BN_CORRECTION, OPT_BN_PASSES, OPT_ALPHA, OPT_BATCH, OPT_SCOPE, OPT_NM,
+       OPT_MIN_DENSITY, OPT_ROUNDS };
 
 static const struct option prune_options[] = {
     {"model", required_argument, NULL, 'm'},
@@ -133,6 +135,10 @@ static const struct option prune_options[] = {
     {"damping-absolute", required_argument, NULL, OPT_DAMPING_ABS},
     {"no-bn-recalibration", no_argument, NULL, OPT_NO_BN},
     {"bn-correction", required_argument, NULL, OPT_BN_CORRECTION},
+    {"scope", required_argument, NULL, OPT_SCOPE},
+    {"nm", required_argument, NULL, OPT_NM},
+    {"min-density", required_argument, NULL, OPT_MIN_DENSITY},
+    {"rounds", required_argument, NULL, OPT_ROUNDS},
     {"bn-passes", required_argument, NULL, OPT_BN_PASSES},
     {"alpha", required_argument, NULL, OPT_ALPHA},
     {"batch", required_argument, NULL, OPT_BATCH},
@@ -162,6 +168,30 @@ static int parse_one(pipeline_options *o, int c, char *arg)
         } else {
             return bad_option("--bn-correction", arg, "use match-dense, reestimate or none");
         }
+        return 0;
+    case OPT_SCOPE:
+        if (strcmp(arg, "global") && strcmp(arg, "per-layer"))
+            return bad_option("--scope", arg, "use global or per-layer");
+        o->scope = arg[0] == 'g' ? PRUNE_SCOPE_GLOBAL : PRUNE_SCOPE_PER_LAYER;
+        return 0;
+    case OPT_NM: {
+        size_t nm_n, nm_m;
+        if (parse_size(&nm_n, arg, ':', &rest) || parse_size(&nm_m, rest, '\0', &rest) ||
+            nm_n < 1 || nm_n >= nm_m || nm_m > PRUNE_NM_MAX_GROUP)
+            return bad_option("--nm", arg, "pass N:M with N < M <= 64, such as 2:4");
+        o->nm_n = (int)nm_n;
+        o->nm_m = (int)nm_m;
+        return 0;
+    }
+    case OPT_MIN_DENSITY:
+        if (parse_double(&v, arg) || !(v >= 0.0 && v < 1.0))
+            return bad_option("--min-density", arg, "pass a fraction in [0, 1), such as 0.05");
+        o->min_density = v;
+        return 0;
+    case OPT_ROUNDS:
+        if (parse_size(&n, arg, '\0', &rest) || n < 1 || n > 100)
+            return bad_option("--rounds", arg, "pass a count from 1 to 100");
+        o->rounds = (int)n;
         return 0;
     case OPT_BN_PASSES:
         if (parse_size(&n, arg, '\0', &rest) || n < 1 || n > 16)

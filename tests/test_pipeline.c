@@ -319,6 +319,50 @@ static void test_bn_match_dense_identity(void)
     graph_free(dense);
 }
 
+/* A 2:4 mask, per row of every pruned layer: at most two
+ * nonzero weights in each group of four, and half the weights pruned. */
+static void test_nm_mask(void)
+{
+    char bufs[4][1024];
+    pipeline_options o;
+    make_options(&o, bufs);
+    o.calib_uri = NULL; /* magnitude needs no calibration, which keeps this quick */
+    o.n_eval = 1;
+    o.sparsity = 0.5;
+    o.nm_n = 2;
+    o.nm_m = 4;
+    json_t *r = NULL;
+    graph *g = NULL;
+    top_error err;
+    top_error_clear(&err);
+    top_status st = pipeline_run(&r, &g, &o, NULL, NULL, NULL, &err);
+    CHECK_MSG(st == TOP_OK, "pipeline: %s", err.message);
+    if (st != TOP_OK)
+        return;
+    CHECK(strcmp(json_string_value(json_object_get(json_object_get(r, "mask"), "nm")),
+                 "2:4") == 0);
+    size_t bad_groups = 0, l;
+    const json_t *layer;
+    json_array_foreach(json_object_get(r, "layers"), l, layer) {
+        int p = graph_find_param(g, json_string_value(json_object_get(layer, "name")));
+        if (p < 0)
+            continue;
+        const tensor *w = &g->params[p].value;
+        size_t cols = w->numel / (size_t)w->shape[0];
+        for (size_t row = 0; row < (size_t)w->shape[0]; row++)
+            for (size_t c0 = 0; c0 < cols; c0 += 4) {
+                int nonzero = 0;
+                for (size_t c = c0; c < c0 + 4 && c < cols; c++)
+                    nonzero += w->data[row * cols + c] != 0.0f;
+                bad_groups += nonzero > 2;
+            }
+    }
+    CHECK_INT_EQ(bad_groups, 0);
+    check_pruned_tensors(g, r, o.sparsity);
+    json_decref(r);
+    graph_free(g);
+}
+
 static void test_invalid_options(void)
 {
     char bufs[4][1024];
@@ -336,6 +380,25 @@ static void test_invalid_options(void)
     top_error_clear(&err);
     CHECK_INT_EQ(pipeline_run(&r, NULL, &o, NULL, NULL, NULL, &err), TOP_ERR_INVALID);
     CHECK(r == NULL);
+
+    make_options(&o, bufs);
+    o.nm_n = 2;
+    o.nm_m = 4;
+    o.sparsity = 0.3; /* 2:4 alone prunes half */
+    top_error_clear(&err);
+    CHECK_INT_EQ(pipeline_run(&r, NULL, &o, NULL, NULL, NULL, &err), TOP_ERR_INVALID);
+    CHECK(strstr(err.message, "2:4") != NULL);
+    o.sparsity = 0.5;
+    o.rounds = 3;
+    top_error_clear(&err);
+    CHECK_INT_EQ(pipeline_run(&r, NULL, &o, NULL, NULL, NULL, &err), TOP_ERR_INVALID);
+    CHECK(strstr(err.message, "rounds 3") != NULL);
+
+    make_options(&o, bufs);
+    o.min_density = 0.8; /* above 1 - q = 0.7 */
+    top_error_clear(&err);
+    CHECK_INT_EQ(pipeline_run(&r, NULL, &o, NULL, NULL, NULL, &err), TOP_ERR_INVALID);
+    CHECK(strstr(err.message, "0.8") != NULL);
 }
 
 static void cancel_at_dense(void *user, const char *stage, size_t done, size_t total)
@@ -367,5 +430,6 @@ int main(void)
     TEST_RUN(test_magnitude_with_checkpoints);
     TEST_RUN(test_obd);
     TEST_RUN(test_bn_match_dense_identity);
+    TEST_RUN(test_nm_mask);
     return TEST_FINISH();
 }
