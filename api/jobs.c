@@ -258,10 +258,64 @@ static int parse_evaluation(api *a, api_call *call, const json_t *req, json_t *o
     return 0;
 }
 
+/* The mask: {scope, granularity, min_density, rounds}, all optional. */
+static int parse_mask(const json_t *req, json_t *out, api_invalid *bad)
+{
+    static const char *const members[] = {"scope", "granularity", "min_density", "rounds",
+                                          NULL};
+    const json_t *m;
+    if (object_member(req, "mask", &m, bad) ||
+        (m && api_check_members(m, "mask.", members, bad)))
+        return -1;
+    const json_t *scope = json_object_get(m, "scope");
+    if (scope && (!json_is_string(scope) || (strcmp(json_string_value(scope), "global") &&
+                                             strcmp(json_string_value(scope), "per_layer"))))
+        return api_invalid_set(bad, 422, "mask.scope", scope, "use global or per_layer",
+                               "unknown mask scope");
+    const json_t *gran = json_object_get(m, "granularity");
+    int nm_n = 0, nm_m = 0;
+    if (gran) {
+        const char *g = json_is_string(gran) ? json_string_value(gran) : "";
+        char tail;
+        if (strcmp(g, "unstructured") &&
+            (sscanf(g, "%d:%d%c", &nm_n, &nm_m, &tail) != 2 || nm_n < 1 || nm_n >= nm_m ||
+             nm_m > PRUNE_NM_MAX_GROUP))
+            return api_invalid_set(bad, 422, "mask.granularity", gran,
+                                   "use unstructured or N:M with N < M <= 64, such as 2:4",
+                                   "unknown mask granularity");
+    }
+    const json_t *md = json_object_get(m, "min_density");
+    double q = json_number_value(json_object_get(out, "sparsity"));
+    if (md && (!json_is_number(md) || !(json_number_value(md) >= 0.0) ||
+               !(json_number_value(md) <= 1.0 - q)))
+        return api_invalid_set(bad, 422, "mask.min_density", md,
+                               "pass a fraction in [0, 1 - sparsity], such as 0.02",
+                               "min_density out of range");
+    json_int_t rounds = 1;
+    if (int_member(m, "rounds", "mask.rounds", 1, 100, &rounds, bad))
+        return -1;
+    if (nm_m && q < 1.0 - (double)nm_n / nm_m - 1e-12)
+        return api_invalid_set(bad, 422, "sparsity", json_object_get(out, "sparsity"),
+                               "raise sparsity to at least 1 - N/M for an N:M granularity",
+                               "sparsity below what the N:M granularity forces");
+    if (nm_m && rounds != 1)
+        return api_invalid_set(bad, 422, "mask.rounds", json_object_get(m, "rounds"),
+                               "use one round with an N:M granularity",
+                               "rounds must be 1 with N:M");
+    json_object_set_new(out, "mask",
+                        json_pack("{s:s, s:s, s:f, s:I}", "scope",
+                                  scope ? json_string_value(scope) : "global", "granularity",
+                                  gran ? json_string_value(gran) : "unstructured",
+                                  "min_density", md ? json_number_value(md) : 0.0, "rounds",
+                                  rounds));
+    return 0;
+}
+
 static int parse_options(const json_t *req, json_t *out, api_invalid *bad)
 {
-    static const char *const members[] = {
-        "seed", "ridge_alpha", "batch_size", "bn_recalibration", "feature_node", NULL};
+    static const char *const members[] = {"seed",          "ridge_alpha",  "batch_size",
+                                          "bn_recalibration", "bn_correction", "bn_passes",
+                                          "feature_node",  NULL};
     const json_t *o;
     if (object_member(req, "options", &o, bad) ||
         (o && api_check_members(o, "options.", members, bad)))
@@ -280,14 +334,26 @@ static int parse_options(const json_t *req, json_t *out, api_invalid *bad)
     if (bn && !json_is_boolean(bn))
         return api_invalid_set(bad, 422, "options.bn_recalibration", bn, "pass true or false",
                                "bn_recalibration must be a boolean");
+    const json_t *bc = json_object_get(o, "bn_correction");
+    if (bc && (!json_is_string(bc) || (strcmp(json_string_value(bc), "match_dense") &&
+                                       strcmp(json_string_value(bc), "reestimate") &&
+                                       strcmp(json_string_value(bc), "none"))))
+        return api_invalid_set(bad, 422, "options.bn_correction", bc,
+                               "use match_dense, reestimate or none",
+                               "unknown batch-norm correction");
+    json_int_t passes = 1;
+    if (int_member(o, "bn_passes", "options.bn_passes", 1, 16, &passes, bad))
+        return -1;
     const json_t *fn = json_object_get(o, "feature_node");
     if (fn && !json_is_string(fn))
         return api_invalid_set(bad, 422, "options.feature_node", fn, "pass a node name",
                                "feature_node must be a string");
     json_object_set_new(out, "options",
-                        json_pack("{s:I, s:f, s:I, s:O, s:O}", "seed", seed, "ridge_alpha",
-                                  alpha ? json_number_value(alpha) : 1.0, "batch_size", batch,
-                                  "bn_recalibration", bn ? bn : json_null(), "feature_node",
+                        json_pack("{s:I, s:f, s:I, s:O, s:O, s:I, s:O}", "seed", seed,
+                                  "ridge_alpha", alpha ? json_number_value(alpha) : 1.0,
+                                  "batch_size", batch, "bn_recalibration",
+                                  bn ? bn : json_null(), "bn_correction",
+                                  bc ? bc : json_null(), "bn_passes", passes, "feature_node",
                                   fn ? fn : json_null()));
     return 0;
 }
@@ -297,7 +363,7 @@ static json_t *normalise_job(api *a, api_call *call, const json_t *req, api_inva
 {
     static const char *const members[] = {"model",          "sparsity",    "method",
                                           "method_options", "calibration", "evaluation",
-                                          "options",        NULL};
+                                          "mask",           "options",     NULL};
     if (api_check_members(req, "", members, bad))
         return NULL;
     json_t *out = json_object(), *resolved = json_object();
@@ -317,6 +383,8 @@ static json_t *normalise_job(api *a, api_call *call, const json_t *req, api_inva
         rc = parse_calibration(a, call, req, out, resolved, bad);
     if (!rc)
         rc = parse_evaluation(a, call, req, out, resolved, bad);
+    if (!rc)
+        rc = parse_mask(req, out, bad);
     if (!rc)
         rc = parse_options(req, out, bad);
     if (rc) {

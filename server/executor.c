@@ -220,6 +220,25 @@ static void options_from_extra(pipeline_options *opt, const json_t *request)
         opt->batch_size = (int)json_integer_value(v);
     if (json_is_boolean(v = json_object_get(o, "bn_recalibration")))
         opt->bn_recalibration = json_is_true(v);
+    const char *bn = json_str(o, "bn_correction");
+    if (bn && !strcmp(bn, "none"))
+        opt->bn_recalibration = 0;
+    else if (bn)
+        opt->bn_mode = strcmp(bn, "reestimate") ? PIPELINE_BN_MATCH_DENSE : PIPELINE_BN_REESTIMATE;
+    if (json_is_integer(v = json_object_get(o, "bn_passes")))
+        opt->bn_passes = (int)json_integer_value(v);
+
+    const json_t *m = json_object_get(request, "mask");
+    const char *scope = json_str(m, "scope");
+    if (scope)
+        opt->scope = strcmp(scope, "per_layer") ? PRUNE_SCOPE_GLOBAL : PRUNE_SCOPE_PER_LAYER;
+    const char *gran = json_str(m, "granularity");
+    if (gran && strcmp(gran, "unstructured") && sscanf(gran, "%d:%d", &opt->nm_n, &opt->nm_m) != 2)
+        opt->nm_n = opt->nm_m = 0;
+    if (json_is_number(v = json_object_get(m, "min_density")))
+        opt->min_density = json_number_value(v);
+    if (json_is_integer(v = json_object_get(m, "rounds")))
+        opt->rounds = (int)json_integer_value(v);
     opt->feature_node = json_str(o, "feature_node");
 }
 

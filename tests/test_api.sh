@@ -199,6 +199,14 @@ POST|/v1/jobs|application/json|{"model":"$model","sparsity":0.5,"evaluation":{"t
 POST|/v1/jobs|application/json|{"model":"model_ffffffffffffffff","sparsity":0.5,$good_eval}|422|model
 POST|/v1/jobs|application/json|{"model":"file:///etc/passwd","sparsity":0.5,$good_eval}|422|model
 POST|/v1/jobs|application/json|{"model":"$model","sparsity":0.5,$good_eval,"options":{"batch_size":1}}|422|options.batch_size
+POST|/v1/jobs|application/json|{"model":"$model","sparsity":0.5,$good_eval,"mask":{"scope":"everywhere"}}|422|mask.scope
+POST|/v1/jobs|application/json|{"model":"$model","sparsity":0.5,$good_eval,"mask":{"granularity":"4:2"}}|422|mask.granularity
+POST|/v1/jobs|application/json|{"model":"$model","sparsity":0.3,$good_eval,"mask":{"granularity":"2:4"}}|422|sparsity
+POST|/v1/jobs|application/json|{"model":"$model","sparsity":0.5,$good_eval,"mask":{"granularity":"2:4","rounds":3}}|422|mask.rounds
+POST|/v1/jobs|application/json|{"model":"$model","sparsity":0.5,$good_eval,"mask":{"min_density":0.6}}|422|mask.min_density
+POST|/v1/jobs|application/json|{"model":"$model","sparsity":0.5,$good_eval,"mask":{"shape":"x"}}|400|mask.shape
+POST|/v1/jobs|application/json|{"model":"$model","sparsity":0.5,$good_eval,"options":{"bn_correction":"always"}}|422|options.bn_correction
+POST|/v1/jobs|application/json|{"model":"$model","sparsity":0.5,$good_eval,"options":{"bn_passes":0}}|422|options.bn_passes
 POST|/v1/jobs|application/json|{"model":"$model","sparsity":0.5,$good_eval,"method_options":{"lambda":1}}|400|method_options.lambda
 POST|/v1/jobs|application/json|$big|413|-
 POST|/v1/tasks|application/json|{"uri":"ftp://example"}|422|uri
@@ -213,7 +221,7 @@ curl -s -o /dev/null -D "$tmp/headers" -X DELETE -H "Authorization: Bearer $rw_t
 check "405 lists the allowed methods" eq "$(header Allow)" "POST, GET"
 
 # ---- lifecycle --------------------------------------------------------------------
-job_body="{\"model\":\"$model\",\"sparsity\":0.5,\"method\":\"obd\",\"calibration\":{\"task\":\"mnist\",\"images\":32,\"head_fit_images\":40},\"evaluation\":{\"tasks\":[\"digits\",\"fashion\"]},\"options\":{\"seed\":3}}"
+job_body="{\"model\":\"$model\",\"sparsity\":0.5,\"method\":\"obd\",\"calibration\":{\"task\":\"mnist\",\"images\":32,\"head_fit_images\":40},\"evaluation\":{\"tasks\":[\"digits\",\"fashion\"]},\"mask\":{\"min_density\":0.01},\"options\":{\"seed\":3,\"bn_correction\":\"match_dense\"}}"
 post_json /v1/jobs "$job_body" -H 'Idempotency-Key: lifecycle-1'
 check "submit answers 202" eq "$code" 202
 job=$(jget "$tmp/body" 'd["id"]')
