@@ -55,7 +55,8 @@ static int verify(const char *path, const char *want)
     if (!ckpt_is_compressed(f)) {
         top_error_set(&err, TOP_ERR_FORMAT,
                       "'%s' is a safetensors file but not a compressed checkpoint (no format "
-                      "\"%s\" in its metadata)", path, CKPT_FORMAT);
+                      "\"%s\" in its metadata)",
+                      path, CKPT_FORMAT);
         goto done;
     }
     if (ckpt_read(&d, f, &err) != TOP_OK)

@@ -1,9 +1,9 @@
 /*
  * The client commands of a running `topiary serve`: submit (with --wait a
  * progress bar from the job's event stream, the result table and a
- * sha256-checked checkpoint download), jobs, job and cancel. They speak HTTP
- * through client_http.c and JSON through jansson; nothing here touches the
- * server's files. The exit code says what kind of failure happened (see
+ * sha256-checked checkpoint download), jobs, job and cancel. They use HTTP
+ * through client_http.c and JSON through jansson, and never touch the
+ * server's files. Each failure kind has its own exit code (see
  * CLIENT_EXIT_HELP). Single-threaded.
  */
 #include <errno.h>
@@ -35,7 +35,7 @@ enum {
 #define CLIENT_EXIT_HELP                                                                       \
     "exit codes:\n"                                                                            \
     "  0  success\n"                                                                           \
-    "  1  a local error (a file could not be written, a malformed answer)\n"                  \
+    "  1  a local error (a file could not be written, a malformed response)\n"                 \
     "  2  invalid usage\n"                                                                     \
     "  3  server unreachable, timed out or unavailable (5xx)\n"                                \
     "  4  request rejected (4xx: bad value, unknown id, missing or wrong token)\n"             \
@@ -44,11 +44,11 @@ enum {
     "  7  the downloaded checkpoint's sha256 differs from the job's\n"
 
 #define CLIENT_COMMON_HELP                                                                     \
-    "  --server URL   the server, http://HOST:PORT (default $TOPIARY_SERVER or\n"             \
+    "  --server URL   the server, http://HOST:PORT (default $TOPIARY_SERVER or\n"              \
     "                 http://127.0.0.1:8080)\n"                                                \
     "  --token T      bearer token (default $TOPIARY_TOKEN)\n"
 
-/* Bodies of JSON answers are small; a job with every layer is well under this. */
+/* Limit of a JSON response body; a job with every layer is far smaller. */
 #define MAX_JSON_BODY (16u << 20)
 /* One Server-Sent Event (its lines together). */
 #define MAX_EVENT_BYTES 65536
@@ -85,15 +85,17 @@ static int exit_for_transport(const top_error *err)
     return err->status == TOP_ERR_IO ? EXIT_UNREACHABLE : EXIT_ERROR;
 }
 
-/* Prints a problem document (or the raw answer) and returns the exit code of its status. */
+/* Prints a problem document (or the raw body) and returns the exit code of its status. */
 static int report_problem(const http_response *resp)
 {
     json_t *doc = resp->body ? json_loads(resp->body, 0, NULL) : NULL;
     const char *detail = json_string_value(json_object_get(doc, "detail"));
     const char *field = json_string_value(json_object_get(doc, "field"));
     const char *fix = json_string_value(json_object_get(doc, "fix"));
-    fprintf(stderr, "topiary: the server answered %d: %s\n", resp->status,
-            detail ? detail : resp->body ? resp->body : "(no body)");
+    fprintf(stderr, "topiary: the server responded %d: %s\n", resp->status,
+            detail       ? detail
+            : resp->body ? resp->body
+                         : "(no body)");
     if (field)
         fprintf(stderr, "  field: %s\n", field);
     if (fix)
@@ -103,7 +105,7 @@ static int report_problem(const http_response *resp)
 }
 
 /*
- * One JSON request. On success *out is the parsed answer (NULL for 204) and
+ * One JSON request. On success *out is the parsed response (NULL for 204) and
  * *status the HTTP status; otherwise the error is printed and the exit code
  * returned.
  */
@@ -112,8 +114,11 @@ static int call_json(const client *c, const char *method, const char *path, cons
 {
     top_error err;
     top_error_clear(&err);
-    http_request req = {.method = method, .path = path, .token = c->token,
-                        .accept = "application/json", .idempotency_key = idempotency_key};
+    http_request req = {.method = method,
+                        .path = path,
+                        .token = c->token,
+                        .accept = "application/json",
+                        .idempotency_key = idempotency_key};
     if (body) {
         req.body = body;
         req.body_len = strlen(body);
@@ -133,7 +138,7 @@ static int call_json(const client *c, const char *method, const char *path, cons
         json_error_t jerr;
         *out = json_loads(resp.body, 0, &jerr);
         if (!*out) {
-            fprintf(stderr, "topiary: the server's answer to %s %s is not JSON: %s\n", method,
+            fprintf(stderr, "topiary: the server's response to %s %s is not JSON: %s\n", method,
                     path, jerr.text);
             rc = EXIT_ERROR;
         }
@@ -171,7 +176,7 @@ static void progress_draw(progress_view *v, const char *status, const char *stag
         p = 0;
     if (p > 1)
         p = 1;
-    const char *what = stage ? stage : status ? status : "?";
+    const char *label = stage ? stage : status ? status : "?";
     if (v->tty) {
         char bar[31];
         int fill = (int)(p * 30.0 + 0.5);
@@ -181,15 +186,15 @@ static void progress_draw(progress_view *v, const char *status, const char *stag
         char eta_text[32] = "";
         if (eta >= 0 && isfinite(eta))
             snprintf(eta_text, sizeof eta_text, "  eta %.0f s", eta);
-        fprintf(stderr, "\r[%s] %3.0f%%  %-12s%-14s", bar, p * 100, what, eta_text);
+        fprintf(stderr, "\r[%s] %3.0f%%  %-12s%-14s", bar, p * 100, label, eta_text);
         v->drawn = 1;
     } else {
         int decile = (int)(p * 10);
-        if (strcmp(v->last_stage, what) || decile != v->last_decile)
-            fprintf(stderr, "progress %3.0f%%  %s\n", p * 100, what);
+        if (strcmp(v->last_stage, label) || decile != v->last_decile)
+            fprintf(stderr, "progress %3.0f%%  %s\n", p * 100, label);
         v->last_decile = decile;
     }
-    snprintf(v->last_stage, sizeof v->last_stage, "%s", what);
+    snprintf(v->last_stage, sizeof v->last_stage, "%s", label);
     fflush(stderr);
 }
 
@@ -280,8 +285,11 @@ static int wait_for_job(const client *c, const char *id, json_t **job)
     s->view = &view;
     char path[160];
     snprintf(path, sizeof path, "/v1/jobs/%s/events", id);
-    http_request req = {.method = "GET", .path = path, .token = c->token,
-                        .accept = "text/event-stream", .timeout_s = EVENT_TIMEOUT_S};
+    http_request req = {.method = "GET",
+                        .path = path,
+                        .token = c->token,
+                        .accept = "text/event-stream",
+                        .timeout_s = EVENT_TIMEOUT_S};
     http_response resp;
     top_error err;
     top_error_clear(&err);
@@ -290,7 +298,7 @@ static int wait_for_job(const client *c, const char *id, json_t **job)
     free(s);
     if (st == TOP_OK && resp.status >= 400) {
         progress_end(&view);
-        fprintf(stderr, "topiary: the event stream of %s answered %d\n", id, resp.status);
+        fprintf(stderr, "topiary: the event stream of %s responded %d\n", id, resp.status);
         return resp.status >= 500 ? EXIT_UNREACHABLE : EXIT_REJECTED;
     }
     /* The stream ended (done, a dropped connection or a timeout): poll to the final state. */
@@ -333,13 +341,13 @@ static void print_results(json_t *job)
     json_t *arts = json_object_get(job, "artifacts");
     printf("job %s %s\n", json_string_value(json_object_get(job, "id")),
            json_string_value(json_object_get(job, "status")));
-    printf("method %s, requested sparsity %.4f\n\n",
-           str_or(req, "method", "magnitude"),
+    printf("method %s, requested sparsity %.4f\n\n", str_or(req, "method", "magnitude"),
            json_number_value(json_object_get(res, "sparsity_requested")));
     printf("%-24s  %10s  %10s  %10s\n", "task", "dense acc", "pruned acc", "change");
     size_t i;
     json_t *t;
-    json_array_foreach(json_object_get(res, "tasks"), i, t) {
+    json_array_foreach(json_object_get(res, "tasks"), i, t)
+    {
         json_t *dense = json_object_get(t, "dense_accuracy");
         json_t *pruned = json_object_get(t, "pruned_accuracy");
         printf("%-24s", str_or(t, "task", "?"));
@@ -353,7 +361,8 @@ static void print_results(json_t *job)
            json_number_value(json_object_get(res, "sparsity_achieved")),
            (long long)json_integer_value(json_object_get(res, "zero_weights")),
            (long long)json_integer_value(json_object_get(res, "prunable_weights")));
-    json_int_t dense = json_integer_value(json_object_get(json_object_get(arts, "dense"), "size"));
+    json_int_t dense =
+        json_integer_value(json_object_get(json_object_get(arts, "dense"), "size"));
     json_int_t comp =
         json_integer_value(json_object_get(json_object_get(arts, "compressed"), "size"));
     printf("dense checkpoint    %lld bytes\n", (long long)dense);
@@ -442,8 +451,10 @@ static int download_checkpoint(const client *c, json_t *job, const char *file)
         sha256_final(&d->sha, digest);
         sha256_hex(got, digest);
         if (strcmp(got, want)) {
-            fprintf(stderr, "topiary: checksum mismatch for %s: got sha256 %s, the job records "
-                    "%s; download it again\n", file, got, want);
+            fprintf(stderr,
+                    "topiary: checksum mismatch for %s: got sha256 %s, the job records "
+                    "%s; download it again\n",
+                    file, got, want);
             rc = EXIT_CHECKSUM;
         } else if (rename(tmp, file) != 0) {
             fprintf(stderr, "topiary: cannot rename '%s' to '%s': %s\n", tmp, file,
@@ -471,26 +482,26 @@ typedef struct submit_args {
 
 static void submit_usage(FILE *out)
 {
-    fprintf(out,
-            "usage: topiary submit --model ID_OR_URI --sparsity Q --eval TASK[,TASK...]\n"
-            "                      [--method magnitude|obd] [--calibration TASK] [--wait]\n"
-            "                      [--download FILE] [options]\n\n"
-            "Submits a pruning job (POST /v1/jobs) and prints its id. With --wait it shows\n"
-            "progress on stderr, then prints accuracies, sparsity and checkpoint sizes.\n\n"
-            CLIENT_COMMON_HELP
-            "  --model M              a registered model id or a file:// URI\n"
-            "  --sparsity Q           fraction of prunable weights to zero, 0 <= Q < 1\n"
-            "  --method M             magnitude (default) or obd (needs --calibration)\n"
-            "  --calibration TASK     task id or data set URI for the saliency\n"
-            "  --eval TASKS           comma-separated task ids or URIs to evaluate on\n"
-            "  --calibration-images N calibration images (server default 64)\n"
-            "  --head-fit-images N    images per evaluation task to fit the head\n"
-            "  --eval-images N        images per evaluation task to score\n"
-            "  --seed N               seed of the splits\n"
-            "  --idempotency-key K    a retry with the same key returns the same job\n"
-            "  --wait                 follow the job to its end and print the results\n"
-            "  --download FILE        with --wait: save the compressed checkpoint and\n"
-            "                         check its sha256 against the job's\n\n" CLIENT_EXIT_HELP);
+    fprintf(
+        out,
+        "usage: topiary submit --model ID_OR_URI --sparsity Q --eval TASK[,TASK...]\n"
+        "                      [--method magnitude|obd] [--calibration TASK] [--wait]\n"
+        "                      [--download FILE] [options]\n\n"
+        "Submits a pruning job (POST /v1/jobs) and prints its id. With --wait it shows\n"
+        "progress on stderr, then prints accuracies, sparsity and checkpoint sizes.\n\n" CLIENT_COMMON_HELP
+        "  --model M              a registered model id or a file:// URI\n"
+        "  --sparsity Q           fraction of prunable weights to zero, 0 <= Q < 1\n"
+        "  --method M             magnitude (default) or obd (needs --calibration)\n"
+        "  --calibration TASK     task id or data set URI for the saliency\n"
+        "  --eval TASKS           comma-separated task ids or URIs to evaluate on\n"
+        "  --calibration-images N calibration images (server default 64)\n"
+        "  --head-fit-images N    images per evaluation task to fit the head\n"
+        "  --eval-images N        images per evaluation task to score\n"
+        "  --seed N               seed of the splits\n"
+        "  --idempotency-key K    a retry with the same key returns the same job\n"
+        "  --wait                 follow the job to its end and print the results\n"
+        "  --download FILE        with --wait: save the compressed checkpoint and\n"
+        "                         check its sha256 against the job's\n\n" CLIENT_EXIT_HELP);
 }
 
 static int parse_long(const char *s, long lo, long hi, long *out)
@@ -506,25 +517,35 @@ static int parse_long(const char *s, long lo, long hi, long *out)
 
 static int submit_parse(submit_args *a, int argc, char **argv)
 {
-    static const struct option opts[] = {
-        {"server", required_argument, 0, 's'},  {"token", required_argument, 0, 't'},
-        {"model", required_argument, 0, 'm'},   {"sparsity", required_argument, 0, 'q'},
-        {"method", required_argument, 0, 'M'},  {"calibration", required_argument, 0, 'c'},
-        {"eval", required_argument, 0, 'e'},    {"calibration-images", required_argument, 0, 'C'},
-        {"head-fit-images", required_argument, 0, 'H'},
-        {"eval-images", required_argument, 0, 'E'},
-        {"seed", required_argument, 0, 'S'},    {"idempotency-key", required_argument, 0, 'k'},
-        {"wait", no_argument, 0, 'w'},          {"download", required_argument, 0, 'd'},
-        {"help", no_argument, 0, 'h'},          {0, 0, 0, 0}};
-    *a = (submit_args){.sparsity = -1, .calib_images = -1, .head_fit = -1, .eval_images = -1,
-                       .seed = -1};
+    static const struct option opts[] = {{"server", required_argument, 0, 's'},
+                                         {"token", required_argument, 0, 't'},
+                                         {"model", required_argument, 0, 'm'},
+                                         {"sparsity", required_argument, 0, 'q'},
+                                         {"method", required_argument, 0, 'M'},
+                                         {"calibration", required_argument, 0, 'c'},
+                                         {"eval", required_argument, 0, 'e'},
+                                         {"calibration-images", required_argument, 0, 'C'},
+                                         {"head-fit-images", required_argument, 0, 'H'},
+                                         {"eval-images", required_argument, 0, 'E'},
+                                         {"seed", required_argument, 0, 'S'},
+                                         {"idempotency-key", required_argument, 0, 'k'},
+                                         {"wait", no_argument, 0, 'w'},
+                                         {"download", required_argument, 0, 'd'},
+                                         {"help", no_argument, 0, 'h'},
+                                         {0, 0, 0, 0}};
+    *a = (submit_args){
+        .sparsity = -1, .calib_images = -1, .head_fit = -1, .eval_images = -1, .seed = -1};
     optind = 1;
     int o;
     while ((o = getopt_long(argc, argv, "", opts, NULL)) != -1) {
-        long *target = o == 'C' ? &a->calib_images : o == 'H' ? &a->head_fit
-                     : o == 'E' ? &a->eval_images : o == 'S' ? &a->seed : NULL;
+        long *target = o == 'C'   ? &a->calib_images
+                       : o == 'H' ? &a->head_fit
+                       : o == 'E' ? &a->eval_images
+                       : o == 'S' ? &a->seed
+                                  : NULL;
         if (target && parse_long(optarg, 0, 2147483647L, target)) {
-            fprintf(stderr, "topiary submit: '%s' is not a count from 0 to 2147483647\n", optarg);
+            fprintf(stderr, "topiary submit: '%s' is not a count from 0 to 2147483647\n",
+                    optarg);
             return EXIT_USAGE;
         }
         switch (o) {
@@ -548,12 +569,17 @@ static int submit_parse(submit_args *a, int argc, char **argv)
             }
             break;
         }
-        case 'C': case 'H': case 'E': case 'S': break;
+        case 'C':
+        case 'H':
+        case 'E':
+        case 'S': break;
         default: submit_usage(stderr); return EXIT_USAGE;
         }
     }
-    const char *missing = !a->model ? "--model" : a->sparsity < 0 ? "--sparsity"
-                        : !a->eval ? "--eval" : NULL;
+    const char *missing = !a->model         ? "--model"
+                          : a->sparsity < 0 ? "--sparsity"
+                          : !a->eval        ? "--eval"
+                                            : NULL;
     if (missing || optind != argc || (a->download && !a->wait)) {
         if (missing)
             fprintf(stderr, "topiary submit: %s is required\n", missing);
@@ -646,7 +672,7 @@ int cli_submit(int argc, char **argv)
         return rc;
     const char *id = json_string_value(json_object_get(job, "id"));
     if (!id) {
-        fprintf(stderr, "topiary: the server's answer names no job id\n");
+        fprintf(stderr, "topiary: the server's response names no job id\n");
         json_decref(job);
         return EXIT_ERROR;
     }
@@ -660,21 +686,28 @@ int cli_submit(int argc, char **argv)
 
 /* ---- jobs, job, cancel -------------------------------------------------------------- */
 
-/* Parses --server, --token, --status, --limit, --cursor and --help; -1 means --help was shown. */
+/* Parses --server, --token, --status, --limit, --cursor and --help; -1 means --help was shown.
+ */
 static int simple_parse(int argc, char **argv, const char *usage, const char **server,
                         const char **token, const char **status, const char **limit,
                         const char **cursor)
 {
-    static const struct option opts[] = {
-        {"server", required_argument, 0, 's'}, {"token", required_argument, 0, 't'},
-        {"status", required_argument, 0, 'S'}, {"limit", required_argument, 0, 'l'},
-        {"cursor", required_argument, 0, 'c'}, {"help", no_argument, 0, 'h'},
-        {0, 0, 0, 0}};
+    static const struct option opts[] = {{"server", required_argument, 0, 's'},
+                                         {"token", required_argument, 0, 't'},
+                                         {"status", required_argument, 0, 'S'},
+                                         {"limit", required_argument, 0, 'l'},
+                                         {"cursor", required_argument, 0, 'c'},
+                                         {"help", no_argument, 0, 'h'},
+                                         {0, 0, 0, 0}};
     optind = 1;
     int o;
     while ((o = getopt_long(argc, argv, "", opts, NULL)) != -1) {
-        const char **slot = o == 's' ? server : o == 't' ? token : o == 'S' ? status
-                          : o == 'l' ? limit : o == 'c' ? cursor : NULL;
+        const char **slot = o == 's'   ? server
+                            : o == 't' ? token
+                            : o == 'S' ? status
+                            : o == 'l' ? limit
+                            : o == 'c' ? cursor
+                                       : NULL;
         if (o == 'h') {
             printf("%s\n" CLIENT_COMMON_HELP "\n" CLIENT_EXIT_HELP, usage);
             return -1;
@@ -700,7 +733,8 @@ static int get_one_id(int argc, char **argv, const char *usage, client *c, const
         return EXIT_USAGE;
     }
     *id = argv[optind];
-    if (strspn(*id, "abcdefghijklmnopqrstuvwxyz0123456789_") != strlen(*id) || strlen(*id) > 63) {
+    if (strspn(*id, "abcdefghijklmnopqrstuvwxyz0123456789_") != strlen(*id) ||
+        strlen(*id) > 63) {
         fprintf(stderr, "topiary: '%s' is not a job id (job_ and 16 hex digits)\n", *id);
         return EXIT_USAGE;
     }
@@ -751,17 +785,13 @@ int cli_cancel(int argc, char **argv)
     return EXIT_OK;
 }
 
+/* The list view carries no request, so a row shows state and times only. */
 static void print_job_row(json_t *j)
 {
-    json_t *req = json_object_get(j, "request");
-    printf("%-22s %-10s %-12s %5.0f%%  %-9s %8.3f  %s\n",
-           str_or(j, "id", "?"),
-           str_or(j, "status", "?"),
-           str_or(j, "stage", "-"),
+    printf("%-22s %-10s %-20s %5.0f%%  %-24s  %s\n", str_or(j, "id", "?"),
+           str_or(j, "status", "?"), str_or(j, "stage", "-"),
            json_number_value(json_object_get(j, "progress")) * 100,
-           str_or(req, "method", "magnitude"),
-           json_number_value(json_object_get(req, "sparsity")),
-           str_or(j, "created_at", ""));
+           str_or(j, "created_at", "-"), str_or(j, "finished_at", "-"));
 }
 
 int cli_jobs(int argc, char **argv)
@@ -784,9 +814,9 @@ int cli_jobs(int argc, char **argv)
     if ((rc = client_init(&c, server, token)))
         return rc;
     char path[512];
-    int len = snprintf(path, sizeof path, "/v1/jobs?limit=%ld%s%s%s%s", n,
-                       status ? "&status=" : "", status ? status : "", cursor ? "&cursor=" : "",
-                       cursor ? cursor : "");
+    int len =
+        snprintf(path, sizeof path, "/v1/jobs?limit=%ld%s%s%s%s", n, status ? "&status=" : "",
+                 status ? status : "", cursor ? "&cursor=" : "", cursor ? cursor : "");
     if (len < 0 || (size_t)len >= sizeof path || strpbrk(path, " #\r\n")) {
         fprintf(stderr, "topiary jobs: --status or --cursor is malformed\n");
         return EXIT_USAGE;
@@ -795,8 +825,8 @@ int cli_jobs(int argc, char **argv)
     int code = 0;
     if ((rc = call_json(&c, "GET", path, NULL, NULL, &page, &code)))
         return rc;
-    printf("%-22s %-10s %-12s %6s  %-9s %8s  %s\n", "id", "status", "stage", "done", "method",
-           "sparsity", "created");
+    printf("%-22s %-10s %-20s %6s  %-24s  %s\n", "id", "status", "stage", "done", "created",
+           "finished");
     size_t i;
     json_t *j;
     json_array_foreach(json_object_get(page, "jobs"), i, j) print_job_row(j);

@@ -69,8 +69,8 @@ top_status http_url_parse(http_url *out, const char *url, top_error *err)
         p += 1 + m;
     }
     if (*p && *p != '/')
-        return top_error_set(err, TOP_ERR_INVALID, "server url '%s' is malformed after the host",
-                             url);
+        return top_error_set(err, TOP_ERR_INVALID,
+                             "server url '%s' is malformed after the host", url);
     size_t plen = strlen(p);
     while (plen && p[plen - 1] == '/')
         plen--;
@@ -106,8 +106,10 @@ static top_status connect_to(int *fd_out, const http_url *url, int timeout_s, to
     }
     freeaddrinfo(res);
     if (fd < 0)
-        return top_error_set(err, TOP_ERR_IO, "cannot connect to %s port %s: %s; is the server "
-                             "running there?", url->host, url->port, strerror(last));
+        return top_error_set(err, TOP_ERR_IO,
+                             "cannot connect to %s port %s: %s; is the server "
+                             "running there?",
+                             url->host, url->port, strerror(last));
     *fd_out = fd;
     return TOP_OK;
 }
@@ -192,7 +194,8 @@ static top_status read_line(reader *r, char *out, size_t cap, top_error *err)
         if (c == '\n')
             break;
         if (n + 1 >= cap)
-            return top_error_set(err, TOP_ERR_LIMIT, "a response line is over %zu bytes", cap - 1);
+            return top_error_set(err, TOP_ERR_LIMIT, "a response line is over %zu bytes",
+                                 cap - 1);
         out[n++] = c;
     }
     if (n && out[n - 1] == '\r')
@@ -205,7 +208,8 @@ static top_status emit(body_out *o, const char *data, size_t n, top_error *err)
 {
     if (o->sink)
         return o->sink(o->ctx, data, n)
-                   ? top_error_set(err, TOP_ERR_CANCELLED, "the transfer was stopped by the reader")
+                   ? top_error_set(err, TOP_ERR_CANCELLED,
+                                   "the transfer was stopped by the reader")
                    : TOP_OK;
     http_response *resp = o->resp;
     if (resp->body_len + n > o->max)
@@ -234,10 +238,12 @@ static top_status copy_bytes(reader *r, body_out *o, size_t want, top_error *err
         if (st != TOP_OK)
             return st;
         if (r->eof)
-            return want == SIZE_MAX ? TOP_OK
-                                    : top_error_set(err, TOP_ERR_FORMAT,
-                                                    "the connection closed %zu bytes before the "
-                                                    "end of the body", want);
+            return want == SIZE_MAX
+                       ? TOP_OK
+                       : top_error_set(err, TOP_ERR_FORMAT,
+                                       "the connection closed %zu bytes before the "
+                                       "end of the body",
+                                       want);
         size_t n = r->len - r->pos;
         if (n > want)
             n = want;

@@ -40,9 +40,9 @@ typedef struct http_request {
     const char *content_type; /* of body, or NULL */
     const char *body;         /* may be NULL */
     size_t body_len;
-    const char *accept;       /* Accept header, or NULL */
+    const char *accept;          /* Accept header, or NULL */
     const char *idempotency_key; /* or NULL */
-    int timeout_s;            /* per send/receive call; 0 means 30 */
+    int timeout_s;               /* per send/receive call; 0 means 30 */
 } http_request;
 
 typedef struct http_response {

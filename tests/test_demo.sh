@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The main job end to end, reduced: runs tools/demo.sh (no package install or
-# downloads, a temporary state folder, 16 calibration images, 40/40 head-fit
-# and evaluation images) and checks its output: exit 0, the result table, the
+# The main job end to end at a small scale. Runs tools/demo.sh without the
+# package install and downloads, in a temporary state folder, with 16
+# calibration images and 40 head-fit and 40 evaluation images. Checks its output: exit 0, the result table, the
 # checkpoint downloaded with its sha256 verified and loaded back, the server
 # stopped. Then checks the client's exit codes: against a real server for a
 # bad token and a cancelled job, and against a small Python fake server for a
@@ -79,7 +79,7 @@ done
 export TOPIARY_SERVER=http://127.0.0.1:$port
 TOPIARY_TOKEN=wrong "$bin" jobs >/dev/null 2>"$tmp/err"
 check "wrong token exits 4" eq "$?" 4
-check "wrong token message names 401" has "$tmp/err" 'answered 401'
+check "wrong token message names 401" has "$tmp/err" 'responded 401'
 export TOPIARY_TOKEN=$token
 "$bin" submit --model "file://$data/models/nsfwjs/mobilenet_v2" --sparsity 0.3 \
   --eval "digits-grid:$data/datasets/digits/digits.png" --head-fit-images 400 --eval-images 400 \

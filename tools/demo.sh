@@ -84,13 +84,13 @@ export TOPIARY_SERVER=http://127.0.0.1:$port
 curl -sf "$TOPIARY_SERVER/readyz"
 echo
 
-# post PATH JSON: prints the answer (without the server's paths), fails on an HTTP error.
+# post PATH JSON: prints the response with the data path replaced by DATA; fails on an HTTP error.
 post() {
-  local answer
-  answer=$(curl -sS --fail-with-body -H "Authorization: Bearer $TOPIARY_TOKEN" \
+  local response
+  response=$(curl -sS --fail-with-body -H "Authorization: Bearer $TOPIARY_TOKEN" \
     -H 'Content-Type: application/json' --data-binary "$2" "$TOPIARY_SERVER$1") ||
-    { echo "POST $1 failed: $answer" >&2; return 1; }
-  sed -e "s#$data#DATA#g" <<<"$answer"
+    { echo "POST $1 failed: $response" >&2; return 1; }
+  sed -e "s#$data#DATA#g" <<<"$response"
 }
 
 echo "== registering the nsfwjs MobileNetV2 and three tasks (DATA is $data) =="
