@@ -344,10 +344,9 @@ static void print_results(json_t *job)
     printf("method %s, requested sparsity %.4f\n\n", str_or(req, "method", "magnitude"),
            json_number_value(json_object_get(res, "sparsity_requested")));
     printf("%-24s  %10s  %10s  %10s\n", "task", "dense acc", "pruned acc", "change");
-    size_t i;
-    json_t *t;
-    json_array_foreach(json_object_get(res, "tasks"), i, t)
-    {
+    json_t *tasks = json_object_get(res, "tasks");
+    for (size_t i = 0; i < json_array_size(tasks); i++) {
+        json_t *t = json_array_get(tasks, i);
         json_t *dense = json_object_get(t, "dense_accuracy");
         json_t *pruned = json_object_get(t, "pruned_accuracy");
         printf("%-24s", str_or(t, "task", "?"));
@@ -827,9 +826,9 @@ int cli_jobs(int argc, char **argv)
         return rc;
     printf("%-22s %-10s %-20s %6s  %-24s  %s\n", "id", "status", "stage", "done", "created",
            "finished");
-    size_t i;
-    json_t *j;
-    json_array_foreach(json_object_get(page, "jobs"), i, j) print_job_row(j);
+    json_t *jobs = json_object_get(page, "jobs");
+    for (size_t i = 0; i < json_array_size(jobs); i++)
+        print_job_row(json_array_get(jobs, i));
     const char *next = json_string_value(json_object_get(page, "next_cursor"));
     if (next)
         printf("more: topiary jobs --cursor %s\n", next);

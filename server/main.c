@@ -18,7 +18,7 @@ static const cli_command commands[] = {
     {"jobs", "list a server's jobs", cli_jobs},
     {"job", "print one job of a server as JSON", cli_job},
     {"cancel", "cancel a queued or running job on a server", cli_cancel},
-    {"checkpoint", "verify a compressed checkpoint: load it, print sparsity and sha256", cli_checkpoint},
+    {"checkpoint", "verify a compressed checkpoint and print its sparsity", cli_checkpoint},
     {"version", "print the version", cli_version},
 };
 
