@@ -177,7 +177,6 @@ static void on_done(void *user, http_request *req, int completed)
              req->method, route, req->path, req->status, (unsigned long long)req->bytes, ms,
              completed);
     if (call) {
-        store_close(call->db);
         api_upload_free(call->upload);
         free(call);
     }

@@ -62,7 +62,7 @@ typedef struct upload_state upload_state;
 struct api_call {
     const api_route *route;
     char params[API_MAX_PARAMS][API_PARAM_MAX];
-    store *db;            /* opened on first use, closed in done */
+    store *db;            /* the HTTP thread's connection (api_store); not closed per call */
     upload_state *upload; /* PUT /v1/models/{id}/content */
 };
 
@@ -87,7 +87,13 @@ struct MHD_Response *api_problem_field(http_request *req, unsigned status, const
                                        json_t *value, const char *detail, const char *fix);
 
 /* Opens the request's store connection on first use; NULL after a 503 was made. */
+/* Returns the store connection of the calling HTTP thread, opened on its first
+ * request and closed when the thread ends, so keep-alive clients do not pay a
+ * SQLite open per request. NULL with err set if it cannot be opened. */
 store *api_store(api *a, api_call *call, top_error *err);
+/* Opens a connection the caller owns and closes (for an event stream, which
+ * outlives its request). */
+store *api_store_open_private(api *a, top_error *err);
 
 /* ---- validation (validate.c) ---- */
 

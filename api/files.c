@@ -353,8 +353,12 @@ struct MHD_Response *api_get_events(api *a, http_request *req, api_call *call)
         return api_problem(req, 503, "unavailable", "Service unavailable",
                            "out of memory; retry later", NULL);
     es->a = a;
-    es->db = db; /* the stream outlives the request's call state, so it takes the connection */
-    call->db = NULL;
+    /* The stream outlives the request, so it gets a connection of its own. */
+    es->db = api_store_open_private(a, &err);
+    if (!es->db) {
+        free(es);
+        return api_problem_from_error(req, &err);
+    }
     snprintf(es->id, sizeof es->id, "%.*s", STORE_ID_MAX - 1, call->params[0]);
     es->start_s = es->last_send_s = now_s();
     if (queue_text(es, "retry: 2000\n\n") != 0) {

@@ -3,6 +3,7 @@
  * and the one mapping from top_status to HTTP status codes. Runs on the
  * connection threads; no shared state.
  */
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -105,15 +106,48 @@ struct MHD_Response *api_problem_invalid(http_request *req, api_invalid *bad)
                              bad->detail, bad->fix);
 }
 
-store *api_store(api *a, api_call *call, top_error *err)
+static pthread_key_t thread_store_key;
+static pthread_once_t thread_store_once = PTHREAD_ONCE_INIT;
+
+static void thread_store_close(void *db)
 {
-    if (call->db)
-        return call->db;
+    store_close(db);
+}
+
+static void thread_store_key_create(void)
+{
+    pthread_key_create(&thread_store_key, thread_store_close);
+}
+
+store *api_store_open_private(api *a, top_error *err)
+{
     store_options opts = {
         .busy_timeout_ms = a->cfg->busy_timeout_ms,
         .synchronous_full = a->cfg->sqlite_sync_full,
     };
-    if (store_open(&call->db, a->cfg->database_path, &opts, err) != TOP_OK)
-        call->db = NULL;
-    return call->db;
+    store *db = NULL;
+    if (store_open(&db, a->cfg->database_path, &opts, err) != TOP_OK)
+        return NULL;
+    return db;
+}
+
+store *api_store(api *a, api_call *call, top_error *err)
+{
+    if (call->db)
+        return call->db;
+    pthread_once(&thread_store_once, thread_store_key_create);
+    store *db = pthread_getspecific(thread_store_key);
+    if (!db) {
+        db = api_store_open_private(a, err);
+        if (!db)
+            return NULL;
+        if (pthread_setspecific(thread_store_key, db) != 0) {
+            store_close(db);
+            top_error_set(err, TOP_ERR_NOMEM, "cannot keep the store connection of an HTTP "
+                                              "thread; retry later");
+            return NULL;
+        }
+    }
+    call->db = db;
+    return db;
 }
