@@ -11,7 +11,7 @@
  * Thread-safety: everything lives in one pipeline_ctx on the caller's stack;
  * the batch iterators add one decoding thread each.
  *
- * Not done here: structured or N:M masks, block OBS and layer-wise OBS, the
+ * Not done here: the
  * --size option (the graph has no way to change its input size yet).
  */
 #include "pipeline.h"
@@ -57,14 +57,18 @@ typedef struct pipeline_ctx {
     double **bn_dense;              /* match_dense: (2, C) per BN node, mean then var */
     int bn_passes_run;
     double bn_max_shift;            /* largest |mu_p - mu_d| / sd_d in the last pass */
-    double lambda;                  /* obd damping used */
-    double timings[8];
+    double lambda;                  /* obd and obs damping used */
+    float **grads;                  /* obs: (n, numel) per-sample gradients per layer */
+    size_t obs_memory;              /* obs: bytes the estimate gave */
+    obs_damping obs_damping;        /* obs and layer_obs: retries and factorisations */
+    size_t layer_obs_rows_used;     /* layer_obs: the most rows any layer used */
+    double timings[9];
     json_t *checkpoints;
 } pipeline_ctx;
 
-enum { T_LOAD, T_DENSE, T_SALIENCY, T_MASK, T_BN, T_PRUNED, T_CKPT, T_TOTAL };
+enum { T_LOAD, T_DENSE, T_SALIENCY, T_MASK, T_UPDATE, T_BN, T_PRUNED, T_CKPT, T_TOTAL };
 static const char *const timing_names[] = {
-    "load", "dense_features", "saliency", "mask", "bn_recalibration", "pruned_eval",
+    "load", "dense_features", "saliency", "mask", "update", "bn_recalibration", "pruned_eval",
     "checkpoints", "total",
 };
 
@@ -108,6 +112,70 @@ void pipeline_options_init(pipeline_options *opt)
     opt->bn_mode = PIPELINE_BN_MATCH_DENSE;
     opt->bn_passes = 1;
     opt->batch_size = 16;
+    opt->obs_block = 64;
+    opt->obs_update = 1;
+    opt->obs_memory_budget = (size_t)4 << 30;
+    opt->allocation = PIPELINE_ALLOC_MAGNITUDE;
+    opt->layer_obs_rows = 4096;
+    opt->layer_obs_damping = 0.01;
+    opt->layer_obs_sequential = 1;
+}
+
+const char *pipeline_method_name(pipeline_method m)
+{
+    switch (m) {
+    case PIPELINE_METHOD_MAGNITUDE: return "magnitude";
+    case PIPELINE_METHOD_OBD: return "obd";
+    case PIPELINE_METHOD_OBS: return "obs";
+    case PIPELINE_METHOD_LAYER_OBS: return "layer_obs";
+    }
+    return "unknown";
+}
+
+const char *pipeline_allocation_name(pipeline_allocation a)
+{
+    switch (a) {
+    case PIPELINE_ALLOC_MAGNITUDE: return "magnitude";
+    case PIPELINE_ALLOC_OBD: return "obd";
+    case PIPELINE_ALLOC_UNIFORM: return "uniform";
+    }
+    return "unknown";
+}
+
+/* 1 if the method computes calibration gradients (and so needs a head). */
+static int needs_gradients(const pipeline_options *o)
+{
+    return o->method == PIPELINE_METHOD_OBD || o->method == PIPELINE_METHOD_OBS ||
+           (o->method == PIPELINE_METHOD_LAYER_OBS && o->allocation == PIPELINE_ALLOC_OBD);
+}
+
+/* Checks the options of obs and layer_obs. */
+static top_status validate_obs_options(const pipeline_options *o, top_error *err)
+{
+    if (o->method == PIPELINE_METHOD_OBS &&
+        (o->obs_block < 1 || o->obs_block > PIPELINE_OBS_BLOCK_MAX))
+        return top_error_set(err, TOP_ERR_INVALID, "obs block size %zu is outside 1..%d; "
+                             "use e.g. 64", o->obs_block, PIPELINE_OBS_BLOCK_MAX);
+    if (o->method != PIPELINE_METHOD_LAYER_OBS)
+        return TOP_OK;
+    if (!o->calib_uri)
+        return top_error_set(err, TOP_ERR_INVALID, "method layer_obs needs a calibration "
+                             "task; pass a calibration data set or use magnitude");
+    if (o->allocation != PIPELINE_ALLOC_MAGNITUDE && o->allocation != PIPELINE_ALLOC_OBD &&
+        o->allocation != PIPELINE_ALLOC_UNIFORM)
+        return top_error_set(err, TOP_ERR_INVALID, "layer_obs allocation %d is unknown; use "
+                             "magnitude, obd or uniform", (int)o->allocation);
+    if (o->nm_m != 0 || o->rounds != 1)
+        return top_error_set(err, TOP_ERR_INVALID, "method layer_obs takes neither an N:M "
+                             "pattern nor rounds (got %d:%d, %d rounds); drop them or use "
+                             "obs", o->nm_n, o->nm_m, o->rounds);
+    if (o->layer_obs_rows < 16 || o->layer_obs_rows > PIPELINE_LAYER_OBS_ROWS_MAX)
+        return top_error_set(err, TOP_ERR_INVALID, "layer_obs rows %zu is outside 16..%d; "
+                             "use e.g. 4096", o->layer_obs_rows, PIPELINE_LAYER_OBS_ROWS_MAX);
+    if (!(o->layer_obs_damping > 0.0 && o->layer_obs_damping <= 1.0))
+        return top_error_set(err, TOP_ERR_INVALID, "layer_obs damping %g is outside (0, 1]; "
+                             "use e.g. 0.01", o->layer_obs_damping);
+    return TOP_OK;
 }
 
 static top_status validate_options(const pipeline_options *o, top_error *err)
@@ -117,12 +185,14 @@ static top_status validate_options(const pipeline_options *o, top_error *err)
     if (!(o->sparsity >= 0.0 && o->sparsity < 1.0))
         return top_error_set(err, TOP_ERR_INVALID, "sparsity %g is outside [0, 1); pass a "
                              "fraction such as 0.5", o->sparsity);
-    if (o->method != PIPELINE_METHOD_MAGNITUDE && o->method != PIPELINE_METHOD_OBD)
-        return top_error_set(err, TOP_ERR_INVALID, "method %d is unknown; use magnitude "
-                             "or obd", (int)o->method);
-    if (o->method == PIPELINE_METHOD_OBD && !o->calib_uri)
-        return top_error_set(err, TOP_ERR_INVALID, "method obd needs a calibration task; "
-                             "pass a calibration data set or use magnitude");
+    if (o->method != PIPELINE_METHOD_MAGNITUDE && o->method != PIPELINE_METHOD_OBD &&
+        o->method != PIPELINE_METHOD_OBS && o->method != PIPELINE_METHOD_LAYER_OBS)
+        return top_error_set(err, TOP_ERR_INVALID, "method %d is unknown; use magnitude, "
+                             "obd, obs or layer_obs", (int)o->method);
+    if (needs_gradients(o) && !o->calib_uri)
+        return top_error_set(err, TOP_ERR_INVALID, "method %s needs a calibration task; "
+                             "pass a calibration data set or use magnitude",
+                             pipeline_method_name(o->method));
     if (o->scope != PRUNE_SCOPE_GLOBAL && o->scope != PRUNE_SCOPE_PER_LAYER)
         return top_error_set(err, TOP_ERR_INVALID, "mask scope %d is unknown; use global or "
                              "per_layer", (int)o->scope);
@@ -167,7 +237,7 @@ static top_status validate_options(const pipeline_options *o, top_error *err)
     if (o->batch_size < 2 || o->batch_size > 1024)
         return top_error_set(err, TOP_ERR_INVALID, "batch size %d is outside 2..1024",
                              o->batch_size);
-    return TOP_OK;
+    return validate_obs_options(o, err);
 }
 
 /* ---- model and prunable set ------------------------------------------------- */
@@ -318,9 +388,9 @@ static top_status dense_stage(pipeline_ctx *c, top_error *err)
     const pipeline_options *o = c->opt;
     top_status st = TOP_OK;
     if (o->calib_uri) {
-        size_t fit = o->method == PIPELINE_METHOD_OBD ? o->calib_fit_count : 0;
+        size_t fit = needs_gradients(o) ? o->calib_fit_count : 0;
         st = open_task(&c->calib, o->calib_uri, o->calib_count, fit, 0, o->seed, err);
-        if (st == TOP_OK && o->method == PIPELINE_METHOD_OBD)
+        if (st == TOP_OK && needs_gradients(o))
             st = fit_head(c, &c->calib, 0, err);
     }
     for (int i = 0; st == TOP_OK && i < o->n_eval; i++) {
@@ -358,9 +428,17 @@ static void head_loss_grad(float *dy, const ridge_model *head, const float *feat
     }
 }
 
-/* One image: forward, backward from the feature node, fisher += grad^2. */
-static top_status fisher_sample(double **fisher, pipeline_ctx *c, const float *x, int label,
-                                float *dy, double *scores, top_error *err)
+/* Where per-sample gradients go: fisher[l] (numel) += g^2, and, when rows is
+ * set, rows[l] (n samples, numel) row `index` = g. */
+typedef struct grad_sink {
+    double **fisher;
+    float **rows;
+} grad_sink;
+
+/* One image: forward, backward from the feature node, then into the sink. */
+static top_status fisher_sample(const grad_sink *sink, pipeline_ctx *c, const float *x,
+                                int label, size_t index, float *dy, double *scores,
+                                top_error *err)
 {
     top_status st = graph_forward(c->g, x, 1, GRAPH_MODE_INFERENCE, err);
     if (st != TOP_OK)
@@ -372,14 +450,18 @@ static top_status fisher_sample(double **fisher, pipeline_ctx *c, const float *x
         return st;
     for (int l = 0; l < c->n_prunable; l++) {
         const graph_param *gp = &c->g->params[c->prunable[l]];
+        double *f = sink->fisher[l];
         for (size_t i = 0; i < gp->value.numel; i++)
-            fisher[l][i] += (double)gp->grad[i] * gp->grad[i];
+            f[i] += (double)gp->grad[i] * gp->grad[i];
+        if (sink->rows)
+            memcpy(sink->rows[l] + index * gp->value.numel, gp->grad,
+                   gp->value.numel * sizeof(float));
     }
     return TOP_OK;
 }
 
 /* Accumulates the sum of squared per-sample gradients over the calibration split. */
-static top_status fisher_accumulate(double **fisher, pipeline_ctx *c, top_error *err)
+static top_status fisher_accumulate(const grad_sink *sink, pipeline_ctx *c, top_error *err)
 {
     const task_split *split = &c->calib.t.calib;
     float *dy = malloc(c->dim * sizeof *dy);
@@ -401,8 +483,8 @@ static top_status fisher_accumulate(double **fisher, pipeline_ctx *c, top_error 
         for (int i = 0; st == TOP_OK && i < b->n; i++) {
             st = check_cancel(c, err);
             if (st == TOP_OK)
-                st = fisher_sample(fisher, c, b->x + (size_t)i * per_image, b->labels[i], dy,
-                                   scores, err);
+                st = fisher_sample(sink, c, b->x + (size_t)i * per_image, b->labels[i],
+                                   b->first + (size_t)i, dy, scores, err);
             report_progress(c, "saliency", b->first + (size_t)i + 1, split->count);
         }
     }
@@ -412,22 +494,43 @@ static top_status fisher_accumulate(double **fisher, pipeline_ctx *c, top_error 
     return st;
 }
 
-/* Computes OBD scores 0.5 w^2 (F + lambda), with F = sum / n and lambda from
- * the options. */
-static top_status saliency_obd(float **scores, pipeline_ctx *c, top_error *err)
+static void layers_free(void **arrays, int n)
 {
-    double **fisher = calloc((size_t)c->n_prunable, sizeof *fisher);
-    top_status st = fisher ? TOP_OK : top_error_set(err, TOP_ERR_NOMEM, "out of memory");
-    for (int l = 0; st == TOP_OK && l < c->n_prunable; l++) {
-        fisher[l] = calloc(c->g->params[c->prunable[l]].value.numel, sizeof(double));
-        if (!fisher[l])
-            st = top_error_set(err, TOP_ERR_NOMEM, "out of memory for the Fisher diagonal");
-    }
-    if (st == TOP_OK)
-        st = fisher_accumulate(fisher, c, err);
+    for (int l = 0; arrays && l < n; l++)
+        free(arrays[l]);
+    free(arrays);
+}
 
-    double n = (double)c->calib.t.calib.count, total = 0.0, count = 0.0;
+/* obs: checks the memory budget, then allocates c->grads, (n, numel) per layer. */
+static top_status obs_alloc_rows(pipeline_ctx *c, top_error *err)
+{
+    size_t n = c->calib.t.calib.count, *counts = malloc((size_t)c->n_prunable * sizeof *counts);
+    if (!counts)
+        return top_error_set(err, TOP_ERR_NOMEM, "out of memory for the layer sizes");
+    for (int l = 0; l < c->n_prunable; l++)
+        counts[l] = c->g->params[c->prunable[l]].value.numel;
+    obs_memory mem;
+    top_status st = obs_memory_estimate(&mem, counts, (size_t)c->n_prunable, c->opt->obs_block,
+                                        n, c->opt->obs_memory_budget, err);
+    c->obs_memory = mem.total;
+    c->grads = st == TOP_OK ? calloc((size_t)c->n_prunable, sizeof *c->grads) : NULL;
+    if (st == TOP_OK && !c->grads)
+        st = top_error_set(err, TOP_ERR_NOMEM, "out of memory for the gradient rows");
     for (int l = 0; st == TOP_OK && l < c->n_prunable; l++) {
+        c->grads[l] = malloc(n * counts[l] * sizeof(float)); /* checked by the estimate */
+        if (!c->grads[l])
+            st = top_error_set(err, TOP_ERR_NOMEM, "out of memory for %zu x %zu gradients; "
+                               "lower the calibration images", n, counts[l]);
+    }
+    free(counts);
+    return st;
+}
+
+/* Sets c->lambda from the Fisher diagonal sums (F = sum / n) and the options. */
+static void set_lambda(pipeline_ctx *c, double *const *fisher)
+{
+    double n = (double)c->calib.t.calib.count, total = 0.0, count = 0.0;
+    for (int l = 0; l < c->n_prunable; l++) {
         size_t numel = c->g->params[c->prunable[l]].value.numel;
         for (size_t i = 0; i < numel; i++)
             total += fisher[l][i] / n;
@@ -436,21 +539,71 @@ static top_status saliency_obd(float **scores, pipeline_ctx *c, top_error *err)
     c->lambda = c->opt->damping_mode == PIPELINE_DAMPING_ABSOLUTE
                     ? c->opt->damping
                     : c->opt->damping * (count > 0 ? total / count : 0.0);
+}
+
+/* OBD scores 0.5 w^2 (F_ii + lambda) of layer l. */
+static top_status layer_obd_scores(float *scores, pipeline_ctx *c, int l, const double *fisher,
+                                   top_error *err)
+{
+    const tensor *w = &c->g->params[c->prunable[l]].value;
+    double n = (double)c->calib.t.calib.count;
+    float *diag = malloc(w->numel * sizeof *diag);
+    if (!diag)
+        return top_error_set(err, TOP_ERR_NOMEM, "out of memory for the Fisher diagonal");
+    for (size_t i = 0; i < w->numel; i++)
+        diag[i] = (float)(fisher[i] / n);
+    top_status st = prune_saliency_obd(scores, w->data, diag, w->numel, c->lambda, err);
+    free(diag);
+    return st;
+}
+
+/* Computes OBD scores 0.5 w^2 (F + lambda), or with obs set the block OBS
+ * scores w^2 / (2 [(F_B + lambda I)^-1]_ii); obs keeps the per-sample
+ * gradients in c->grads for the update. */
+static top_status saliency_second_order(float **scores, pipeline_ctx *c, int obs,
+                                        top_error *err)
+{
+    double **fisher = calloc((size_t)c->n_prunable, sizeof *fisher);
+    top_status st = fisher ? TOP_OK : top_error_set(err, TOP_ERR_NOMEM, "out of memory");
+    for (int l = 0; st == TOP_OK && l < c->n_prunable; l++) {
+        fisher[l] = calloc(c->g->params[c->prunable[l]].value.numel, sizeof(double));
+        if (!fisher[l])
+            st = top_error_set(err, TOP_ERR_NOMEM, "out of memory for the Fisher diagonal");
+    }
+    if (st == TOP_OK && obs)
+        st = obs_alloc_rows(c, err);
+    grad_sink sink = {.fisher = fisher, .rows = obs ? c->grads : NULL};
+    if (st == TOP_OK)
+        st = fisher_accumulate(&sink, c, err);
+    if (st == TOP_OK)
+        set_lambda(c, fisher);
+    size_t n = c->calib.t.calib.count;
     for (int l = 0; st == TOP_OK && l < c->n_prunable; l++) {
         const tensor *w = &c->g->params[c->prunable[l]].value;
-        float *diag = malloc(w->numel * sizeof *diag);
-        if (!diag) {
-            st = top_error_set(err, TOP_ERR_NOMEM, "out of memory for the Fisher diagonal");
-            break;
-        }
-        for (size_t i = 0; i < w->numel; i++)
-            diag[i] = (float)(fisher[l][i] / n);
-        st = prune_saliency_obd(scores[l], w->data, diag, w->numel, c->lambda, err);
-        free(diag);
+        st = obs ? obs_layer_saliency(scores[l], w->data, c->grads[l], w->numel, n,
+                                      c->opt->obs_block, c->lambda, &c->obs_damping, err)
+                 : layer_obd_scores(scores[l], c, l, fisher[l], err);
+        report_progress(c, "saliency", n + (size_t)l + 1, n + (size_t)c->n_prunable);
     }
-    for (int l = 0; fisher && l < c->n_prunable; l++)
-        free(fisher[l]);
-    free(fisher);
+    layers_free((void **)fisher, c->n_prunable);
+    return st;
+}
+
+/* obs: the OBS update of every block of every layer given the masks, which
+ * also sets the pruned weights to exactly 0. */
+static top_status obs_update_stage(pipeline_ctx *c, uint8_t *const *masks, top_error *err)
+{
+    size_t n = c->calib.t.calib.count;
+    top_status st = TOP_OK;
+    report_progress(c, "obs update", 0, (size_t)c->n_prunable);
+    for (int l = 0; st == TOP_OK && l < c->n_prunable; l++) {
+        tensor *w = &c->g->params[c->prunable[l]].value;
+        st = check_cancel(c, err);
+        if (st == TOP_OK)
+            st = obs_layer_update(w->data, masks[l], c->grads[l], w->numel, n,
+                                  c->opt->obs_block, c->lambda, &c->obs_damping, err);
+        report_progress(c, "obs update", (size_t)l + 1, (size_t)c->n_prunable);
+    }
     return st;
 }
 
@@ -477,8 +630,8 @@ static top_status prune_stage(pipeline_ctx *c, double sparsity, top_error *err)
                                   w->numel / (size_t)(w->shape[0] > 0 ? w->shape[0] : 1)};
     }
     double t0 = now_s();
-    if (st == TOP_OK && c->opt->method == PIPELINE_METHOD_OBD)
-        st = saliency_obd(scores, c, err);
+    if (st == TOP_OK && c->opt->method != PIPELINE_METHOD_MAGNITUDE)
+        st = saliency_second_order(scores, c, c->opt->method == PIPELINE_METHOD_OBS, err);
     c->timings[T_SALIENCY] += now_s() - t0;
 
     t0 = now_s();
@@ -490,6 +643,12 @@ static top_status prune_stage(pipeline_ctx *c, double sparsity, top_error *err)
                              .min_density = c->opt->min_density};
     if (st == TOP_OK)
         st = prune_mask_compute(layers, n, &mo, err);
+    c->timings[T_MASK] += now_s() - t0;
+    t0 = now_s();
+    if (st == TOP_OK && c->opt->method == PIPELINE_METHOD_OBS && c->opt->obs_update)
+        st = obs_update_stage(c, masks, err);
+    c->timings[T_UPDATE] += now_s() - t0;
+    t0 = now_s();
     for (size_t l = 0; st == TOP_OK && l < n; l++) {
         tensor *w = &c->g->params[c->prunable[l]].value;
         for (size_t i = 0; i < w->numel; i++)
@@ -504,6 +663,288 @@ static top_status prune_stage(pipeline_ctx *c, double sparsity, top_error *err)
     free(scores);
     free(masks);
     free(layers);
+    layers_free((void **)c->grads, c->n_prunable);
+    c->grads = NULL;
+    return st;
+}
+
+/* ---- layer-wise OBS ---------------------------------------------------------- */
+
+/* Masks of the allocation: a global (or, for uniform, per-layer) mask at q
+ * from magnitude or obd scores. Only the per-layer and per-group zero counts
+ * are used. */
+static top_status allocation_masks(uint8_t **masks, pipeline_ctx *c, double q, top_error *err)
+{
+    size_t n = (size_t)c->n_prunable;
+    float **scores = calloc(n, sizeof *scores);
+    prune_layer *layers = calloc(n, sizeof *layers);
+    top_status st = (scores && layers) ? TOP_OK
+                                       : top_error_set(err, TOP_ERR_NOMEM, "out of memory");
+    for (size_t l = 0; st == TOP_OK && l < n; l++) {
+        const tensor *w = &c->g->params[c->prunable[l]].value;
+        scores[l] = malloc(w->numel * sizeof(float));
+        if (!scores[l])
+            st = top_error_set(err, TOP_ERR_NOMEM, "out of memory for the scores");
+        else
+            prune_saliency_magnitude(scores[l], w->data, w->numel);
+        layers[l] = (prune_layer){scores[l], masks[l], w->numel,
+                                  w->numel / (size_t)(w->shape[0] > 0 ? w->shape[0] : 1)};
+    }
+    if (st == TOP_OK && c->opt->allocation == PIPELINE_ALLOC_OBD)
+        st = saliency_second_order(scores, c, 0, err);
+    prune_mask_options mo = {
+        .sparsity = q,
+        .scope = c->opt->allocation == PIPELINE_ALLOC_UNIFORM ? PRUNE_SCOPE_PER_LAYER
+                                                              : c->opt->scope,
+        .min_density = c->opt->min_density,
+    };
+    if (st == TOP_OK)
+        st = prune_mask_compute(layers, n, &mo, err);
+    layers_free((void **)scores, (int)n);
+    free(layers);
+    return st;
+}
+
+/* Decodes the calibration split once: imgs (count, C, H, W). */
+static top_status load_calibration(float **imgs, pipeline_ctx *c, top_error *err)
+{
+    const task_split *split = &c->calib.t.calib;
+    const graph_preprocess *pp = &c->g->preprocess;
+    size_t per = (size_t)pp->channels * (size_t)pp->height * (size_t)pp->width, bytes;
+    if (top_size_mul(&bytes, per, split->count) || top_size_mul(&bytes, bytes, sizeof(float)))
+        return top_error_set(err, TOP_ERR_OVERFLOW, "%zu calibration images overflow",
+                             split->count);
+    *imgs = malloc(bytes ? bytes : 1);
+    if (!*imgs)
+        return top_error_set(err, TOP_ERR_NOMEM, "out of memory for %zu calibration images; "
+                             "lower the calibration images", split->count);
+    batch_iter *it = NULL;
+    top_status st = batch_iter_new(&it, split, pp, c->opt->batch_size, err);
+    while (st == TOP_OK) {
+        const batch *b = NULL;
+        st = batch_iter_next(it, &b, err);
+        if (st != TOP_OK || b->n == 0)
+            break;
+        memcpy(*imgs + b->first * per, b->x, (size_t)b->n * per * sizeof(float));
+    }
+    batch_iter_free(it);
+    return st;
+}
+
+/* The linear map of one prunable weight as layer OBS sees it: G groups of
+ * (kg, cg) weight rows, each with its own input columns; ppi input rows per
+ * image (conv output positions, or dense tokens). */
+typedef struct linear_view {
+    const graph_node *nd;
+    conv2d_shape cv;
+    size_t groups, kg, cg, ppi;
+} linear_view;
+
+static top_status linear_view_of(linear_view *v, const pipeline_ctx *c, int l, top_error *err)
+{
+    const graph_param *gp = &c->g->params[c->prunable[l]];
+    memset(v, 0, sizeof *v);
+    v->nd = &c->g->nodes[gp->node];
+    v->cv = v->nd->attrs.conv;
+    if (v->nd->op == OP_CONV2D && v->cv.groups > 0 && v->cv.p > 0 && v->cv.q > 0) {
+        v->groups = (size_t)v->cv.groups;
+        v->kg = (size_t)v->cv.k / v->groups;
+        v->cg = (size_t)(v->cv.c / v->cv.groups) * (size_t)v->cv.r * (size_t)v->cv.s;
+        v->ppi = (size_t)v->cv.p * (size_t)v->cv.q;
+    } else if (v->nd->op == OP_DENSE && gp->value.ndim == 2) {
+        const graph_node *in = &c->g->nodes[v->nd->inputs[0]];
+        v->groups = 1;
+        v->kg = (size_t)gp->value.shape[0];
+        v->cg = (size_t)gp->value.shape[1];
+        v->ppi = in->sample_numel / v->cg;
+    }
+    if (v->groups == 0 || v->ppi == 0 || v->kg * v->cg * v->groups != gp->value.numel)
+        return top_error_set(err, TOP_ERR_UNSUPPORTED, "layer_obs cannot view '%s' (op %s) "
+                             "as a linear map; use obs or obd", gp->name,
+                             op_kind_str(v->nd->op));
+    return TOP_OK;
+}
+
+/* Copies input row `pos` of image `img` into row k of every group's X.
+ *   in: (N, C, H, W) or (N, ppi, cg)  x: G blocks of (rows, cg) */
+static void gather_row(float *x, const linear_view *v, const float *in, size_t img, size_t pos,
+                       size_t k, size_t rows)
+{
+    if (v->nd->op == OP_DENSE) {
+        memcpy(x + k * v->cg, in + (img * v->ppi + pos) * v->cg, v->cg * sizeof(float));
+        return;
+    }
+    const conv2d_shape *s = &v->cv;
+    size_t cpg = (size_t)(s->c / s->groups), hw = (size_t)s->h * (size_t)s->w;
+    int py = (int)(pos / (size_t)s->q), px = (int)(pos % (size_t)s->q);
+    for (size_t g = 0; g < v->groups; g++) {
+        float *row = x + (g * rows + k) * v->cg;
+        for (size_t cl = 0; cl < cpg; cl++) {
+            const float *plane = in + (img * (size_t)s->c + g * cpg + cl) * hw;
+            for (int r = 0; r < s->r; r++) {
+                int iy = py * s->stride_h - s->pad_top + r * s->dilation_h;
+                for (int t = 0; t < s->s; t++) {
+                    int ix = px * s->stride_w - s->pad_left + t * s->dilation_w;
+                    int in_bounds = iy >= 0 && iy < s->h && ix >= 0 && ix < s->w;
+                    *row++ = in_bounds ? plane[(size_t)iy * (size_t)s->w + (size_t)ix] : 0.0f;
+                }
+            }
+        }
+    }
+}
+
+/* Stratified, deterministic choice of `rows` of `total` input rows:
+ * sel[k] = floor((k + u_k) total / rows), u_k in [0, 1) from the seed. */
+static void choose_rows(size_t *sel, size_t rows, size_t total, uint64_t seed)
+{
+    uint64_t z = seed ^ 0x9e3779b97f4a7c15ull;
+    for (size_t k = 0; k < rows; k++) {
+        z += 0x9e3779b97f4a7c15ull;
+        uint64_t h = z;
+        h = (h ^ (h >> 30)) * 0xbf58476d1ce4e5b9ull;
+        h = (h ^ (h >> 27)) * 0x94d049bb133111ebull;
+        h ^= h >> 31;
+        double u = rows == total ? 0.0 : (double)(h >> 11) / 9007199254740992.0;
+        size_t r = (size_t)(((double)k + u) * (double)total / (double)rows);
+        sel[k] = r < total ? r : total - 1;
+    }
+}
+
+/* Forward passes over the calibration images, gathering the sampled input
+ * rows of layer v into x (G blocks of (rows, cg)). */
+static top_status gather_inputs(float *x, const size_t *sel, size_t rows, pipeline_ctx *c,
+                                const linear_view *v, const float *imgs, size_t n_img,
+                                top_error *err)
+{
+    const graph_preprocess *pp = &c->g->preprocess;
+    size_t per = (size_t)pp->channels * (size_t)pp->height * (size_t)pp->width, k = 0;
+    size_t bs = (size_t)c->opt->batch_size;
+    for (size_t b0 = 0; b0 < n_img && k < rows; b0 += bs) {
+        size_t nb = n_img - b0 < bs ? n_img - b0 : bs;
+        top_status st = check_cancel(c, err);
+        if (st == TOP_OK)
+            st = graph_forward(c->g, imgs + b0 * per, (int)nb, GRAPH_MODE_INFERENCE, err);
+        if (st != TOP_OK)
+            return st;
+        const float *in = graph_node_output(c->g, v->nd->inputs[0]);
+        for (; k < rows && sel[k] < (b0 + nb) * v->ppi; k++)
+            gather_row(x, v, in, sel[k] / v->ppi - b0, sel[k] % v->ppi, k, rows);
+    }
+    return TOP_OK;
+}
+
+/* Prunes layer l into w (numel, the layer's weights or a copy) by layer OBS,
+ * each group to the zero count that the allocation mask gives it. */
+static top_status layer_obs_layer(float *w, uint8_t *mask, pipeline_ctx *c, int l,
+                                  const float *imgs, size_t n_img, top_error *err)
+{
+    linear_view v;
+    top_status st = linear_view_of(&v, c, l, err);
+    if (st != TOP_OK)
+        return st;
+    size_t total = n_img * v.ppi, bytes;
+    size_t rows = total < c->opt->layer_obs_rows ? total : c->opt->layer_obs_rows;
+    if (top_size_mul(&bytes, rows, v.cg * v.groups) || top_size_mul(&bytes, bytes, 4))
+        return top_error_set(err, TOP_ERR_OVERFLOW, "layer_obs inputs overflow; lower the "
+                             "rows");
+    float *x = malloc(bytes ? bytes : 1);
+    size_t *sel = malloc(rows * sizeof *sel);
+    st = (x && sel) ? TOP_OK : top_error_set(err, TOP_ERR_NOMEM, "out of memory for %zu "
+                                             "bytes of layer inputs; lower the rows", bytes);
+    if (st == TOP_OK) {
+        choose_rows(sel, rows, total, c->opt->seed + (uint64_t)l);
+        st = gather_inputs(x, sel, rows, c, &v, imgs, n_img, err);
+    }
+    size_t gsize = v.kg * v.cg;
+    for (size_t g = 0; st == TOP_OK && g < v.groups; g++) {
+        size_t zeros = 0;
+        for (size_t i = g * gsize; i < (g + 1) * gsize; i++)
+            zeros += mask[i] == 0;
+        layer_obs_options lo = {.sparsity = (double)zeros / (double)gsize, .block = 128,
+                                .damping = c->opt->layer_obs_damping, .cancel = c->cancel};
+        st = layer_obs_prune(w + g * gsize, mask + g * gsize, x + g * rows * v.cg, v.kg, v.cg,
+                             rows, &lo, &c->obs_damping, err);
+    }
+    c->layer_obs_rows_used = rows > c->layer_obs_rows_used ? rows : c->layer_obs_rows_used;
+    free(x);
+    free(sel);
+    return st;
+}
+
+/* Prunable layers in graph order (their nodes' topological order). */
+static void layer_order(int *order, const pipeline_ctx *c)
+{
+    for (int l = 0; l < c->n_prunable; l++) {
+        int j = l;
+        for (; j > 0 && c->g->params[c->prunable[order[j - 1]]].node >
+                            c->g->params[c->prunable[l]].node; j--)
+            order[j] = order[j - 1];
+        order[j] = l;
+    }
+}
+
+/* Layer OBS of every layer in graph order; sequential inputs come from the
+ * model with the earlier layers already pruned, dense inputs from the dense
+ * model (the pruned weights are written back at the end). */
+static top_status layer_obs_run(uint8_t **masks, pipeline_ctx *c, const float *imgs,
+                                top_error *err)
+{
+    size_t n = (size_t)c->n_prunable, n_img = c->calib.t.calib.count;
+    int seq = c->opt->layer_obs_sequential;
+    int *order = malloc(n * sizeof *order);
+    float **out = calloc(n, sizeof *out);
+    top_status st = (order && out) ? TOP_OK : top_error_set(err, TOP_ERR_NOMEM, "out of "
+                                                            "memory");
+    for (size_t l = 0; st == TOP_OK && l < n; l++) {
+        tensor *w = &c->g->params[c->prunable[l]].value;
+        out[l] = seq ? w->data : malloc(w->numel * sizeof(float));
+        if (!out[l])
+            st = top_error_set(err, TOP_ERR_NOMEM, "out of memory for a weight copy");
+        else if (!seq)
+            memcpy(out[l], w->data, w->numel * sizeof(float));
+    }
+    if (st == TOP_OK)
+        layer_order(order, c);
+    report_progress(c, "layer obs", 0, n);
+    for (size_t i = 0; st == TOP_OK && i < n; i++) {
+        st = layer_obs_layer(out[order[i]], masks[order[i]], c, order[i], imgs, n_img, err);
+        report_progress(c, "layer obs", i + 1, n);
+    }
+    for (size_t l = 0; st == TOP_OK && !seq && l < n; l++) {
+        tensor *w = &c->g->params[c->prunable[l]].value;
+        memcpy(w->data, out[l], w->numel * sizeof(float));
+    }
+    if (!seq)
+        layers_free((void **)out, (int)n);
+    else
+        free(out);
+    free(order);
+    return st;
+}
+
+static top_status layer_obs_stage(pipeline_ctx *c, double q, top_error *err)
+{
+    size_t n = (size_t)c->n_prunable;
+    uint8_t **masks = calloc(n, sizeof *masks);
+    float *imgs = NULL;
+    top_status st = masks ? TOP_OK : top_error_set(err, TOP_ERR_NOMEM, "out of memory");
+    for (size_t l = 0; st == TOP_OK && l < n; l++) {
+        masks[l] = malloc(c->g->params[c->prunable[l]].value.numel);
+        if (!masks[l])
+            st = top_error_set(err, TOP_ERR_NOMEM, "out of memory for the masks");
+    }
+    double t0 = now_s();
+    if (st == TOP_OK)
+        st = allocation_masks(masks, c, q, err);
+    c->timings[T_SALIENCY] += now_s() - t0;
+    t0 = now_s();
+    if (st == TOP_OK)
+        st = load_calibration(&imgs, c, err);
+    if (st == TOP_OK)
+        st = layer_obs_run(masks, c, imgs, err);
+    c->timings[T_UPDATE] += now_s() - t0;
+    free(imgs);
+    layers_free((void **)masks, (int)n);
     return st;
 }
 
@@ -896,7 +1337,7 @@ static top_status write_compressed(const pipeline_ctx *c, const char *path, top_
     char q[32];
     snprintf(q, sizeof q, "%.6g", c->opt->sparsity);
     const ckpt_metadata_entry meta[] = {
-        {"method", c->opt->method == PIPELINE_METHOD_OBD ? "obd" : "magnitude"},
+        {"method", pipeline_method_name(c->opt->method)},
         {"sparsity", q},
         {"source", c->opt->model_path},
     };
@@ -989,8 +1430,7 @@ static json_t *report_build(const pipeline_ctx *c)
     json_t *r = json_object();
     json_object_set_new(r, "model", json_string(o->model_path));
     json_object_set_new(r, "architecture", json_string(c->g->architecture));
-    json_object_set_new(r, "method", json_string(o->method == PIPELINE_METHOD_OBD ? "obd"
-                                                                              : "magnitude"));
+    json_object_set_new(r, "method", json_string(pipeline_method_name(o->method)));
     json_object_set_new(r, "feature_node", json_string(c->g->nodes[c->feature].name));
     json_object_set_new(r, "feature_dim", json_integer((json_int_t)c->dim));
     json_object_set_new(r, "sparsity_requested", json_real(o->sparsity));
@@ -1000,7 +1440,23 @@ static json_t *report_build(const pipeline_ctx *c)
     json_object_set_new(r, "prunable_weights", json_integer((json_int_t)count));
     json_object_set_new(r, "zero_weights", json_integer((json_int_t)zeros));
     json_object_set_new(r, "layers", layers);
-    if (o->method == PIPELINE_METHOD_OBD)
+    if (o->method == PIPELINE_METHOD_OBS)
+        json_object_set_new(r, "obs", json_pack("{s:I, s:b, s:I, s:I, s:i, s:I}",
+                            "block_size", (json_int_t)o->obs_block, "obs_update",
+                            o->obs_update, "memory_bytes", (json_int_t)c->obs_memory,
+                            "memory_budget_bytes", (json_int_t)o->obs_memory_budget,
+                            "cholesky_retries", c->obs_damping.retries, "blocks",
+                            (json_int_t)c->obs_damping.blocks));
+    if (o->method == PIPELINE_METHOD_LAYER_OBS)
+        json_object_set_new(r, "layer_obs", json_pack("{s:s, s:I, s:f, s:s, s:i, s:I, s:I}",
+                            "allocation", pipeline_allocation_name(o->allocation),
+                            "max_rows", (json_int_t)o->layer_obs_rows, "damping",
+                            o->layer_obs_damping, "inputs",
+                            o->layer_obs_sequential ? "sequential" : "dense",
+                            "cholesky_retries", c->obs_damping.retries, "hessians",
+                            (json_int_t)c->obs_damping.blocks, "rows_used",
+                            (json_int_t)c->layer_obs_rows_used));
+    if (o->method == PIPELINE_METHOD_OBD || o->method == PIPELINE_METHOD_OBS)
         json_object_set_new(r, "damping", json_pack("{s:s, s:f, s:f}", "mode",
                             o->damping_mode == PIPELINE_DAMPING_ABSOLUTE ? "absolute"
                                                                          : "relative",
@@ -1074,7 +1530,8 @@ static top_status run_stages(pipeline_ctx *c, top_error *err)
         double q = r == c->opt->rounds
                        ? c->opt->sparsity
                        : 1.0 - prune_schedule_density(1.0 - c->opt->sparsity, r, c->opt->rounds);
-        st = prune_stage(c, q, err);
+        st = c->opt->method == PIPELINE_METHOD_LAYER_OBS ? layer_obs_stage(c, q, err)
+                                                         : prune_stage(c, q, err);
     }
 
     t0 = now_s();

@@ -70,7 +70,19 @@
 typedef enum pipeline_method {
     PIPELINE_METHOD_MAGNITUDE,
     PIPELINE_METHOD_OBD,
+    PIPELINE_METHOD_OBS,        /* block OBS (WoodFisher) */
+    PIPELINE_METHOD_LAYER_OBS,  /* layer-wise OBS (SparseGPT style) */
 } pipeline_method;
+
+/* How layer_obs picks each layer's density. */
+typedef enum pipeline_allocation {
+    PIPELINE_ALLOC_MAGNITUDE,   /* densities of the global magnitude mask */
+    PIPELINE_ALLOC_OBD,         /* densities of the global obd mask */
+    PIPELINE_ALLOC_UNIFORM,     /* the requested sparsity in every layer */
+} pipeline_allocation;
+
+#define PIPELINE_OBS_BLOCK_MAX 1024
+#define PIPELINE_LAYER_OBS_ROWS_MAX 1048576
 
 typedef enum pipeline_damping {
     PIPELINE_DAMPING_RELATIVE,  /* lambda = damping * mean(F) over prunable weights */
@@ -110,12 +122,25 @@ typedef struct pipeline_options {
     pipeline_bn_mode bn_mode;       /* how the correction moves the statistics */
     int bn_passes;                  /* match_dense passes, 1..16 (default 1) */
     int batch_size;                 /* images per forward (not obd, which uses 1) */
+    size_t obs_block;               /* obs: weights per Fisher block, 1..1024 (64) */
+    int obs_update;                 /* obs: apply the OBS update to kept weights (1) */
+    size_t obs_memory_budget;       /* obs: bytes of gradients and work allowed (4 GiB) */
+    pipeline_allocation allocation; /* layer_obs: per-layer densities (magnitude) */
+    size_t layer_obs_rows;          /* layer_obs: calibration rows per layer, 16..2^20 */
+    double layer_obs_damping;       /* layer_obs: relative damping of H (0.01) */
+    int layer_obs_sequential;       /* layer_obs: inputs from the partly pruned model (1)
+                                       or from the dense model (0) */
     const char *out_dir;            /* NULL: no checkpoints */
 } pipeline_options;
 
 /* Fills the defaults: magnitude, q = 0.5, alpha 1.0, balanced, relative
  * damping 1e-3, BN recalibration automatic, batch 16, seed 0. */
 void pipeline_options_init(pipeline_options *opt);
+
+/* Static names: "magnitude", "obd", "obs", "layer_obs"; and "magnitude",
+ * "obd", "uniform". */
+const char *pipeline_method_name(pipeline_method m);
+const char *pipeline_allocation_name(pipeline_allocation a);
 
 /* Called at the start of every stage and after each batch: the stage name
  * ("dense features", "saliency", ...) and done out of total units. */

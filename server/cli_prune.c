@@ -18,17 +18,25 @@ static void prune_usage(FILE *out)
 {
     fprintf(out,
             "usage: topiary prune --model PATH --eval URI[,URI...] [--sparsity Q]\n"
-            "                     [--method magnitude|obd] [--calibration URI]\n"
+            "                     [--method magnitude|obd|obs|layer_obs] [--calibration URI]\n"
             "                     [--calibration-split N,HEADFIT] [--eval-split HEADFIT,EVAL]\n"
             "                     [--feature-node NAME] [--damping X | --damping-absolute X]\n"
             "                     [--scope global|per-layer] [--nm N:M] [--min-density D]\n"
             "                     [--rounds R] [--bn-correction match-dense|reestimate|none]\n"
             "                     [--bn-passes P] [--alpha A] [--batch B]\n"
+            "                     [--block-size B] [--no-obs-update] [--obs-memory MIB]\n"
+            "                     [--allocation magnitude|obd|uniform] [--layer-obs-rows N]\n"
+            "                     [--layer-obs-inputs sequential|dense]\n"
             "                     [--seed S] [--out DIR]\n\n"
             "Prunes the model's backbone to sparsity Q (default 0.5) and reports the\n"
             "zero-shot accuracy of ridge heads, fitted on the dense features, before and\n"
             "after pruning. URIs: idx:IMAGES,LABELS  folder:DIR  bundle:FILE\n"
-            "digits-grid:FILE. obd needs --calibration. With a calibration set the\n"
+            "digits-grid:FILE. obd, obs and layer_obs need --calibration. obs: block\n"
+            "OBS with Fisher blocks of B weights (default 64, 1..1024), the OBS update\n"
+            "of kept weights unless --no-obs-update, at most --obs-memory MiB (4096).\n"
+            "layer_obs: layer-wise OBS to the per-layer densities of a global\n"
+            "--allocation mask (default magnitude), from at most N input rows per\n"
+            "layer (default 4096). With a calibration set the\n"
             "batch norms are corrected after pruning (default match-dense: each BN\n"
             "input gets the dense model's mean and spread on the calibration images,\n"
             "in P passes, default 1). Defaults: calibration split 64,200,\n"
@@ -120,7 +128,8 @@ static void draw_progress(void *user, const char *stage, size_t done, size_t tot
 
 enum { OPT_CALIB_SPLIT = 256, OPT_EVAL_SPLIT, OPT_FEATURE, OPT_DAMPING, OPT_DAMPING_ABS,
        OPT_NO_BN, OPT_BN_CORRECTION, OPT_BN_PASSES, OPT_ALPHA, OPT_BATCH, OPT_SCOPE, OPT_NM,
-       OPT_MIN_DENSITY, OPT_ROUNDS };
+       OPT_MIN_DENSITY, OPT_ROUNDS, OPT_BLOCK, OPT_NO_UPDATE, OPT_OBS_MEMORY, OPT_ALLOCATION,
+       OPT_LOBS_ROWS, OPT_LOBS_INPUTS };
 
 static const struct option prune_options[] = {
     {"model", required_argument, NULL, 'm'},
@@ -142,15 +151,66 @@ static const struct option prune_options[] = {
     {"bn-passes", required_argument, NULL, OPT_BN_PASSES},
     {"alpha", required_argument, NULL, OPT_ALPHA},
     {"batch", required_argument, NULL, OPT_BATCH},
+    {"block-size", required_argument, NULL, OPT_BLOCK},
+    {"no-obs-update", no_argument, NULL, OPT_NO_UPDATE},
+    {"obs-memory", required_argument, NULL, OPT_OBS_MEMORY},
+    {"allocation", required_argument, NULL, OPT_ALLOCATION},
+    {"layer-obs-rows", required_argument, NULL, OPT_LOBS_ROWS},
+    {"layer-obs-inputs", required_argument, NULL, OPT_LOBS_INPUTS},
     {"seed", required_argument, NULL, 's'},
     {"out", required_argument, NULL, 'o'},
     {"help", no_argument, NULL, 'h'},
     {NULL, 0, NULL, 0},
 };
 
+/* Parses one obs or layer_obs option into o. Returns 0, 1 if c is not one of
+ * them, or the exit code for an invalid value. */
+static int parse_obs(pipeline_options *o, int c, const char *arg)
+{
+    size_t n;
+    const char *rest;
+    switch (c) {
+    case OPT_BLOCK:
+        if (parse_size(&n, arg, '\0', &rest) || n < 1 || n > PIPELINE_OBS_BLOCK_MAX)
+            return bad_option("--block-size", arg, "pass a block size from 1 to 1024");
+        o->obs_block = n;
+        return 0;
+    case OPT_NO_UPDATE: o->obs_update = 0; return 0;
+    case OPT_OBS_MEMORY:
+        if (parse_size(&n, arg, '\0', &rest) || n < 1 || n > ((size_t)1 << 30))
+            return bad_option("--obs-memory", arg, "pass a budget in MiB, such as 4096");
+        o->obs_memory_budget = n << 20;
+        return 0;
+    case OPT_ALLOCATION:
+        if (!strcmp(arg, "magnitude"))
+            o->allocation = PIPELINE_ALLOC_MAGNITUDE;
+        else if (!strcmp(arg, "obd"))
+            o->allocation = PIPELINE_ALLOC_OBD;
+        else if (!strcmp(arg, "uniform"))
+            o->allocation = PIPELINE_ALLOC_UNIFORM;
+        else
+            return bad_option("--allocation", arg, "use magnitude, obd or uniform");
+        return 0;
+    case OPT_LOBS_ROWS:
+        if (parse_size(&n, arg, '\0', &rest) || n < 16 || n > PIPELINE_LAYER_OBS_ROWS_MAX)
+            return bad_option("--layer-obs-rows", arg, "pass a row count from 16 to 1048576");
+        o->layer_obs_rows = n;
+        return 0;
+    case OPT_LOBS_INPUTS:
+        if (strcmp(arg, "sequential") && strcmp(arg, "dense"))
+            return bad_option("--layer-obs-inputs", arg, "use sequential or dense");
+        o->layer_obs_sequential = arg[0] == 's';
+        return 0;
+    default: return 1;
+    }
+}
+
 /* Parses one option into o. Returns 0, or the exit code for an invalid value. */
 static int parse_one(pipeline_options *o, int c, char *arg)
 {
+    int obs = parse_obs(o, c, arg);
+    if (obs != 1)
+        return obs;
     double v;
     size_t n;
     const char *rest;
@@ -204,9 +264,16 @@ static int parse_one(pipeline_options *o, int c, char *arg)
         o->sparsity = v;
         return 0;
     case 'M':
-        if (strcmp(arg, "magnitude") && strcmp(arg, "obd"))
-            return bad_option("--method", arg, "use magnitude or obd");
-        o->method = strcmp(arg, "obd") ? PIPELINE_METHOD_MAGNITUDE : PIPELINE_METHOD_OBD;
+        if (!strcmp(arg, "magnitude"))
+            o->method = PIPELINE_METHOD_MAGNITUDE;
+        else if (!strcmp(arg, "obd"))
+            o->method = PIPELINE_METHOD_OBD;
+        else if (!strcmp(arg, "obs"))
+            o->method = PIPELINE_METHOD_OBS;
+        else if (!strcmp(arg, "layer_obs"))
+            o->method = PIPELINE_METHOD_LAYER_OBS;
+        else
+            return bad_option("--method", arg, "use magnitude, obd, obs or layer_obs");
         return 0;
     case OPT_CALIB_SPLIT:
         if (parse_pair(&o->calib_count, &o->calib_fit_count, arg) || o->calib_count < 2 ||
@@ -272,8 +339,9 @@ int cli_prune(int argc, char **argv)
         return missing_option("--model", "pass the model folder or file to prune");
     if (o.n_eval == 0)
         return missing_option("--eval", "pass at least one evaluation data set URI");
-    if (o.method == PIPELINE_METHOD_OBD && !o.calib_uri)
-        return missing_option("--calibration", "--method obd needs a calibration data set");
+    if (o.method != PIPELINE_METHOD_MAGNITUDE && !o.calib_uri)
+        return missing_option("--calibration", "--method obd, obs and layer_obs need a "
+                              "calibration data set");
 
     progress_state ps = {.stage = NULL, .tty = isatty(2)};
     json_t *report = NULL;
