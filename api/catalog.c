@@ -463,10 +463,26 @@ struct MHD_Response *api_get_methods(api *a, http_request *req, api_call *call)
         "lambda added to the Fisher diagonal: damping * mean(F) (relative) or damping", "name",
         "damping_mode", "type", "string", "default", "relative", "enum", "relative", "absolute",
         "description", "how damping is applied");
+    json_t *obs_params = json_pack(
+        "[{s:s, s:s, s:i, s:i, s:i, s:s}, {s:s, s:s, s:b, s:s}]", "name", "block_size",
+        "type", "integer", "default", 64, "minimum", 1, "maximum", 1024, "description",
+        "consecutive weights per Fisher block", "name", "obs_update", "type", "boolean",
+        "default", 1, "description", "apply the OBS update to the kept weights of each block");
+    json_array_extend(obs_params, damping);
+    json_t *layer_params = json_pack(
+        "[{s:s, s:s, s:s, s:[s,s,s], s:s}]", "name", "allocation", "type", "string", "default",
+        "magnitude", "enum", "magnitude", "obd", "uniform", "description",
+        "per-layer densities: those of a global magnitude or obd mask, or uniform");
     json_t *methods = json_pack(
-        "{s:[{s:s, s:s, s:b, s:[]}, {s:s, s:s, s:b, s:o}]}", "methods", "name", "magnitude",
-        "saliency", "|w|", "needs_calibration", 0, "parameters", "name", "obd", "saliency",
+        "{s:[{s:s, s:s, s:b, s:[]}, {s:s, s:s, s:b, s:o}, {s:s, s:s, s:b, s:o}, "
+        "{s:s, s:s, s:b, s:o}]}",
+        "methods", "name", "magnitude", "saliency", "|w|", "needs_calibration", 0,
+        "parameters", "name", "obd", "saliency",
         "0.5 * w^2 * (F_ii + lambda), F_ii the empirical Fisher diagonal", "needs_calibration",
-        1, "parameters", damping);
+        1, "parameters", damping, "name", "obs", "saliency",
+        "w^2 / (2 [(F_B + lambda I)^-1]_ii) over blocks of B weights, then the OBS update",
+        "needs_calibration", 1, "parameters", obs_params, "name", "layer_obs", "saliency",
+        "layer-wise OBS (SparseGPT): H = 2 X^T X / n per layer, to the allocation's density",
+        "needs_calibration", 1, "parameters", layer_params);
     return api_json(req, 200, methods);
 }

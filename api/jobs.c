@@ -124,13 +124,53 @@ static int resolve_task(api *a, api_call *call, const json_t *v, const char *fie
     return rc;
 }
 
+/* The obs and layer_obs members of method_options, into out. A member of
+ * another method is refused so that a typo does not pass silently. */
+static int parse_obs_options(const json_t *mo, const char *method, json_t *out,
+                             api_invalid *bad)
+{
+    int obs = !strcmp(method, "obs"), layer = !strcmp(method, "layer_obs");
+    json_int_t block = 64;
+    const json_t *up = json_object_get(mo, "obs_update");
+    const json_t *al = json_object_get(mo, "allocation");
+    const json_t *bs = json_object_get(mo, "block_size");
+    if ((bs || up) && !obs)
+        return api_invalid_set(bad, 422, bs ? "method_options.block_size"
+                                            : "method_options.obs_update", bs ? bs : up,
+                               "drop it, or use method obs", "applies to method obs only");
+    if (al && !layer)
+        return api_invalid_set(bad, 422, "method_options.allocation", al,
+                               "drop it, or use method layer_obs",
+                               "applies to method layer_obs only");
+    if (int_member(mo, "block_size", "method_options.block_size", 1, 1024, &block, bad))
+        return -1;
+    if (up && !json_is_boolean(up))
+        return api_invalid_set(bad, 422, "method_options.obs_update", up,
+                               "pass true or false", "obs_update must be a boolean");
+    const char *alloc = al ? json_string_value(al) : "magnitude";
+    if (!alloc || (strcmp(alloc, "magnitude") && strcmp(alloc, "obd") &&
+                   strcmp(alloc, "uniform")))
+        return api_invalid_set(bad, 422, "method_options.allocation", al,
+                               "use magnitude, obd or uniform", "unknown allocation");
+    if (obs) {
+        json_object_set_new(out, "block_size", json_integer(block));
+        json_object_set_new(out, "obs_update", json_boolean(!up || json_is_true(up)));
+    }
+    if (layer)
+        json_object_set_new(out, "allocation", json_string(alloc));
+    return 0;
+}
+
 static int parse_method(const json_t *req, json_t *out, api_invalid *bad)
 {
-    static const char *const mo_members[] = {"damping", "damping_mode", NULL};
+    static const char *const mo_members[] = {"damping",    "damping_mode", "block_size",
+                                             "obs_update", "allocation",   NULL};
     const json_t *v = json_object_get(req, "method");
     const char *method = v ? json_string_value(v) : "magnitude";
-    if (!method || (strcmp(method, "magnitude") && strcmp(method, "obd")))
-        return api_invalid_set(bad, 422, "method", v, "use magnitude or obd (GET /v1/methods)",
+    if (!method || (strcmp(method, "magnitude") && strcmp(method, "obd") &&
+                    strcmp(method, "obs") && strcmp(method, "layer_obs")))
+        return api_invalid_set(bad, 422, "method", v,
+                               "use magnitude, obd, obs or layer_obs (GET /v1/methods)",
                                "unknown pruning method");
     json_object_set_new(out, "method", json_string(method));
 
@@ -151,9 +191,9 @@ static int parse_method(const json_t *req, json_t *out, api_invalid *bad)
     if (!m || (strcmp(m, "relative") && strcmp(m, "absolute")))
         return api_invalid_set(bad, 422, "method_options.damping_mode", mode,
                                "use relative or absolute", "unknown damping mode");
-    json_object_set_new(out, "method_options",
-                        json_pack("{s:f, s:s}", "damping", damping, "damping_mode", m));
-    return 0;
+    json_t *opts = json_pack("{s:f, s:s}", "damping", damping, "damping_mode", m);
+    json_object_set_new(out, "method_options", opts);
+    return parse_obs_options(mo, method, opts, bad);
 }
 
 static int parse_calibration(api *a, api_call *call, const json_t *req, json_t *out,
@@ -164,10 +204,11 @@ static int parse_calibration(api *a, api_call *call, const json_t *req, json_t *
     if (object_member(req, "calibration", &c, bad))
         return -1;
     if (!c) {
-        if (!strcmp(json_string_value(json_object_get(out, "method")), "obd"))
+        const char *method = json_string_value(json_object_get(out, "method"));
+        if (strcmp(method, "magnitude"))
             return api_invalid_set(bad, 422, "calibration", NULL,
                                    "add calibration.task, or use method magnitude",
-                                   "method obd needs a calibration task");
+                                   "method %s needs a calibration task", method);
         json_object_set_new(out, "calibration", json_null());
         json_object_set_new(resolved, "calibration_uri", json_null());
         return 0;

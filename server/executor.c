@@ -194,10 +194,29 @@ static top_status options_from_method(pipeline_options *opt, const json_t *reque
                                       top_error *err)
 {
     const char *method = json_str(request, "method");
-    if (!method || (strcmp(method, "magnitude") && strcmp(method, "obd")))
+    if (!method)
         return bad_member(err, "method");
-    opt->method = strcmp(method, "obd") ? PIPELINE_METHOD_MAGNITUDE : PIPELINE_METHOD_OBD;
+    if (!strcmp(method, "magnitude"))
+        opt->method = PIPELINE_METHOD_MAGNITUDE;
+    else if (!strcmp(method, "obd"))
+        opt->method = PIPELINE_METHOD_OBD;
+    else if (!strcmp(method, "obs"))
+        opt->method = PIPELINE_METHOD_OBS;
+    else if (!strcmp(method, "layer_obs"))
+        opt->method = PIPELINE_METHOD_LAYER_OBS;
+    else
+        return bad_member(err, "method");
     const json_t *mo = json_object_get(request, "method_options");
+    const json_t *v;
+    if (json_is_integer(v = json_object_get(mo, "block_size")))
+        opt->obs_block = (size_t)json_integer_value(v);
+    if (json_is_boolean(v = json_object_get(mo, "obs_update")))
+        opt->obs_update = json_is_true(v);
+    const char *alloc = json_str(mo, "allocation");
+    if (alloc)
+        opt->allocation = !strcmp(alloc, "obd")       ? PIPELINE_ALLOC_OBD
+                          : !strcmp(alloc, "uniform") ? PIPELINE_ALLOC_UNIFORM
+                                                      : PIPELINE_ALLOC_MAGNITUDE;
     const json_t *damping = json_object_get(mo, "damping");
     if (json_is_number(damping))
         opt->damping = json_number_value(damping);

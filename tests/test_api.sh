@@ -165,6 +165,8 @@ req PUT '/v1/models/bad%20name/content' --data-binary 'x'
 check "invalid upload name is 422" eq "$code" 422
 req GET /v1/methods
 check "methods list obd with damping" has "$tmp/body" '"name":"obd".*"damping"'
+check "methods list obs with block_size" has "$tmp/body" '"name":"obs".*"block_size".*"maximum":1024'
+check "methods list layer_obs with allocation" has "$tmp/body" '"name":"layer_obs".*"allocation"'
 
 # ---- bad requests ---------------------------------------------------------------
 good_eval='"evaluation":{"tasks":["digits"],"head_fit_images":20,"images":20}'
@@ -208,6 +210,15 @@ POST|/v1/jobs|application/json|{"model":"$model","sparsity":0.5,$good_eval,"mask
 POST|/v1/jobs|application/json|{"model":"$model","sparsity":0.5,$good_eval,"options":{"bn_correction":"always"}}|422|options.bn_correction
 POST|/v1/jobs|application/json|{"model":"$model","sparsity":0.5,$good_eval,"options":{"bn_passes":0}}|422|options.bn_passes
 POST|/v1/jobs|application/json|{"model":"$model","sparsity":0.5,$good_eval,"method_options":{"lambda":1}}|400|method_options.lambda
+POST|/v1/jobs|application/json|{"model":"$model","sparsity":0.5,"method":"obs",$good_eval}|422|calibration
+POST|/v1/jobs|application/json|{"model":"$model","sparsity":0.5,"method":"layer_obs",$good_eval}|422|calibration
+POST|/v1/jobs|application/json|{"model":"$model","sparsity":0.5,"method":"obs",$good_eval,"method_options":{"block_size":0}}|422|method_options.block_size
+POST|/v1/jobs|application/json|{"model":"$model","sparsity":0.5,"method":"obs",$good_eval,"method_options":{"block_size":2048}}|422|method_options.block_size
+POST|/v1/jobs|application/json|{"model":"$model","sparsity":0.5,"method":"obs",$good_eval,"method_options":{"block_size":"64"}}|422|method_options.block_size
+POST|/v1/jobs|application/json|{"model":"$model","sparsity":0.5,"method":"obs",$good_eval,"method_options":{"obs_update":"yes"}}|422|method_options.obs_update
+POST|/v1/jobs|application/json|{"model":"$model","sparsity":0.5,"method":"layer_obs",$good_eval,"method_options":{"allocation":"random"}}|422|method_options.allocation
+POST|/v1/jobs|application/json|{"model":"$model","sparsity":0.5,"method":"obs",$good_eval,"method_options":{"allocation":"obd"}}|422|method_options.allocation
+POST|/v1/jobs|application/json|{"model":"$model","sparsity":0.5,$good_eval,"method_options":{"block_size":64}}|422|method_options.block_size
 POST|/v1/jobs|application/json|$big|413|-
 POST|/v1/tasks|application/json|{"uri":"ftp://example"}|422|uri
 GET|/v1/jobs?status=done|||400|status
