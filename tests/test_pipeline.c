@@ -16,6 +16,7 @@
 #include <unistd.h>
 
 #include "checkpoint.h"
+#include "dataset.h"
 #include "model.h"
 #include "pipeline.h"
 #include "safetensors.h"
@@ -104,10 +105,13 @@ static void check_report_fields(const json_t *r, size_t n_tasks)
 
 /*
  * Checks against a freshly loaded dense model that every prunable weight is
- * either unchanged or exactly 0, the zero counts match the report per layer, the total pruned is
- * round(q * total) within one per layer, and no other weight changed.
+ * either unchanged or exactly 0 (unless allow_updates), the zero counts match
+ * the report per layer, the total pruned is round(q * total) within one per
+ * layer, and no other weight changed. Returns the number of prunable weights
+ * changed to another nonzero value.
  */
-static void check_pruned_tensors(const graph *pruned, const json_t *r, double q)
+static size_t check_pruned_tensors(const graph *pruned, const json_t *r, double q,
+                                   int allow_updates)
 {
     graph *dense = NULL;
     top_error err;
@@ -115,9 +119,9 @@ static void check_pruned_tensors(const graph *pruned, const json_t *r, double q)
     CHECK_MSG(model_load(&dense, json_string_value(json_object_get(r, "model")), &err) ==
               TOP_OK, "reload: %s", err.message);
     if (!dense)
-        return;
+        return 0;
     const json_t *layers = json_object_get(r, "layers");
-    size_t zeros = 0, total = 0, l;
+    size_t zeros = 0, total = 0, l, all_changed = 0;
     const json_t *layer;
     uint8_t *is_layer = calloc((size_t)pruned->n_params, 1);
     json_array_foreach(layers, l, layer) {
@@ -135,8 +139,9 @@ static void check_pruned_tensors(const graph *pruned, const json_t *r, double q)
                        memcmp(&w->data[i], &(float){0.0f}, 4) != 0;
         }
         CHECK_INT_EQ(z, json_integer_value(json_object_get(layer, "zeros")));
-        CHECK_MSG(changed == 0, "layer %zu: %zu weights changed to a nonzero value", l,
-                  changed);
+        CHECK_MSG(allow_updates || changed == 0, "layer %zu: %zu weights changed to a "
+                  "nonzero value", l, changed);
+        all_changed += changed;
         zeros += z;
         total += w->numel;
     }
@@ -154,6 +159,7 @@ static void check_pruned_tensors(const graph *pruned, const json_t *r, double q)
     }
     free(is_layer);
     graph_free(dense);
+    return all_changed;
 }
 
 /* Checks that the compressed checkpoint decodes bit for bit to the pruned graph. */
@@ -238,7 +244,7 @@ static void test_magnitude_with_checkpoints(void)
     print_report(r);
     check_report_fields(r, 2);
     CHECK(json_is_true(json_object_get(json_object_get(r, "bn_recalibration"), "ran")));
-    check_pruned_tensors(g, r, o.sparsity);
+    check_pruned_tensors(g, r, o.sparsity, 0);
     snprintf(path, sizeof path, "%s/compressed.safetensors", dir);
     check_compressed(g, path);
     unlink(path);
@@ -269,8 +275,183 @@ static void test_obd(void)
     check_report_fields(r, 1);
     double lambda = json_real_value(json_object_get(json_object_get(r, "damping"), "lambda"));
     CHECK_MSG(lambda > 0 && isfinite(lambda), "obd damping lambda %g", lambda);
-    check_pruned_tensors(g, r, o.sparsity);
+    check_pruned_tensors(g, r, o.sparsity, 0);
     json_decref(r);
+    graph_free(g);
+}
+
+/* Small sizes for the second-order methods: 16 calibration images, 60 + 40
+ * evaluation images, one task. */
+static void make_small_options(pipeline_options *o, char bufs[4][1024], pipeline_method m)
+{
+    make_options(o, bufs);
+    o->method = m;
+    o->n_eval = 1;
+    o->calib_count = 16;
+    o->calib_fit_count = 60;
+    o->eval_fit_count = 60;
+    o->eval_count = 40;
+}
+
+/* Runs obs with the update on or off; returns the weights it moved. */
+static size_t run_obs(int update, size_t block)
+{
+    char bufs[4][1024];
+    pipeline_options o;
+    make_small_options(&o, bufs, PIPELINE_METHOD_OBS);
+    o.obs_update = update;
+    o.obs_block = block;
+    json_t *r = NULL;
+    graph *g = NULL;
+    top_error err;
+    top_error_clear(&err);
+    top_status st = pipeline_run(&r, &g, &o, NULL, NULL, NULL, &err);
+    CHECK_MSG(st == TOP_OK, "obs pipeline: %s", err.message);
+    if (st != TOP_OK)
+        return 0;
+    print_report(r);
+    check_report_fields(r, 1);
+    CHECK_MSG(!strcmp(json_string_value(json_object_get(r, "method")) ? json_string_value(json_object_get(r, "method")) : "", "obs"), "method is not obs");
+    const json_t *obs = json_object_get(r, "obs");
+    CHECK_INT_EQ(json_integer_value(json_object_get(obs, "block_size")), block);
+    CHECK_INT_EQ(json_is_true(json_object_get(obs, "obs_update")), update);
+    CHECK(json_integer_value(json_object_get(obs, "cholesky_retries")) >= 0);
+    CHECK(json_integer_value(json_object_get(obs, "memory_bytes")) > 0);
+    size_t changed = check_pruned_tensors(g, r, o.sparsity, 1);
+    json_decref(r);
+    graph_free(g);
+    return changed;
+}
+
+static void test_obs(void)
+{
+    size_t on = run_obs(1, 64), off = run_obs(0, 32);
+    CHECK_MSG(on > 0, "the OBS update changed no kept weight");
+    CHECK_MSG(off == 0, "without the update %zu kept weights changed", off);
+}
+
+static void test_layer_obs(void)
+{
+    char bufs[4][1024];
+    pipeline_options o;
+    make_small_options(&o, bufs, PIPELINE_METHOD_LAYER_OBS);
+    o.layer_obs_rows = 1024;
+    json_t *r = NULL;
+    graph *g = NULL;
+    top_error err;
+    top_error_clear(&err);
+    top_status st = pipeline_run(&r, &g, &o, NULL, NULL, NULL, &err);
+    CHECK_MSG(st == TOP_OK, "layer_obs pipeline: %s", err.message);
+    if (st != TOP_OK)
+        return;
+    print_report(r);
+    check_report_fields(r, 1);
+    CHECK_MSG(!strcmp(json_string_value(json_object_get(r, "method")) ? json_string_value(json_object_get(r, "method")) : "", "layer_obs"), "method is not layer_obs");
+    const json_t *lo = json_object_get(r, "layer_obs");
+    CHECK_MSG(!strcmp(json_string_value(json_object_get(lo, "allocation")) ? json_string_value(json_object_get(lo, "allocation")) : "", "magnitude"), "allocation is not magnitude");
+    CHECK_MSG(!strcmp(json_string_value(json_object_get(lo, "inputs")) ? json_string_value(json_object_get(lo, "inputs")) : "", "sequential"), "inputs is not sequential");
+    CHECK_INT_EQ(json_integer_value(json_object_get(lo, "rows_used")), 1024);
+    CHECK(check_pruned_tensors(g, r, o.sparsity, 1) > 0);
+    json_decref(r);
+    graph_free(g);
+}
+
+/* Forwards 8 Fashion-MNIST images through the dense model and returns the
+ * input rows of the first 1x1 conv with at least 64 input channels:
+ * x: (n, C), n = 8 * H * W thinned to at most 2048 rows. */
+static float *pointwise_inputs(graph *g, int *node, size_t *n, size_t *cols)
+{
+    char bufs[4][1024];
+    pipeline_options o;
+    make_options(&o, bufs);
+    dataset *ds = NULL;
+    task t;
+    top_error err;
+    top_error_clear(&err);
+    task_spec spec = {.calib_per_class = 1, .fit_per_class = 1, .eval_per_class = 1};
+    CHECK_MSG(dataset_open(&ds, o.calib_uri, NULL, &err) == TOP_OK, "%s", err.message);
+    CHECK_MSG(ds && task_make(&t, ds, NULL, &spec, &err) == TOP_OK, "%s", err.message);
+    t.calib.count = 8;
+    batch_iter *it = NULL;
+    const batch *b = NULL;
+    CHECK(batch_iter_new(&it, &t.calib, &g->preprocess, 8, &err) == TOP_OK);
+    CHECK(batch_iter_next(it, &b, &err) == TOP_OK && b->n == 8);
+    CHECK(graph_forward(g, b->x, b->n, GRAPH_MODE_INFERENCE, &err) == TOP_OK);
+    batch_iter_free(it);
+    *node = -1;
+    for (int i = 0; i < g->n_nodes && *node < 0; i++) {
+        const conv2d_shape *cv = &g->nodes[i].attrs.conv;
+        if (g->nodes[i].op == OP_CONV2D && cv->r == 1 && cv->s == 1 && cv->groups == 1 &&
+            cv->c >= 64)
+            *node = i;
+    }
+    CHECK(*node >= 0);
+    const conv2d_shape *cv = &g->nodes[*node].attrs.conv;
+    size_t hw = (size_t)cv->h * (size_t)cv->w, all = 8 * hw, step = all / 2048 + 1;
+    const float *in = graph_node_output(g, g->nodes[*node].inputs[0]);
+    *cols = (size_t)cv->c;
+    *n = (all + step - 1) / step;
+    float *x = malloc(*n * *cols * sizeof *x);
+    for (size_t k = 0; k < *n; k++) {
+        size_t img = k * step / hw, pos = k * step % hw;
+        for (size_t ch = 0; ch < *cols; ch++)
+            x[k * *cols + ch] = in[(img * *cols + ch) * hw + pos];
+    }
+    task_free(&t);
+    dataset_close(ds);
+    return x;
+}
+
+/* On real MobileNetV2 activations, layer OBS reconstructs the layer output
+ * better than magnitude pruning at the same density. */
+static void test_layer_obs_beats_magnitude(void)
+{
+    char bufs[4][1024];
+    pipeline_options o;
+    make_options(&o, bufs);
+    graph *g = NULL;
+    top_error err;
+    top_error_clear(&err);
+    CHECK_MSG(model_load(&g, o.model_path, &err) == TOP_OK, "%s", err.message);
+    if (!g)
+        return;
+    int node;
+    size_t n, cols;
+    float *x = pointwise_inputs(g, &node, &n, &cols);
+    const tensor *w = &g->params[g->nodes[node].params[PARAM_WEIGHT]].value;
+    size_t rows = w->numel / cols;
+    float *w_obs = malloc(w->numel * 4), *w_mag = malloc(w->numel * 4), *sc = malloc(w->numel * 4);
+    uint8_t *mask = malloc(w->numel);
+    memcpy(w_obs, w->data, w->numel * 4);
+    memcpy(w_mag, w->data, w->numel * 4);
+    layer_obs_options lo = {.sparsity = 0.5, .block = 128, .damping = 0.01};
+    CHECK_MSG(layer_obs_prune(w_obs, mask, x, rows, cols, n, &lo, NULL, &err) == TOP_OK, "%s",
+              err.message);
+    prune_saliency_magnitude(sc, w->data, w->numel);
+    prune_layer pl = {sc, mask, w->numel, cols};
+    prune_mask_options mo = {.sparsity = 0.5, .scope = PRUNE_SCOPE_PER_LAYER};
+    CHECK(prune_mask_compute(&pl, 1, &mo, &err) == TOP_OK);
+    size_t z_obs = 0, z_mag = 0;
+    for (size_t i = 0; i < w->numel; i++) {
+        w_mag[i] = mask[i] ? w_mag[i] : 0.0f;
+        z_mag += w_mag[i] == 0.0f;
+        z_obs += w_obs[i] == 0.0f;
+    }
+    CHECK_MSG(z_obs + 1 >= z_mag && z_obs <= z_mag + 1, "zeros %zu vs %zu", z_obs, z_mag);
+    double e_obs = -1, e_mag = -1;
+    CHECK(layer_obs_reconstruction_error(&e_obs, w->data, w_obs, x, rows, cols, n, &err) ==
+          TOP_OK);
+    CHECK(layer_obs_reconstruction_error(&e_mag, w->data, w_mag, x, rows, cols, n, &err) ==
+          TOP_OK);
+    printf("  layer %s (%zu x %zu, %zu rows): error layer_obs %.4g, magnitude %.4g\n",
+           g->nodes[node].name, rows, cols, n, e_obs, e_mag);
+    CHECK_MSG(e_obs >= 0 && e_obs < e_mag, "layer_obs error %g is not below magnitude %g",
+              e_obs, e_mag);
+    free(x);
+    free(w_obs);
+    free(w_mag);
+    free(sc);
+    free(mask);
     graph_free(g);
 }
 
@@ -311,9 +492,9 @@ static void test_bn_match_dense_identity(void)
             moved += fabsf(a[k] - b[k]) > 1e-4f * (1.0f + fabsf(b[k]));
     }
     CHECK_INT_EQ(moved, 0);
-    json_t *task = json_array_get(json_object_get(r, "tasks"), 0);
-    CHECK_CLOSE(json_real_value(json_object_get(task, "pruned_accuracy")),
-                json_real_value(json_object_get(task, "dense_accuracy")), 1e-9);
+    json_t *task0 = json_array_get(json_object_get(r, "tasks"), 0);
+    CHECK_CLOSE(json_real_value(json_object_get(task0, "pruned_accuracy")),
+                json_real_value(json_object_get(task0, "dense_accuracy")), 1e-9);
     json_decref(r);
     graph_free(g);
     graph_free(dense);
@@ -358,7 +539,7 @@ static void test_nm_mask(void)
             }
     }
     CHECK_INT_EQ(bad_groups, 0);
-    check_pruned_tensors(g, r, o.sparsity);
+    check_pruned_tensors(g, r, o.sparsity, 0);
     json_decref(r);
     graph_free(g);
 }
@@ -399,6 +580,25 @@ static void test_invalid_options(void)
     top_error_clear(&err);
     CHECK_INT_EQ(pipeline_run(&r, NULL, &o, NULL, NULL, NULL, &err), TOP_ERR_INVALID);
     CHECK(strstr(err.message, "0.8") != NULL);
+
+    make_options(&o, bufs);
+    o.method = PIPELINE_METHOD_OBS;
+    o.obs_block = 2048;
+    top_error_clear(&err);
+    CHECK_INT_EQ(pipeline_run(&r, NULL, &o, NULL, NULL, NULL, &err), TOP_ERR_INVALID);
+    CHECK(strstr(err.message, "block size 2048") != NULL);
+    make_options(&o, bufs);
+    o.method = PIPELINE_METHOD_LAYER_OBS;
+    o.rounds = 2;
+    top_error_clear(&err);
+    CHECK_INT_EQ(pipeline_run(&r, NULL, &o, NULL, NULL, NULL, &err), TOP_ERR_INVALID);
+    CHECK(strstr(err.message, "layer_obs") != NULL);
+    make_small_options(&o, bufs, PIPELINE_METHOD_OBS);
+    o.obs_memory_budget = (size_t)1 << 20; /* far below 16 x 2.2M gradients */
+    top_error_clear(&err);
+    CHECK_INT_EQ(pipeline_run(&r, NULL, &o, NULL, NULL, NULL, &err), TOP_ERR_LIMIT);
+    CHECK(strstr(err.message, "block size") != NULL);
+    CHECK(r == NULL);
 }
 
 static void cancel_at_dense(void *user, const char *stage, size_t done, size_t total)
@@ -429,6 +629,9 @@ int main(void)
     TEST_RUN(test_cancel);
     TEST_RUN(test_magnitude_with_checkpoints);
     TEST_RUN(test_obd);
+    TEST_RUN(test_obs);
+    TEST_RUN(test_layer_obs);
+    TEST_RUN(test_layer_obs_beats_magnitude);
     TEST_RUN(test_bn_match_dense_identity);
     TEST_RUN(test_nm_mask);
     return TEST_FINISH();
