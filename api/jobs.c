@@ -125,7 +125,7 @@ static int resolve_task(api *a, api_call *call, const json_t *v, const char *fie
 }
 
 /* The obs and layer_obs members of method_options, into out. A member of
- * another method is refused so that a typo does not pass silently. */
+ * another method is rejected so that a typo does not pass silently. */
 static int parse_obs_options(const json_t *mo, const char *method, json_t *out,
                              api_invalid *bad)
 {
