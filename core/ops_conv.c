@@ -16,12 +16,13 @@
  * - everything else: im2col of a tile of output rows of one image and group
  *   into the workspace, then sgemm. The backward pass reuses the tile for
  *   dW += dy * col^T and then for dcol = W^T * dy, which col2im adds into dx.
- * The sgemm paths split the images of a batch over OpenMP threads, each with
- * its own column tile (and, backward, a dW partial sum per chunk of images,
- * added in a fixed order), and run OpenBLAS on one thread meanwhile
- * (openblas_set_num_threads, restored afterwards): OpenBLAS workers spinning
- * next to OpenMP workers on the same cores cost more than they gain on these
- * per-image products. A batch of one image keeps the OpenBLAS threads.
+ * The sgemm paths split the images of a batch over OpenMP threads. Each
+ * thread has its own column tile, and the backward pass keeps one dW partial
+ * sum per chunk of images, added in a fixed order. OpenBLAS runs on one thread
+ * meanwhile (openblas_set_num_threads, restored afterwards), because OpenBLAS
+ * workers spinning next to OpenMP workers on the same cores cost more than
+ * they gain on these per-image products. A batch of one image keeps the
+ * OpenBLAS threads.
  *
  * Layout: float32, NCHW row-major; conv weights (K, C/G, R, S).
  * Accumulation in double: batch-norm statistics and gradient sums, pooling
