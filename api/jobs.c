@@ -17,6 +17,7 @@
 #include <unistd.h>
 
 #include "api_internal.h"
+#include "job_cache.h"
 #include "log.h"
 #include "pipeline.h"
 
@@ -481,6 +482,23 @@ json_t *api_job_view(const json_t *job)
     return v;
 }
 
+/* A 200 response with a rendered JSON body, which the response takes over
+ * (malloc'ed); the same headers as api_json. */
+static struct MHD_Response *json_text_response(http_request *req, char *text, size_t len)
+{
+    struct MHD_Response *resp =
+        MHD_create_response_from_buffer(len, text, MHD_RESPMEM_MUST_FREE);
+    if (!resp) {
+        free(text);
+        return NULL;
+    }
+    MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, "application/json");
+    MHD_add_response_header(resp, MHD_HTTP_HEADER_CACHE_CONTROL, "no-store");
+    req->status = 200;
+    req->bytes = len;
+    return resp;
+}
+
 static struct MHD_Response *job_response(http_request *req, unsigned status, const json_t *job)
 {
     struct MHD_Response *resp = api_json(req, status, api_job_view(job));
@@ -646,10 +664,29 @@ struct MHD_Response *api_get_job(api *a, http_request *req, api_call *call)
     top_error err;
     top_error_clear(&err);
     json_t *job = NULL;
+    char *text = NULL;
+    size_t len = 0;
+    if (job_cache_get(call->params[0], &text, &len))
+        return json_text_response(req, text, len);
     store *db = api_store(a, call, &err);
     if (!db || store_job_get(db, call->params[0], &job, &err) != TOP_OK)
         return api_problem_from_error(req, &err);
-    struct MHD_Response *resp = job_response(req, 200, job);
+    const char *status = json_string_value(json_object_get(job, "status"));
+    struct MHD_Response *resp = NULL;
+    if (status && (!strcmp(status, "succeeded") || !strcmp(status, "failed") ||
+                   !strcmp(status, "cancelled"))) {
+        /* A finished job never changes until it is deleted, so its body is cached. */
+        json_t *view = api_job_view(job);
+        text = view ? json_dumps(view, JSON_COMPACT | JSON_PRESERVE_ORDER) : NULL;
+        json_decref(view);
+        if (text) {
+            len = strlen(text);
+            job_cache_put(call->params[0], text, len);
+            resp = json_text_response(req, text, len);
+        }
+    } else {
+        resp = job_response(req, 200, job);
+    }
     json_decref(job);
     return resp;
 }
@@ -682,6 +719,7 @@ struct MHD_Response *api_delete_job(api *a, http_request *req, api_call *call)
     store *db = api_store(a, call, &err);
     if (!db || store_job_delete(db, call->params[0], &paths, &err) != TOP_OK)
         return api_problem_from_error(req, &err);
+    job_cache_drop(call->params[0]);
     for (size_t i = 0; i < json_array_size(paths); i++) {
         const char *p = json_string_value(json_array_get(paths, i));
         if (p && unlink(p) != 0)
