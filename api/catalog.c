@@ -464,20 +464,20 @@ struct MHD_Response *api_get_methods(api *a, http_request *req, api_call *call)
         "damping_mode", "type", "string", "default", "relative", "enum", "relative", "absolute",
         "description", "how damping is applied");
     json_t *obs_params = json_pack(
-        "[{s:s, s:s, s:i, s:i, s:i, s:s}, {s:s, s:s, s:b, s:s}]", "name", "block_size",
-        "type", "integer", "default", 64, "minimum", 1, "maximum", 1024, "description",
+        "[{s:s, s:s, s:i, s:i, s:i, s:s}, {s:s, s:s, s:b, s:s}]", "name", "block_size", "type",
+        "integer", "default", 64, "minimum", 1, "maximum", 1024, "description",
         "consecutive weights per Fisher block", "name", "obs_update", "type", "boolean",
         "default", 1, "description", "apply the OBS update to the kept weights of each block");
     json_array_extend(obs_params, damping);
-    json_t *layer_params = json_pack(
-        "[{s:s, s:s, s:s, s:[s,s,s], s:s}]", "name", "allocation", "type", "string", "default",
-        "magnitude", "enum", "magnitude", "obd", "uniform", "description",
-        "per-layer densities: those of a global magnitude or obd mask, or uniform");
+    json_t *layer_params =
+        json_pack("[{s:s, s:s, s:s, s:[s,s,s], s:s}]", "name", "allocation", "type", "string",
+                  "default", "magnitude", "enum", "magnitude", "obd", "uniform", "description",
+                  "per-layer densities: those of a global magnitude or obd mask, or uniform");
     json_t *methods = json_pack(
         "{s:[{s:s, s:s, s:b, s:[]}, {s:s, s:s, s:b, s:o}, {s:s, s:s, s:b, s:o}, "
         "{s:s, s:s, s:b, s:o}]}",
-        "methods", "name", "magnitude", "saliency", "|w|", "needs_calibration", 0,
-        "parameters", "name", "obd", "saliency",
+        "methods", "name", "magnitude", "saliency", "|w|", "needs_calibration", 0, "parameters",
+        "name", "obd", "saliency",
         "0.5 * w^2 * (F_ii + lambda), F_ii the empirical Fisher diagonal", "needs_calibration",
         1, "parameters", damping, "name", "obs", "saliency",
         "w^2 / (2 [(F_B + lambda I)^-1]_ii) over blocks of B weights, then the OBS update",

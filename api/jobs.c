@@ -136,9 +136,9 @@ static int parse_obs_options(const json_t *mo, const char *method, json_t *out,
     const json_t *al = json_object_get(mo, "allocation");
     const json_t *bs = json_object_get(mo, "block_size");
     if ((bs || up) && !obs)
-        return api_invalid_set(bad, 422, bs ? "method_options.block_size"
-                                            : "method_options.obs_update", bs ? bs : up,
-                               "drop it, or use method obs", "applies to method obs only");
+        return api_invalid_set(
+            bad, 422, bs ? "method_options.block_size" : "method_options.obs_update",
+            bs ? bs : up, "drop it, or use method obs", "applies to method obs only");
     if (al && !layer)
         return api_invalid_set(bad, 422, "method_options.allocation", al,
                                "drop it, or use method layer_obs",
@@ -146,11 +146,11 @@ static int parse_obs_options(const json_t *mo, const char *method, json_t *out,
     if (int_member(mo, "block_size", "method_options.block_size", 1, 1024, &block, bad))
         return -1;
     if (up && !json_is_boolean(up))
-        return api_invalid_set(bad, 422, "method_options.obs_update", up,
-                               "pass true or false", "obs_update must be a boolean");
+        return api_invalid_set(bad, 422, "method_options.obs_update", up, "pass true or false",
+                               "obs_update must be a boolean");
     const char *alloc = al ? json_string_value(al) : "magnitude";
-    if (!alloc || (strcmp(alloc, "magnitude") && strcmp(alloc, "obd") &&
-                   strcmp(alloc, "uniform")))
+    if (!alloc ||
+        (strcmp(alloc, "magnitude") && strcmp(alloc, "obd") && strcmp(alloc, "uniform")))
         return api_invalid_set(bad, 422, "method_options.allocation", al,
                                "use magnitude, obd or uniform", "unknown allocation");
     if (obs) {
@@ -344,20 +344,19 @@ static int parse_mask(const json_t *req, json_t *out, api_invalid *bad)
         return api_invalid_set(bad, 422, "mask.rounds", json_object_get(m, "rounds"),
                                "use one round with an N:M granularity",
                                "rounds must be 1 with N:M");
-    json_object_set_new(out, "mask",
-                        json_pack("{s:s, s:s, s:f, s:I}", "scope",
-                                  scope ? json_string_value(scope) : "global", "granularity",
-                                  gran ? json_string_value(gran) : "unstructured",
-                                  "min_density", md ? json_number_value(md) : 0.0, "rounds",
-                                  rounds));
+    json_object_set_new(
+        out, "mask",
+        json_pack("{s:s, s:s, s:f, s:I}", "scope", scope ? json_string_value(scope) : "global",
+                  "granularity", gran ? json_string_value(gran) : "unstructured", "min_density",
+                  md ? json_number_value(md) : 0.0, "rounds", rounds));
     return 0;
 }
 
 static int parse_options(const json_t *req, json_t *out, api_invalid *bad)
 {
-    static const char *const members[] = {"seed",          "ridge_alpha",  "batch_size",
-                                          "bn_recalibration", "bn_correction", "bn_passes",
-                                          "feature_node",  NULL};
+    static const char *const members[] = {
+        "seed",          "ridge_alpha", "batch_size",   "bn_recalibration",
+        "bn_correction", "bn_passes",   "feature_node", NULL};
     const json_t *o;
     if (object_member(req, "options", &o, bad) ||
         (o && api_check_members(o, "options.", members, bad)))
@@ -394,9 +393,8 @@ static int parse_options(const json_t *req, json_t *out, api_invalid *bad)
                         json_pack("{s:I, s:f, s:I, s:O, s:O, s:I, s:O}", "seed", seed,
                                   "ridge_alpha", alpha ? json_number_value(alpha) : 1.0,
                                   "batch_size", batch, "bn_recalibration",
-                                  bn ? bn : json_null(), "bn_correction",
-                                  bc ? bc : json_null(), "bn_passes", passes, "feature_node",
-                                  fn ? fn : json_null()));
+                                  bn ? bn : json_null(), "bn_correction", bc ? bc : json_null(),
+                                  "bn_passes", passes, "feature_node", fn ? fn : json_null()));
     return 0;
 }
 

@@ -143,8 +143,9 @@ store *api_store(api *a, api_call *call, top_error *err)
             return NULL;
         if (pthread_setspecific(thread_store_key, db) != 0) {
             store_close(db);
-            top_error_set(err, TOP_ERR_NOMEM, "cannot keep the store connection of an HTTP "
-                                              "thread; retry later");
+            top_error_set(err, TOP_ERR_NOMEM,
+                          "cannot keep the store connection of an HTTP "
+                          "thread; retry later");
             return NULL;
         }
     }

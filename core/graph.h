@@ -33,40 +33,46 @@
 #define GRAPH_BN_MOMENTUM 0.1
 
 typedef enum op_kind {
-    OP_INPUT,           /* the image batch, (C, H, W) */
-    OP_CONV2D,          /* params: weight (K, C/G, R, S), bias (K) optional */
-    OP_BATCHNORM,       /* params: gamma, beta, running mean, running var (C) */
+    OP_INPUT,     /* the image batch, (C, H, W) */
+    OP_CONV2D,    /* params: weight (K, C/G, R, S), bias (K) optional */
+    OP_BATCHNORM, /* params: gamma, beta, running mean, running var (C) */
     OP_RELU,
     OP_RELU6,
     OP_GELU,
     OP_SIGMOID,
-    OP_SOFTMAX,         /* over the last dimension */
-    OP_ADD,             /* two or more inputs of one shape */
-    OP_CONCAT,          /* along channels of (C, H, W) inputs */
+    OP_SOFTMAX, /* over the last dimension */
+    OP_ADD,     /* two or more inputs of one shape */
+    OP_CONCAT,  /* along channels of (C, H, W) inputs */
     OP_MAXPOOL,
     OP_AVGPOOL,
-    OP_GLOBAL_AVGPOOL,  /* (C, H, W) -> (C) */
-    OP_DENSE,           /* params: weight (OUT, IN), bias (OUT) optional; applies
-                           to the last dimension, so (T, D) inputs work per token */
-    OP_FLATTEN,         /* any -> (numel); attrs.flatten_nhwc for Keras order */
+    OP_GLOBAL_AVGPOOL, /* (C, H, W) -> (C) */
+    OP_DENSE,          /* params: weight (OUT, IN), bias (OUT) optional; applies
+                          to the last dimension, so (T, D) inputs work per token */
+    OP_FLATTEN,        /* any -> (numel); attrs.flatten_nhwc for Keras order */
     OP_ZEROPAD,
-    OP_DROPOUT,         /* identity unless the graph runs in training mode */
-    OP_LAYERNORM,       /* params: gamma, beta (D), over the last dimension */
-    OP_MHSA,            /* params: w_qkv (3D, D), b_qkv (3D), w_out (D, D), b_out (D) */
-    OP_PATCH_EMBED,     /* params: weight (D, C, P, P), bias (D), class token (D),
-                           position embedding (1 + HW, D); (C, H, W) -> (1+HW, D) */
-    OP_TOKEN_SELECT,    /* (T, D) -> (D), token attrs.token_index */
+    OP_DROPOUT,      /* identity unless the graph runs in training mode */
+    OP_LAYERNORM,    /* params: gamma, beta (D), over the last dimension */
+    OP_MHSA,         /* params: w_qkv (3D, D), b_qkv (3D), w_out (D, D), b_out (D) */
+    OP_PATCH_EMBED,  /* params: weight (D, C, P, P), bias (D), class token (D),
+                        position embedding (1 + HW, D); (C, H, W) -> (1+HW, D) */
+    OP_TOKEN_SELECT, /* (T, D) -> (D), token attrs.token_index */
     OP_COUNT
 } op_kind;
 
 /* Parameter slots by op. */
 enum {
-    PARAM_WEIGHT = 0, PARAM_BIAS = 1,                   /* conv, dense, patch embed */
-    PARAM_GAMMA = 0, PARAM_BETA = 1,                    /* batch norm, layer norm */
-    PARAM_MEAN = 2, PARAM_VAR = 3,                      /* batch norm */
-    PARAM_QKV_WEIGHT = 0, PARAM_QKV_BIAS = 1,           /* attention */
-    PARAM_OUT_WEIGHT = 2, PARAM_OUT_BIAS = 3,
-    PARAM_CLASS_TOKEN = 2, PARAM_POSITION = 3,          /* patch embed */
+    PARAM_WEIGHT = 0,
+    PARAM_BIAS = 1, /* conv, dense, patch embed */
+    PARAM_GAMMA = 0,
+    PARAM_BETA = 1, /* batch norm, layer norm */
+    PARAM_MEAN = 2,
+    PARAM_VAR = 3, /* batch norm */
+    PARAM_QKV_WEIGHT = 0,
+    PARAM_QKV_BIAS = 1, /* attention */
+    PARAM_OUT_WEIGHT = 2,
+    PARAM_OUT_BIAS = 3,
+    PARAM_CLASS_TOKEN = 2,
+    PARAM_POSITION = 3, /* patch embed */
 };
 
 /* Attributes of a node; each op reads only its own fields. */
@@ -76,38 +82,38 @@ typedef struct node_attrs {
     conv2d_shape conv;
     /* max and average pool: r, s, strides, pads, count_include_pad. */
     pool2d_shape pool;
-    int pad_top, pad_bottom, pad_left, pad_right;   /* zero padding */
-    float eps;                                      /* batch norm, layer norm */
+    int pad_top, pad_bottom, pad_left, pad_right; /* zero padding */
+    float eps;                                    /* batch norm, layer norm */
     float dropout_rate;
-    int heads;                                      /* attention */
-    int token_index;                                /* token select */
-    int flatten_nhwc;                               /* flatten in H, W, C order */
-    int dense_out;                                  /* dense: output features */
+    int heads;        /* attention */
+    int token_index;  /* token select */
+    int flatten_nhwc; /* flatten in H, W, C order */
+    int dense_out;    /* dense: output features */
 } node_attrs;
 
 /* How a parameter's engine layout maps back to its layout in the source file. */
 typedef enum param_layout {
-    PARAM_LAYOUT_SAME,          /* identical (PyTorch sources) */
-    PARAM_LAYOUT_HWIO,          /* Keras conv kernel (R, S, C, K) -> (K, C, R, S) */
-    PARAM_LAYOUT_HWC1,          /* Keras depthwise kernel (R, S, C, 1) -> (C, 1, R, S) */
-    PARAM_LAYOUT_IO,            /* Keras dense kernel (IN, OUT) -> (OUT, IN) */
+    PARAM_LAYOUT_SAME, /* identical (PyTorch sources) */
+    PARAM_LAYOUT_HWIO, /* Keras conv kernel (R, S, C, K) -> (K, C, R, S) */
+    PARAM_LAYOUT_HWC1, /* Keras depthwise kernel (R, S, C, 1) -> (C, 1, R, S) */
+    PARAM_LAYOUT_IO,   /* Keras dense kernel (IN, OUT) -> (OUT, IN) */
 } param_layout;
 
 typedef enum param_role {
-    PARAM_ROLE_WEIGHT,          /* conv, dense, patch-embed and attention weights */
+    PARAM_ROLE_WEIGHT, /* conv, dense, patch-embed and attention weights */
     PARAM_ROLE_BIAS,
-    PARAM_ROLE_NORM,            /* batch-norm and layer-norm gamma and beta */
-    PARAM_ROLE_STATISTIC,       /* batch-norm running mean and variance */
-    PARAM_ROLE_EMBEDDING,       /* class token, position embedding */
+    PARAM_ROLE_NORM,      /* batch-norm and layer-norm gamma and beta */
+    PARAM_ROLE_STATISTIC, /* batch-norm running mean and variance */
+    PARAM_ROLE_EMBEDDING, /* class token, position embedding */
 } param_role;
 
 typedef struct graph_param {
-    char name[GRAPH_NAME_MAX];  /* name in the source ("layer1.0.conv1.weight") */
-    int node;                   /* owning node */
-    int slot;                   /* PARAM_* slot in that node */
+    char name[GRAPH_NAME_MAX]; /* name in the source ("layer1.0.conv1.weight") */
+    int node;                  /* owning node */
+    int slot;                  /* PARAM_* slot in that node */
     param_role role;
-    tensor value;               /* engine layout */
-    float *grad;                /* same numel as value, allocated by graph_backward */
+    tensor value; /* engine layout */
+    float *grad;  /* same numel as value, allocated by graph_backward */
     param_layout layout;
     int src_ndim;
     int64_t src_shape[TENSOR_MAX_DIMS];
@@ -119,39 +125,39 @@ typedef struct graph_node {
     node_attrs attrs;
     int n_inputs;
     int inputs[GRAPH_MAX_INPUTS];
-    int params[GRAPH_MAX_PARAMS];   /* indices into graph.params, -1 if empty */
-    int ndim;                       /* per-sample output shape (filled by finalize) */
+    int params[GRAPH_MAX_PARAMS]; /* indices into graph.params, -1 if empty */
+    int ndim;                     /* per-sample output shape (filled by finalize) */
     int64_t dims[3];
     size_t sample_numel;
-    void *run;                      /* buffers of the last forward (graph.c) */
+    void *run; /* buffers of the last forward (graph.c) */
 } graph_node;
 
 /* Input preprocessing the model expects, recorded by its importer. */
 typedef struct graph_preprocess {
-    int channels, height, width;    /* model input size */
-    int align_corners;              /* bilinear resize convention */
-    int resize_short_side;          /* resize so the short side is this, then
-                                       center-crop height x width; 0 = resize
-                                       straight to height x width */
-    float scale;                    /* pixel (0..255) * scale ... */
-    float mean[3], std[3];          /* ... then (v - mean) / std per channel */
+    int channels, height, width; /* model input size */
+    int align_corners;           /* bilinear resize convention */
+    int resize_short_side;       /* resize so the short side is this, then
+                                    center-crop height x width; 0 = resize
+                                    straight to height x width */
+    float scale;                 /* pixel (0..255) * scale ... */
+    float mean[3], std[3];       /* ... then (v - mean) / std per channel */
 } graph_preprocess;
 
 typedef enum graph_mode {
-    GRAPH_MODE_INFERENCE,   /* batch norm uses running statistics, no dropout */
-    GRAPH_MODE_TRAIN,       /* batch statistics, dropout active */
+    GRAPH_MODE_INFERENCE, /* batch norm uses running statistics, no dropout */
+    GRAPH_MODE_TRAIN,     /* batch statistics, dropout active */
 } graph_mode;
 
 typedef struct graph {
-    char architecture[64];          /* "keras:mobilenetv2", "resnet50", "vit" ... */
+    char architecture[64]; /* "keras:mobilenetv2", "resnet50", "vit" ... */
     graph_node *nodes;
     int n_nodes, cap_nodes;
     graph_param *params;
     int n_params, cap_params;
-    int output;                     /* the logits node (default: last node) */
+    int output; /* the logits node (default: last node) */
     graph_preprocess preprocess;
     int finalized;
-    int batch;                      /* batch size of the buffers now allocated */
+    int batch; /* batch size of the buffers now allocated */
     graph_mode mode;
     uint64_t dropout_seed;
     float *workspace;
@@ -166,8 +172,7 @@ void graph_free(graph *g);
  * unique (it is the importer's layer name). Stores the new index in *index.
  */
 top_status graph_add_node(graph *g, op_kind op, const char *name, const int *inputs,
-                          int n_inputs, const node_attrs *attrs, int *index,
-                          top_error *err);
+                          int n_inputs, const node_attrs *attrs, int *index, top_error *err);
 
 /*
  * Attaches a parameter to slot `slot` of node `node`. The graph takes
@@ -239,7 +244,7 @@ int graph_find_param(const graph *g, const char *name);
 typedef struct graph_stats {
     size_t params;
     size_t prunable_params;
-    double flops;               /* forward FLOPs per image (2 per multiply-add) */
+    double flops; /* forward FLOPs per image (2 per multiply-add) */
 } graph_stats;
 void graph_get_stats(const graph *g, graph_stats *stats);
 

@@ -16,12 +16,12 @@
 #include "status.h"
 
 typedef struct image_u8 {
-    int height, width, channels;    /* channels: 1 (gray) or 3 (RGB) */
-    unsigned char *pixels;          /* (H, W, C), row-major, owned */
+    int height, width, channels; /* channels: 1 (gray) or 3 (RGB) */
+    unsigned char *pixels;       /* (H, W, C), row-major, owned */
 } image_u8;
 
 typedef struct image_limits {
-    int max_width, max_height;      /* 0: the defaults below */
+    int max_width, max_height; /* 0: the defaults below */
     size_t max_pixels;
 } image_limits;
 
@@ -31,8 +31,7 @@ typedef struct image_limits {
 /* Decodes a PNG or JPEG file (detected by its magic bytes). Gray stays 1
  * channel, gray+alpha and RGBA drop alpha, palette and 16-bit PNGs become 8-bit.
  * lim may be NULL for the defaults. */
-top_status image_load(image_u8 *out, const char *path, const image_limits *lim,
-                      top_error *err);
+top_status image_load(image_u8 *out, const char *path, const image_limits *lim, top_error *err);
 /* The same from memory; `what` names the source in errors. */
 top_status image_decode(image_u8 *out, const void *data, size_t size, const char *what,
                         const image_limits *lim, top_error *err);

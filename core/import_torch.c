@@ -35,7 +35,7 @@
 #define ANY_DIM (-1)
 #define RESNET_BN_EPS 1e-5f
 #define VIT_LN_EPS 1e-6f
-#define VIT_MAX_IMAGE_SIDE 8192     /* keeps T = 1 + (side / P)^2 within int */
+#define VIT_MAX_IMAGE_SIDE 8192 /* keeps T = 1 + (side / P)^2 within int */
 
 /* A tensor shape of rank <= 4 as a value, written SHAPE(64, 3, 7, 7). */
 typedef struct shape4 {
@@ -43,16 +43,16 @@ typedef struct shape4 {
     int64_t d[4];
 } shape4;
 
-#define SHAPE(...)                                                                   \
-    ((shape4){.ndim = (int)(sizeof((int64_t[]){__VA_ARGS__}) / sizeof(int64_t)),     \
+#define SHAPE(...)                                                                             \
+    ((shape4){.ndim = (int)(sizeof((int64_t[]){__VA_ARGS__}) / sizeof(int64_t)),               \
               .d = {__VA_ARGS__}})
 
 typedef struct torch_ctx {
     const st_file *f;
     graph *g;
-    unsigned char *used;    /* one flag per tensor, in file order */
+    unsigned char *used; /* one flag per tensor, in file order */
     size_t n_tensors;
-    char architecture[64];  /* for messages, set once detected */
+    char architecture[64]; /* for messages, set once detected */
 } torch_ctx;
 
 /* ---- tensors ------------------------------------------------------------------ */
@@ -104,10 +104,9 @@ static top_status peek_tensor(const torch_ctx *c, const char *name, int ndim,
                              "incomplete or from another architecture",
                              name, c->architecture);
     if (t->ndim != ndim)
-        return top_error_set(err, TOP_ERR_SHAPE,
-                             "tensor '%s' has shape %s, expected rank %d in a %s checkpoint",
-                             name, tensor_shape_str(got, sizeof got, t->ndim, t->shape),
-                             ndim, c->architecture);
+        return top_error_set(
+            err, TOP_ERR_SHAPE, "tensor '%s' has shape %s, expected rank %d in a %s checkpoint",
+            name, tensor_shape_str(got, sizeof got, t->ndim, t->shape), ndim, c->architecture);
     *out = t;
     return TOP_OK;
 }
@@ -126,15 +125,15 @@ static top_status take_tensor(torch_ctx *c, const char *name, shape4 expect,
                              "the file is incomplete or from another architecture",
                              name, want, c->architecture);
     if (!shape_matches(t, &expect))
-        return top_error_set(err, TOP_ERR_SHAPE,
-                             "tensor '%s' has shape %s, expected %s in a %s checkpoint", name,
-                             tensor_shape_str(got, sizeof got, t->ndim, t->shape), want,
-                             c->architecture);
+        return top_error_set(
+            err, TOP_ERR_SHAPE, "tensor '%s' has shape %s, expected %s in a %s checkpoint",
+            name, tensor_shape_str(got, sizeof got, t->ndim, t->shape), want, c->architecture);
     size_t i = tensor_index(c, t);
     if (i == c->n_tensors || c->used[i])
         return top_error_set(err, TOP_ERR_STATE,
                              "tensor '%s' is read twice or not listed in the file; this is "
-                             "an importer bug", name);
+                             "an importer bug",
+                             name);
     c->used[i] = 1;
     *out = t;
     return TOP_OK;
@@ -161,7 +160,8 @@ static top_status attach_param(torch_ctx *c, int node, int slot, const char *nam
     if (!dtype_is_float(info->dtype))
         return top_error_set(err, TOP_ERR_FORMAT,
                              "tensor '%s' has dtype %s; weights must be F32, F16, BF16 or "
-                             "F64", name, st_dtype_str(info->dtype));
+                             "F64",
+                             name, st_dtype_str(info->dtype));
 
     tensor value = {0};
     st = st_read_f32(c->f, info, &value, err);
@@ -184,7 +184,8 @@ static top_status attach_param(torch_ctx *c, int node, int slot, const char *nam
         if (st == TOP_OK && numel != value.numel)
             st = top_error_set(err, TOP_ERR_STATE,
                                "tensor '%s': reshape from %zu to %zu elements; this is an "
-                               "importer bug", name, value.numel, numel);
+                               "importer bug",
+                               name, value.numel, numel);
         if (st != TOP_OK) {
             tensor_free(&value);
             return st;
@@ -238,9 +239,8 @@ static top_status join_name(char out[GRAPH_NAME_MAX], const char *prefix, const 
     int n = prefix[0] ? snprintf(out, GRAPH_NAME_MAX, "%s.%s", prefix, suffix)
                       : snprintf(out, GRAPH_NAME_MAX, "%s", suffix);
     if (n < 0 || n >= GRAPH_NAME_MAX)
-        return top_error_set(err, TOP_ERR_LIMIT,
-                             "name '%s.%s' is longer than %d characters", prefix, suffix,
-                             GRAPH_NAME_MAX - 1);
+        return top_error_set(err, TOP_ERR_LIMIT, "name '%s.%s' is longer than %d characters",
+                             prefix, suffix, GRAPH_NAME_MAX - 1);
     return TOP_OK;
 }
 
@@ -265,13 +265,13 @@ static top_status attach_weight_bias(torch_ctx *c, int node, const char *name, s
         return st;
     st = join_name(pname, name, "bias", err);
     if (st == TOP_OK)
-        st = attach_param(c, node, PARAM_BIAS, pname, PARAM_ROLE_BIAS, SHAPE(w.d[0]), NULL,
-                          err);
+        st =
+            attach_param(c, node, PARAM_BIAS, pname, PARAM_ROLE_BIAS, SHAPE(w.d[0]), NULL, err);
     return st;
 }
 
 typedef struct conv_geom {
-    int k, c, r, stride, pad;   /* out channels, in channels, square kernel side */
+    int k, c, r, stride, pad; /* out channels, in channels, square kernel side */
 } conv_geom;
 
 /* Bias-free square conv (torchvision ResNet convs): weight (K, C, R, R). */
@@ -298,8 +298,8 @@ static top_status add_batchnorm(torch_ctx *c, const char *name, int x, int chann
 {
     static const char *const suffix[4] = {"weight", "bias", "running_mean", "running_var"};
     static const int slot[4] = {PARAM_GAMMA, PARAM_BETA, PARAM_MEAN, PARAM_VAR};
-    static const param_role role[4] = {PARAM_ROLE_NORM, PARAM_ROLE_NORM,
-                                       PARAM_ROLE_STATISTIC, PARAM_ROLE_STATISTIC};
+    static const param_role role[4] = {PARAM_ROLE_NORM, PARAM_ROLE_NORM, PARAM_ROLE_STATISTIC,
+                                       PARAM_ROLE_STATISTIC};
     node_attrs a;
     memset(&a, 0, sizeof a);
     a.eps = RESNET_BN_EPS;
@@ -349,8 +349,10 @@ static top_status add_dense(torch_ctx *c, const char *name, int x, int64_t out, 
             out = w->shape[0];
     }
     if (st == TOP_OK && (out < 1 || out > INT_MAX))
-        st = top_error_set(err, TOP_ERR_SHAPE, "tensor '%s' has %lld output features, "
-                           "expected 1..%d", pname, (long long)out, INT_MAX);
+        st = top_error_set(err, TOP_ERR_SHAPE,
+                           "tensor '%s' has %lld output features, "
+                           "expected 1..%d",
+                           pname, (long long)out, INT_MAX);
     if (st != TOP_OK)
         return st;
 
@@ -442,8 +444,8 @@ static top_status read_dim(const torch_ctx *c, const char *name, int ndim, int a
         return st;
     if (t->shape[axis] < 1 || t->shape[axis] > INT_MAX / 64)
         return top_error_set(err, TOP_ERR_SHAPE,
-                             "tensor '%s' has size %lld in dimension %d, expected 1..%d",
-                             name, (long long)t->shape[axis], axis, INT_MAX / 64);
+                             "tensor '%s' has size %lld in dimension %d, expected 1..%d", name,
+                             (long long)t->shape[axis], axis, INT_MAX / 64);
     *out = (int)t->shape[axis];
     return TOP_OK;
 }
@@ -518,7 +520,8 @@ static top_status resnet_build(torch_ctx *c, top_error *err)
         if (blocks[s] == 0)
             return top_error_set(err, TOP_ERR_NOT_FOUND,
                                  "missing tensor 'layer%d.0.conv1.weight': a torchvision "
-                                 "resnet has four stages layer1..layer4", s + 1);
+                                 "resnet has four stages layer1..layer4",
+                                 s + 1);
         total += blocks[s];
     }
     int depth = (bottleneck ? 3 : 2) * total + 2;
@@ -531,8 +534,8 @@ static top_status resnet_build(torch_ctx *c, top_error *err)
     if (st == TOP_OK)
         st = read_dim(c, "conv1.weight", 4, 0, &channels, err);
     if (st == TOP_OK)
-        st = add_conv_bn(c, "", "conv1", "bn1", "relu", 0,
-                         (conv_geom){channels, 3, 7, 2, 3}, &x, err);
+        st = add_conv_bn(c, "", "conv1", "bn1", "relu", 0, (conv_geom){channels, 3, 7, 2, 3},
+                         &x, err);
     node_attrs pool;
     memset(&pool, 0, sizeof pool);
     pool.pool.r = pool.pool.s = 3;
@@ -553,9 +556,9 @@ static top_status resnet_build(torch_ctx *c, top_error *err)
 
 /* Tensor names of one ViT naming scheme; block names are relative to the block. */
 typedef struct vit_names {
-    const char *scheme;             /* for messages */
+    const char *scheme; /* for messages */
     const char *patch, *cls, *pos;
-    const char *block;              /* block i is named block + i */
+    const char *block; /* block i is named block + i */
     const char *ln1, *ln2, *attn;
     const char *qkv_w, *qkv_b, *out;
     const char *fc1, *fc1_alt, *act, *fc2, *fc2_alt;
@@ -564,19 +567,47 @@ typedef struct vit_names {
 } vit_names;
 
 static const vit_names vit_torchvision = {
-    "torchvision", "conv_proj", "class_token", "encoder.pos_embedding",
-    "encoder.layers.encoder_layer_", "ln_1", "ln_2", "self_attention",
-    "in_proj_weight", "in_proj_bias", "out_proj",
-    "mlp.0", "mlp.linear_1", "mlp.1", "mlp.3", "mlp.linear_2",
-    "encoder.ln", "heads.head", 0,
+    "torchvision",
+    "conv_proj",
+    "class_token",
+    "encoder.pos_embedding",
+    "encoder.layers.encoder_layer_",
+    "ln_1",
+    "ln_2",
+    "self_attention",
+    "in_proj_weight",
+    "in_proj_bias",
+    "out_proj",
+    "mlp.0",
+    "mlp.linear_1",
+    "mlp.1",
+    "mlp.3",
+    "mlp.linear_2",
+    "encoder.ln",
+    "heads.head",
+    0,
 };
 
 static const vit_names vit_timm = {
-    "timm", "patch_embed.proj", "cls_token", "pos_embed",
-    "blocks.", "norm1", "norm2", "attn",
-    "qkv.weight", "qkv.bias", "proj",
-    "mlp.fc1", NULL, "mlp.act", "mlp.fc2", NULL,
-    "norm", "head", 1,
+    "timm",
+    "patch_embed.proj",
+    "cls_token",
+    "pos_embed",
+    "blocks.",
+    "norm1",
+    "norm2",
+    "attn",
+    "qkv.weight",
+    "qkv.bias",
+    "proj",
+    "mlp.fc1",
+    NULL,
+    "mlp.act",
+    "mlp.fc2",
+    NULL,
+    "norm",
+    "head",
+    1,
 };
 
 typedef struct vit_dims {
@@ -592,7 +623,8 @@ static top_status vit_heads(const torch_ctx *c, int d, int *heads, top_error *er
             return top_error_set(err, TOP_ERR_INVALID,
                                  "cannot infer the attention head count: hidden size %d is "
                                  "not a multiple of 64; set the safetensors metadata key "
-                                 "num_heads", d);
+                                 "num_heads",
+                                 d);
         *heads = d / 64;
         return TOP_OK;
     }
@@ -601,7 +633,8 @@ static top_status vit_heads(const torch_ctx *c, int d, int *heads, top_error *er
     if (end == meta || *end != '\0' || h < 1 || h > d || d % h != 0)
         return top_error_set(err, TOP_ERR_INVALID,
                              "metadata num_heads '%s' is invalid: expected a positive "
-                             "divisor of the hidden size %d", meta, d);
+                             "divisor of the hidden size %d",
+                             meta, d);
     *heads = (int)h;
     return TOP_OK;
 }
@@ -620,8 +653,8 @@ static top_status vit_detect(const torch_ctx *c, const vit_names *nm, vit_dims *
         t->shape[2] > 4096 || t->shape[2] != t->shape[3])
         return top_error_set(err, TOP_ERR_SHAPE,
                              "tensor '%s' has shape %s, expected (D, 3, P, P) with D <= "
-                             "65536 and P <= 4096", name,
-                             tensor_shape_str(got, sizeof got, t->ndim, t->shape));
+                             "65536 and P <= 4096",
+                             name, tensor_shape_str(got, sizeof got, t->ndim, t->shape));
     v->d = (int)t->shape[0];
     v->patch = (int)t->shape[2];
 
@@ -636,9 +669,9 @@ static top_status vit_detect(const torch_ctx *c, const vit_names *nm, vit_dims *
         return top_error_set(err, TOP_ERR_SHAPE,
                              "tensor '%s' has shape %s, expected (1, 1 + G*G, %d) for a "
                              "square grid of G*G patches of side %d and an image side of "
-                             "at most %d", nm->pos,
-                             tensor_shape_str(got, sizeof got, t->ndim, t->shape), v->d,
-                             v->patch, VIT_MAX_IMAGE_SIDE);
+                             "at most %d",
+                             nm->pos, tensor_shape_str(got, sizeof got, t->ndim, t->shape),
+                             v->d, v->patch, VIT_MAX_IMAGE_SIDE);
     v->tokens = (int)t->shape[1];
     v->image = (int)grid * v->patch;
 
@@ -652,14 +685,18 @@ static top_status vit_detect(const torch_ctx *c, const vit_names *nm, vit_dims *
     if (v->depth == 0) {
         return top_error_set(err, TOP_ERR_NOT_FOUND,
                              "missing tensor '%s0.%s.weight': a %s vit needs at least one "
-                             "encoder block", nm->block, nm->ln1, nm->scheme);
+                             "encoder block",
+                             nm->block, nm->ln1, nm->scheme);
     }
     return vit_heads(c, v->d, &v->heads, err);
 }
 
 static void vit_architecture(char *buf, size_t size, const vit_dims *v)
 {
-    static const struct { int d, depth; const char *size; } known[] = {
+    static const struct {
+        int d, depth;
+        const char *size;
+    } known[] = {
         {192, 12, "ti"}, {384, 12, "s"}, {768, 12, "b"}, {1024, 24, "l"}, {1280, 32, "h"},
     };
     for (size_t i = 0; i < sizeof known / sizeof known[0]; i++) {
@@ -684,8 +721,8 @@ static void vit_preprocess(graph_preprocess *pp, int side)
 }
 
 /* Patch embedding node: conv (D, 3, P, P) + bias, class token, position embedding. */
-static top_status vit_patch_embed(torch_ctx *c, const vit_names *nm, const vit_dims *v,
-                                  int *y, top_error *err)
+static top_status vit_patch_embed(torch_ctx *c, const vit_names *nm, const vit_dims *v, int *y,
+                                  top_error *err)
 {
     node_attrs a;
     memset(&a, 0, sizeof a);
@@ -734,13 +771,13 @@ static top_status vit_attention(torch_ctx *c, const vit_names *nm, const vit_dim
     if (st == TOP_OK)
         st = join_name(pname, out, "weight", err);
     if (st == TOP_OK)
-        st = attach_param(c, *y, PARAM_OUT_WEIGHT, pname, PARAM_ROLE_WEIGHT,
-                          SHAPE(v->d, v->d), NULL, err);
+        st = attach_param(c, *y, PARAM_OUT_WEIGHT, pname, PARAM_ROLE_WEIGHT, SHAPE(v->d, v->d),
+                          NULL, err);
     if (st == TOP_OK)
         st = join_name(pname, out, "bias", err);
     if (st == TOP_OK)
-        st = attach_param(c, *y, PARAM_OUT_BIAS, pname, PARAM_ROLE_BIAS, SHAPE(v->d), NULL,
-                          err);
+        st =
+            attach_param(c, *y, PARAM_OUT_BIAS, pname, PARAM_ROLE_BIAS, SHAPE(v->d), NULL, err);
     return st;
 }
 
@@ -763,7 +800,7 @@ static top_status vit_mlp(torch_ctx *c, const vit_names *nm, const vit_dims *v,
     char name[GRAPH_NAME_MAX];
     const char *fc1 = vit_mlp_name(c, prefix, nm->fc1, nm->fc1_alt);
     const char *fc2 = vit_mlp_name(c, prefix, nm->fc2, nm->fc2_alt);
-    int hidden;
+    int hidden = -1;
     top_status st = join_name(name, prefix, fc1, err);
     if (st == TOP_OK)
         st = add_dense(c, name, x, ANY_DIM, v->d, &hidden, err);
@@ -794,8 +831,8 @@ static top_status add_residual(torch_ctx *c, const char *prefix, const char *suf
 }
 
 /* Encoder block i: x += MHSA(LN1(x)); x += MLP(LN2(x)). */
-static top_status vit_block(torch_ctx *c, const vit_names *nm, const vit_dims *v, int i,
-                            int *x, top_error *err)
+static top_status vit_block(torch_ctx *c, const vit_names *nm, const vit_dims *v, int i, int *x,
+                            top_error *err)
 {
     char prefix[GRAPH_NAME_MAX], name[GRAPH_NAME_MAX];
     snprintf(prefix, sizeof prefix, "%s%d", nm->block, i);

@@ -63,10 +63,8 @@ top_status model_load(graph **out, const char *path, top_error *err)
         }
         return keras_import(out, path, err);
     }
-    case MODEL_FORMAT_SAFETENSORS:
-        return torch_import(out, path, err);
-    case MODEL_FORMAT_UNKNOWN:
-        break;
+    case MODEL_FORMAT_SAFETENSORS: return torch_import(out, path, err);
+    case MODEL_FORMAT_UNKNOWN: break;
     }
     return top_error_set(err, TOP_ERR_UNSUPPORTED,
                          "model '%s' is not a TF.js layers model (model.json or a folder "

@@ -12,8 +12,8 @@
 
 typedef enum model_format {
     MODEL_FORMAT_UNKNOWN,
-    MODEL_FORMAT_TFJS_LAYERS,   /* model.json + binary weight shards */
-    MODEL_FORMAT_SAFETENSORS,   /* a PyTorch state dict as safetensors */
+    MODEL_FORMAT_TFJS_LAYERS, /* model.json + binary weight shards */
+    MODEL_FORMAT_SAFETENSORS, /* a PyTorch state dict as safetensors */
 } model_format;
 
 /* Detects the format from the path (a folder with model.json, a .json file, a

@@ -33,13 +33,13 @@
 /* Geometry of one conv2d call. Callers set the input and kernel fields,
  * conv2d_shape_derive fills p and q and validates everything. */
 typedef struct conv2d_shape {
-    int n, c, h, w;                       /* input: batch, channels, height, width */
-    int k, r, s;                          /* output channels, kernel height, width */
+    int n, c, h, w; /* input: batch, channels, height, width */
+    int k, r, s;    /* output channels, kernel height, width */
     int stride_h, stride_w;
     int dilation_h, dilation_w;
     int pad_top, pad_bottom, pad_left, pad_right;
-    int groups;                           /* c and k are multiples of groups */
-    int p, q;                             /* output height, width (derived) */
+    int groups; /* c and k are multiples of groups */
+    int p, q;   /* output height, width (derived) */
 } conv2d_shape;
 
 /* Validates s (positive sizes, groups dividing c and k, output at least 1x1,
@@ -58,19 +58,19 @@ void conv2d_forward_naive(float *y, const float *x, const float *w, const float 
 /* dy: (N, K, P, Q)  dx: (N, C, H, W)  dw: (K, C/G, R, S)  db: (K) */
 void conv2d_backward(float *dx, float *dw, float *db, const float *dy, const float *x,
                      const float *w, const conv2d_shape *s, float *work);
-void conv2d_backward_naive(float *dx, float *dw, float *db, const float *dy,
-                           const float *x, const float *w, const conv2d_shape *s);
+void conv2d_backward_naive(float *dx, float *dw, float *db, const float *dy, const float *x,
+                           const float *w, const conv2d_shape *s);
 
 /* ---- pooling ------------------------------------------------------------- */
 
 typedef struct pool2d_shape {
     int n, c, h, w;
-    int r, s;                             /* window height, width */
+    int r, s; /* window height, width */
     int stride_h, stride_w;
     int pad_top, pad_bottom, pad_left, pad_right;
-    int count_include_pad;                /* average pool: divide by r*s (1) or by
-                                             the in-bounds count (0, Keras "same") */
-    int p, q;                             /* output height, width (derived) */
+    int count_include_pad; /* average pool: divide by r*s (1) or by
+                              the in-bounds count (0, Keras "same") */
+    int p, q;              /* output height, width (derived) */
 } pool2d_shape;
 
 top_status pool2d_shape_derive(pool2d_shape *s, top_error *err);
@@ -96,9 +96,9 @@ void batchnorm_forward_inference(float *y, const float *x, const float *gamma,
                                  float eps, int n, int c, int hw);
 /* Training mode: statistics of this batch (biased variance, double accumulation),
  * saved in save_mean and save_invstd (C) for the backward pass. */
-void batchnorm_forward_train(float *y, float *save_mean, float *save_invstd,
-                             const float *x, const float *gamma, const float *beta,
-                             float eps, int n, int c, int hw);
+void batchnorm_forward_train(float *y, float *save_mean, float *save_invstd, const float *x,
+                             const float *gamma, const float *beta, float eps, int n, int c,
+                             int hw);
 /* Inference-mode gradient: mean and var are constants. */
 void batchnorm_backward_inference(float *dx, float *dgamma, float *dbeta, const float *dy,
                                   const float *x, const float *gamma, const float *mean,
@@ -112,9 +112,9 @@ void batchnorm_backward_train(float *dx, float *dgamma, float *dbeta, const floa
  * save_mean, save_rstd: (ROWS). */
 void layernorm_forward(float *y, float *save_mean, float *save_rstd, const float *x,
                        const float *gamma, const float *beta, float eps, size_t rows, int d);
-void layernorm_backward(float *dx, float *dgamma, float *dbeta, const float *dy,
-                        const float *x, const float *save_mean, const float *save_rstd,
-                        const float *gamma, size_t rows, int d);
+void layernorm_backward(float *dx, float *dgamma, float *dbeta, const float *dy, const float *x,
+                        const float *save_mean, const float *save_rstd, const float *gamma,
+                        size_t rows, int d);
 
 /* ---- elementwise ---------------------------------------------------------- */
 
@@ -137,11 +137,11 @@ void softmax_backward(float *dx, const float *dy, const float *y, size_t rows, i
 void add_forward(float *y, const float *const *xs, int count, size_t size);
 
 /* Concatenation along dim 1 of (N, C_i, HW) inputs into y: (N, sum C_i, HW). */
-void concat_forward(float *y, const float *const *xs, const int *channels, int count,
-                    int n, int hw);
+void concat_forward(float *y, const float *const *xs, const int *channels, int count, int n,
+                    int hw);
 /* dxs[i] may be NULL for inputs that need no gradient. */
-void concat_backward(float *const *dxs, const float *dy, const int *channels, int count,
-                     int n, int hw);
+void concat_backward(float *const *dxs, const float *dy, const int *channels, int count, int n,
+                     int hw);
 
 /* Dropout with keep mask m (N elements of 0 or 1/(1-rate)); y = x * m. The
  * mask comes from dropout_mask with an explicit seed, so runs repeat. */
@@ -164,8 +164,8 @@ void nhwc_to_nchw(float *y, const float *x, int n, int c, int h, int w);
 /* x: (ROWS, IN)  w: (OUT, IN)  b: (OUT) or NULL  y: (ROWS, OUT); y = x w^T + b */
 void dense_forward(float *y, const float *x, const float *w, const float *b, size_t rows,
                    int in, int out);
-void dense_forward_naive(float *y, const float *x, const float *w, const float *b,
-                         size_t rows, int in, int out);
+void dense_forward_naive(float *y, const float *x, const float *w, const float *b, size_t rows,
+                         int in, int out);
 /* dy: (ROWS, OUT)  dx: (ROWS, IN)  dw: (OUT, IN)  db: (OUT) */
 void dense_backward(float *dx, float *dw, float *db, const float *dy, const float *x,
                     const float *w, size_t rows, int in, int out);
@@ -192,8 +192,8 @@ void mhsa_backward(float *dx, float *dw_qkv, float *db_qkv, float *dw_out, float
  * embedding pos (1 + HW, D) added. */
 void patch_tokens_forward(float *y, const float *patches, const float *cls, const float *pos,
                           int n, int d, int hw);
-void patch_tokens_backward(float *dpatches, float *dcls, float *dpos, const float *dy,
-                           int n, int d, int hw);
+void patch_tokens_backward(float *dpatches, float *dcls, float *dpos, const float *dy, int n,
+                           int d, int hw);
 
 /* y: (N, D) = x[:, index, :] of x: (N, T, D). */
 void token_select_forward(float *y, const float *x, int n, int t, int d, int index);

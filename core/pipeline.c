@@ -36,7 +36,7 @@ typedef struct pipeline_task {
     dataset *ds;
     task t;
     ridge_model head;
-    float *fit_x, *eval_x;          /* (fit count, D), (eval count, D) */
+    float *fit_x, *eval_x; /* (fit count, D), (eval count, D) */
     double dense_accuracy, pruned_accuracy;
 } pipeline_task;
 
@@ -46,30 +46,30 @@ typedef struct pipeline_ctx {
     void *user;
     const volatile int *cancel;
     graph *g;
-    int feature;                    /* feature node */
-    size_t dim;                     /* D */
-    int *prunable;                  /* (n_prunable) param indices */
+    int feature;   /* feature node */
+    size_t dim;    /* D */
+    int *prunable; /* (n_prunable) param indices */
     int n_prunable;
-    pipeline_task calib;            /* ds is NULL without a calibration task */
+    pipeline_task calib; /* ds is NULL without a calibration task */
     pipeline_task eval[PIPELINE_MAX_EVAL_TASKS];
     int bn_ran, bn_layers;
     size_t bn_images;
-    double **bn_dense;              /* match_dense: (2, C) per BN node, mean then var */
+    double **bn_dense; /* match_dense: (2, C) per BN node, mean then var */
     int bn_passes_run;
-    double bn_max_shift;            /* largest |mu_p - mu_d| / sd_d in the last pass */
-    double lambda;                  /* obd and obs damping used */
-    float **grads;                  /* obs: (n, numel) per-sample gradients per layer */
-    size_t obs_memory;              /* obs: bytes the estimate gave */
-    obs_damping obs_damping;        /* obs and layer_obs: retries and factorisations */
-    size_t layer_obs_rows_used;     /* layer_obs: the most rows any layer used */
+    double bn_max_shift;        /* largest |mu_p - mu_d| / sd_d in the last pass */
+    double lambda;              /* obd and obs damping used */
+    float **grads;              /* obs: (n, numel) per-sample gradients per layer */
+    size_t obs_memory;          /* obs: bytes the estimate gave */
+    obs_damping obs_damping;    /* obs and layer_obs: retries and factorisations */
+    size_t layer_obs_rows_used; /* layer_obs: the most rows any layer used */
     double timings[9];
     json_t *checkpoints;
 } pipeline_ctx;
 
 enum { T_LOAD, T_DENSE, T_SALIENCY, T_MASK, T_UPDATE, T_BN, T_PRUNED, T_CKPT, T_TOTAL };
 static const char *const timing_names[] = {
-    "load", "dense_features", "saliency", "mask", "update", "bn_recalibration", "pruned_eval",
-    "checkpoints", "total",
+    "load",        "dense_features", "saliency", "mask", "update", "bn_recalibration",
+    "pruned_eval", "checkpoints",    "total",
 };
 
 static double now_s(void)
@@ -79,8 +79,7 @@ static double now_s(void)
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
-static void report_progress(const pipeline_ctx *c, const char *stage, size_t done,
-                            size_t total)
+static void report_progress(const pipeline_ctx *c, const char *stage, size_t done, size_t total)
 {
     if (c->progress)
         c->progress(c->user, stage, done, total);
@@ -154,27 +153,38 @@ static top_status validate_obs_options(const pipeline_options *o, top_error *err
 {
     if (o->method == PIPELINE_METHOD_OBS &&
         (o->obs_block < 1 || o->obs_block > PIPELINE_OBS_BLOCK_MAX))
-        return top_error_set(err, TOP_ERR_INVALID, "obs block size %zu is outside 1..%d; "
-                             "use e.g. 64", o->obs_block, PIPELINE_OBS_BLOCK_MAX);
+        return top_error_set(err, TOP_ERR_INVALID,
+                             "obs block size %zu is outside 1..%d; "
+                             "use e.g. 64",
+                             o->obs_block, PIPELINE_OBS_BLOCK_MAX);
     if (o->method != PIPELINE_METHOD_LAYER_OBS)
         return TOP_OK;
     if (!o->calib_uri)
-        return top_error_set(err, TOP_ERR_INVALID, "method layer_obs needs a calibration "
+        return top_error_set(err, TOP_ERR_INVALID,
+                             "method layer_obs needs a calibration "
                              "task; pass a calibration data set or use magnitude");
     if (o->allocation != PIPELINE_ALLOC_MAGNITUDE && o->allocation != PIPELINE_ALLOC_OBD &&
         o->allocation != PIPELINE_ALLOC_UNIFORM)
-        return top_error_set(err, TOP_ERR_INVALID, "layer_obs allocation %d is unknown; use "
-                             "magnitude, obd or uniform", (int)o->allocation);
+        return top_error_set(err, TOP_ERR_INVALID,
+                             "layer_obs allocation %d is unknown; use "
+                             "magnitude, obd or uniform",
+                             (int)o->allocation);
     if (o->nm_m != 0 || o->rounds != 1)
-        return top_error_set(err, TOP_ERR_INVALID, "method layer_obs takes neither an N:M "
+        return top_error_set(err, TOP_ERR_INVALID,
+                             "method layer_obs takes neither an N:M "
                              "pattern nor rounds (got %d:%d, %d rounds); drop them or use "
-                             "obs", o->nm_n, o->nm_m, o->rounds);
+                             "obs",
+                             o->nm_n, o->nm_m, o->rounds);
     if (o->layer_obs_rows < 16 || o->layer_obs_rows > PIPELINE_LAYER_OBS_ROWS_MAX)
-        return top_error_set(err, TOP_ERR_INVALID, "layer_obs rows %zu is outside 16..%d; "
-                             "use e.g. 4096", o->layer_obs_rows, PIPELINE_LAYER_OBS_ROWS_MAX);
+        return top_error_set(err, TOP_ERR_INVALID,
+                             "layer_obs rows %zu is outside 16..%d; "
+                             "use e.g. 4096",
+                             o->layer_obs_rows, PIPELINE_LAYER_OBS_ROWS_MAX);
     if (!(o->layer_obs_damping > 0.0 && o->layer_obs_damping <= 1.0))
-        return top_error_set(err, TOP_ERR_INVALID, "layer_obs damping %g is outside (0, 1]; "
-                             "use e.g. 0.01", o->layer_obs_damping);
+        return top_error_set(err, TOP_ERR_INVALID,
+                             "layer_obs damping %g is outside (0, 1]; "
+                             "use e.g. 0.01",
+                             o->layer_obs_damping);
     return TOP_OK;
 }
 
@@ -183,57 +193,77 @@ static top_status validate_options(const pipeline_options *o, top_error *err)
     if (!o->model_path)
         return top_error_set(err, TOP_ERR_INVALID, "no model path; pass the model to prune");
     if (!(o->sparsity >= 0.0 && o->sparsity < 1.0))
-        return top_error_set(err, TOP_ERR_INVALID, "sparsity %g is outside [0, 1); pass a "
-                             "fraction such as 0.5", o->sparsity);
+        return top_error_set(err, TOP_ERR_INVALID,
+                             "sparsity %g is outside [0, 1); pass a "
+                             "fraction such as 0.5",
+                             o->sparsity);
     if (o->method != PIPELINE_METHOD_MAGNITUDE && o->method != PIPELINE_METHOD_OBD &&
         o->method != PIPELINE_METHOD_OBS && o->method != PIPELINE_METHOD_LAYER_OBS)
-        return top_error_set(err, TOP_ERR_INVALID, "method %d is unknown; use magnitude, "
-                             "obd, obs or layer_obs", (int)o->method);
+        return top_error_set(err, TOP_ERR_INVALID,
+                             "method %d is unknown; use magnitude, "
+                             "obd, obs or layer_obs",
+                             (int)o->method);
     if (needs_gradients(o) && !o->calib_uri)
-        return top_error_set(err, TOP_ERR_INVALID, "method %s needs a calibration task; "
+        return top_error_set(err, TOP_ERR_INVALID,
+                             "method %s needs a calibration task; "
                              "pass a calibration data set or use magnitude",
                              pipeline_method_name(o->method));
     if (o->scope != PRUNE_SCOPE_GLOBAL && o->scope != PRUNE_SCOPE_PER_LAYER)
-        return top_error_set(err, TOP_ERR_INVALID, "mask scope %d is unknown; use global or "
-                             "per_layer", (int)o->scope);
+        return top_error_set(err, TOP_ERR_INVALID,
+                             "mask scope %d is unknown; use global or "
+                             "per_layer",
+                             (int)o->scope);
     if (o->nm_m != 0 && (o->nm_n < 1 || o->nm_n >= o->nm_m || o->nm_m > PRUNE_NM_MAX_GROUP))
-        return top_error_set(err, TOP_ERR_INVALID, "N:M pattern %d:%d is invalid; use N < M "
-                             "<= %d, such as 2:4", o->nm_n, o->nm_m, PRUNE_NM_MAX_GROUP);
+        return top_error_set(err, TOP_ERR_INVALID,
+                             "N:M pattern %d:%d is invalid; use N < M "
+                             "<= %d, such as 2:4",
+                             o->nm_n, o->nm_m, PRUNE_NM_MAX_GROUP);
     if (o->nm_m != 0 && o->sparsity < 1.0 - (double)o->nm_n / o->nm_m - 1e-12)
-        return top_error_set(err, TOP_ERR_INVALID, "sparsity %g is below the %g that %d:%d "
-                             "forces; raise it to at least %g", o->sparsity,
-                             1.0 - (double)o->nm_n / o->nm_m, o->nm_n, o->nm_m,
+        return top_error_set(err, TOP_ERR_INVALID,
+                             "sparsity %g is below the %g that %d:%d "
+                             "forces; raise it to at least %g",
+                             o->sparsity, 1.0 - (double)o->nm_n / o->nm_m, o->nm_n, o->nm_m,
                              1.0 - (double)o->nm_n / o->nm_m);
     if (o->rounds < 1 || o->rounds > 100 || (o->nm_m != 0 && o->rounds != 1))
-        return top_error_set(err, TOP_ERR_INVALID, "rounds %d is invalid; use 1 to 100 "
-                             "(1 with an N:M pattern)", o->rounds);
+        return top_error_set(err, TOP_ERR_INVALID,
+                             "rounds %d is invalid; use 1 to 100 "
+                             "(1 with an N:M pattern)",
+                             o->rounds);
     if (!(o->min_density >= 0.0 && o->min_density <= 1.0 - o->sparsity))
-        return top_error_set(err, TOP_ERR_INVALID, "minimum density %g is outside [0, 1 - "
-                             "sparsity = %g]; lower it", o->min_density, 1.0 - o->sparsity);
+        return top_error_set(err, TOP_ERR_INVALID,
+                             "minimum density %g is outside [0, 1 - "
+                             "sparsity = %g]; lower it",
+                             o->min_density, 1.0 - o->sparsity);
     if (o->bn_mode != PIPELINE_BN_MATCH_DENSE && o->bn_mode != PIPELINE_BN_REESTIMATE)
-        return top_error_set(err, TOP_ERR_INVALID, "batch-norm mode %d is unknown; use "
-                             "match_dense or reestimate", (int)o->bn_mode);
+        return top_error_set(err, TOP_ERR_INVALID,
+                             "batch-norm mode %d is unknown; use "
+                             "match_dense or reestimate",
+                             (int)o->bn_mode);
     if (o->bn_passes < 1 || o->bn_passes > 16)
         return top_error_set(err, TOP_ERR_INVALID, "batch-norm passes %d is outside 1..16",
                              o->bn_passes);
     if (o->bn_recalibration == 1 && !o->calib_uri)
-        return top_error_set(err, TOP_ERR_INVALID, "batch-norm recalibration needs a "
+        return top_error_set(err, TOP_ERR_INVALID,
+                             "batch-norm recalibration needs a "
                              "calibration task; pass one or turn recalibration off");
     if (o->calib_uri && (o->calib_count < 2 || o->calib_fit_count < 2))
-        return top_error_set(err, TOP_ERR_INVALID, "calibration split %zu,%zu is too small; "
-                             "use at least 2 images in each", o->calib_count,
-                             o->calib_fit_count);
+        return top_error_set(err, TOP_ERR_INVALID,
+                             "calibration split %zu,%zu is too small; "
+                             "use at least 2 images in each",
+                             o->calib_count, o->calib_fit_count);
     if (o->n_eval < 1 || o->n_eval > PIPELINE_MAX_EVAL_TASKS)
         return top_error_set(err, TOP_ERR_INVALID, "%d evaluation tasks; pass 1 to %d",
                              o->n_eval, PIPELINE_MAX_EVAL_TASKS);
     if (o->eval_fit_count < 2 || o->eval_count < 1)
-        return top_error_set(err, TOP_ERR_INVALID, "evaluation split %zu,%zu is too small; "
+        return top_error_set(err, TOP_ERR_INVALID,
+                             "evaluation split %zu,%zu is too small; "
                              "use at least 2 head-fit images and 1 evaluation image",
                              o->eval_fit_count, o->eval_count);
     if (!(o->ridge_alpha > 0.0) || !(o->damping >= 0.0) || !isfinite(o->damping))
-        return top_error_set(err, TOP_ERR_INVALID, "ridge alpha %g or damping %g is out of "
-                             "range; alpha must be > 0 and damping >= 0", o->ridge_alpha,
-                             o->damping);
+        return top_error_set(err, TOP_ERR_INVALID,
+                             "ridge alpha %g or damping %g is out of "
+                             "range; alpha must be > 0 and damping >= 0",
+                             o->ridge_alpha, o->damping);
     if (o->batch_size < 2 || o->batch_size > 1024)
         return top_error_set(err, TOP_ERR_INVALID, "batch size %d is outside 2..1024",
                              o->batch_size);
@@ -269,10 +299,12 @@ static top_status load_model(pipeline_ctx *c, top_error *err)
     const char *name = c->opt->feature_node;
     c->feature = name ? graph_find_node(c->g, name) : default_feature_node(c->g);
     if (c->feature < 0)
-        return name ? top_error_set(err, TOP_ERR_NOT_FOUND, "feature node '%s' is not in "
+        return name ? top_error_set(err, TOP_ERR_NOT_FOUND,
+                                    "feature node '%s' is not in "
                                     "the model; pick a name from topiary inspect --nodes",
                                     name)
-                    : top_error_set(err, TOP_ERR_NOT_FOUND, "the model has no pooled "
+                    : top_error_set(err, TOP_ERR_NOT_FOUND,
+                                    "the model has no pooled "
                                     "backbone output; name the feature node");
     c->dim = c->g->nodes[c->feature].sample_numel;
 
@@ -285,13 +317,14 @@ static top_status load_model(pipeline_ctx *c, top_error *err)
         if (!graph_param_is_prunable(c->g, p) || gp->node >= c->feature)
             continue;
         if (first_conv < 0 && c->g->nodes[gp->node].op == OP_CONV2D) {
-            first_conv = p;         /* the stem stays dense */
+            first_conv = p; /* the stem stays dense */
             continue;
         }
         c->prunable[c->n_prunable++] = p;
     }
     if (c->n_prunable == 0)
-        return top_error_set(err, TOP_ERR_INVALID, "no prunable weights before feature node "
+        return top_error_set(err, TOP_ERR_INVALID,
+                             "no prunable weights before feature node "
                              "'%s'; name a later feature node",
                              c->g->nodes[c->feature].name);
     return TOP_OK;
@@ -467,11 +500,11 @@ static top_status fisher_accumulate(const grad_sink *sink, pipeline_ctx *c, top_
     float *dy = malloc(c->dim * sizeof *dy);
     double *scores = malloc(c->calib.head.n_classes * sizeof *scores);
     batch_iter *it = NULL;
-    top_status st = (!dy || !scores)
-                        ? top_error_set(err, TOP_ERR_NOMEM, "out of memory for the loss "
-                                        "gradient")
-                        : batch_iter_new(&it, split, &c->g->preprocess, c->opt->batch_size,
-                                         err);
+    top_status st = (!dy || !scores) ? top_error_set(err, TOP_ERR_NOMEM,
+                                                     "out of memory for the loss "
+                                                     "gradient")
+                                     : batch_iter_new(&it, split, &c->g->preprocess,
+                                                      c->opt->batch_size, err);
     const graph_preprocess *pp = &c->g->preprocess;
     size_t per_image = (size_t)pp->channels * (size_t)pp->height * (size_t)pp->width;
     report_progress(c, "saliency", 0, split->count);
@@ -519,8 +552,10 @@ static top_status obs_alloc_rows(pipeline_ctx *c, top_error *err)
     for (int l = 0; st == TOP_OK && l < c->n_prunable; l++) {
         c->grads[l] = malloc(n * counts[l] * sizeof(float)); /* checked by the estimate */
         if (!c->grads[l])
-            st = top_error_set(err, TOP_ERR_NOMEM, "out of memory for %zu x %zu gradients; "
-                               "lower the calibration images", n, counts[l]);
+            st = top_error_set(err, TOP_ERR_NOMEM,
+                               "out of memory for %zu x %zu gradients; "
+                               "lower the calibration images",
+                               n, counts[l]);
     }
     free(counts);
     return st;
@@ -678,8 +713,8 @@ static top_status allocation_masks(uint8_t **masks, pipeline_ctx *c, double q, t
     size_t n = (size_t)c->n_prunable;
     float **scores = calloc(n, sizeof *scores);
     prune_layer *layers = calloc(n, sizeof *layers);
-    top_status st = (scores && layers) ? TOP_OK
-                                       : top_error_set(err, TOP_ERR_NOMEM, "out of memory");
+    top_status st =
+        (scores && layers) ? TOP_OK : top_error_set(err, TOP_ERR_NOMEM, "out of memory");
     for (size_t l = 0; st == TOP_OK && l < n; l++) {
         const tensor *w = &c->g->params[c->prunable[l]].value;
         scores[l] = malloc(w->numel * sizeof(float));
@@ -716,8 +751,10 @@ static top_status load_calibration(float **imgs, pipeline_ctx *c, top_error *err
                              split->count);
     *imgs = malloc(bytes ? bytes : 1);
     if (!*imgs)
-        return top_error_set(err, TOP_ERR_NOMEM, "out of memory for %zu calibration images; "
-                             "lower the calibration images", split->count);
+        return top_error_set(err, TOP_ERR_NOMEM,
+                             "out of memory for %zu calibration images; "
+                             "lower the calibration images",
+                             split->count);
     batch_iter *it = NULL;
     top_status st = batch_iter_new(&it, split, pp, c->opt->batch_size, err);
     while (st == TOP_OK) {
@@ -759,9 +796,10 @@ static top_status linear_view_of(linear_view *v, const pipeline_ctx *c, int l, t
         v->ppi = in->sample_numel / v->cg;
     }
     if (v->groups == 0 || v->ppi == 0 || v->kg * v->cg * v->groups != gp->value.numel)
-        return top_error_set(err, TOP_ERR_UNSUPPORTED, "layer_obs cannot view '%s' (op %s) "
-                             "as a linear map; use obs or obd", gp->name,
-                             op_kind_str(v->nd->op));
+        return top_error_set(err, TOP_ERR_UNSUPPORTED,
+                             "layer_obs cannot view '%s' (op %s) "
+                             "as a linear map; use obs or obd",
+                             gp->name, op_kind_str(v->nd->op));
     return TOP_OK;
 }
 
@@ -845,12 +883,16 @@ static top_status layer_obs_layer(float *w, uint8_t *mask, pipeline_ctx *c, int 
     size_t total = n_img * v.ppi, bytes;
     size_t rows = total < c->opt->layer_obs_rows ? total : c->opt->layer_obs_rows;
     if (top_size_mul(&bytes, rows, v.cg * v.groups) || top_size_mul(&bytes, bytes, 4))
-        return top_error_set(err, TOP_ERR_OVERFLOW, "layer_obs inputs overflow; lower the "
+        return top_error_set(err, TOP_ERR_OVERFLOW,
+                             "layer_obs inputs overflow; lower the "
                              "rows");
     float *x = malloc(bytes ? bytes : 1);
     size_t *sel = malloc(rows * sizeof *sel);
-    st = (x && sel) ? TOP_OK : top_error_set(err, TOP_ERR_NOMEM, "out of memory for %zu "
-                                             "bytes of layer inputs; lower the rows", bytes);
+    st = (x && sel) ? TOP_OK
+                    : top_error_set(err, TOP_ERR_NOMEM,
+                                    "out of memory for %zu "
+                                    "bytes of layer inputs; lower the rows",
+                                    bytes);
     if (st == TOP_OK) {
         choose_rows(sel, rows, total, c->opt->seed + (uint64_t)l);
         st = gather_inputs(x, sel, rows, c, &v, imgs, n_img, err);
@@ -860,8 +902,10 @@ static top_status layer_obs_layer(float *w, uint8_t *mask, pipeline_ctx *c, int 
         size_t zeros = 0;
         for (size_t i = g * gsize; i < (g + 1) * gsize; i++)
             zeros += mask[i] == 0;
-        layer_obs_options lo = {.sparsity = (double)zeros / (double)gsize, .block = 128,
-                                .damping = c->opt->layer_obs_damping, .cancel = c->cancel};
+        layer_obs_options lo = {.sparsity = (double)zeros / (double)gsize,
+                                .block = 128,
+                                .damping = c->opt->layer_obs_damping,
+                                .cancel = c->cancel};
         st = layer_obs_prune(w + g * gsize, mask + g * gsize, x + g * rows * v.cg, v.kg, v.cg,
                              rows, &lo, &c->obs_damping, err);
     }
@@ -876,8 +920,9 @@ static void layer_order(int *order, const pipeline_ctx *c)
 {
     for (int l = 0; l < c->n_prunable; l++) {
         int j = l;
-        for (; j > 0 && c->g->params[c->prunable[order[j - 1]]].node >
-                            c->g->params[c->prunable[l]].node; j--)
+        for (; j > 0 &&
+               c->g->params[c->prunable[order[j - 1]]].node > c->g->params[c->prunable[l]].node;
+             j--)
             order[j] = order[j - 1];
         order[j] = l;
     }
@@ -893,8 +938,10 @@ static top_status layer_obs_run(uint8_t **masks, pipeline_ctx *c, const float *i
     int seq = c->opt->layer_obs_sequential;
     int *order = malloc(n * sizeof *order);
     float **out = calloc(n, sizeof *out);
-    top_status st = (order && out) ? TOP_OK : top_error_set(err, TOP_ERR_NOMEM, "out of "
-                                                            "memory");
+    top_status st = (order && out) ? TOP_OK
+                                   : top_error_set(err, TOP_ERR_NOMEM,
+                                                   "out of "
+                                                   "memory");
     for (size_t l = 0; st == TOP_OK && l < n; l++) {
         tensor *w = &c->g->params[c->prunable[l]].value;
         out[l] = seq ? w->data : malloc(w->numel * sizeof(float));
@@ -1104,8 +1151,7 @@ static void bn_add_moments(double *acc, const graph *g, int b, int n)
  * Measures the mean and (population) variance of every BN input channel over
  * the calibration split, with the graph in inference mode, into stats.
  */
-static top_status bn_measure(double **stats, pipeline_ctx *c, const char *stage,
-                             top_error *err)
+static top_status bn_measure(double **stats, pipeline_ctx *c, const char *stage, top_error *err)
 {
     const task_split *split = &c->calib.t.calib;
     batch_iter *it = NULL;
@@ -1163,8 +1209,7 @@ static top_status bn_dense_stage(pipeline_ctx *c, top_error *err)
  * |mu_p - mu_d| / sqrt(var_d + eps) before the move.
  */
 static double bn_match_layer(float *mean, float *var, const float *mean0, const float *var0,
-                             const double *dense, const double *pruned, size_t ch,
-                             double eps)
+                             const double *dense, const double *pruned, size_t ch, double eps)
 {
     double shift = 0.0;
     for (size_t k = 0; k < ch; k++) {
@@ -1247,8 +1292,8 @@ static top_status pruned_stage(pipeline_ctx *c, top_error *err)
         pipeline_task *pt = &c->eval[i];
         st = extract_features(pt->eval_x, c, &pt->t.eval, "pruned evaluation", err);
         if (st == TOP_OK)
-            st = ridge_accuracy(&pt->pruned_accuracy, &pt->head, pt->eval_x,
-                                pt->t.eval.labels, pt->t.eval.count, err);
+            st = ridge_accuracy(&pt->pruned_accuracy, &pt->head, pt->eval_x, pt->t.eval.labels,
+                                pt->t.eval.count, err);
     }
     return st;
 }
@@ -1276,13 +1321,15 @@ static top_status to_source_layout(float *dst, const graph_param *gp, top_error 
         return TOP_OK;
     }
     if (t->ndim != 4)
-        return top_error_set(err, TOP_ERR_SHAPE, "parameter '%s' has rank %d; its source "
-                             "layout needs rank 4", gp->name, t->ndim);
+        return top_error_set(err, TOP_ERR_SHAPE,
+                             "parameter '%s' has rank %d; its source "
+                             "layout needs rank 4",
+                             gp->name, t->ndim);
     k = t->shape[0];
     ch = gp->layout == PARAM_LAYOUT_HWC1 ? 1 : t->shape[1];
     r = t->shape[2];
     s = t->shape[3];
-    for (int64_t a = 0; a < k; a++)             /* out channel (or channel for HWC1) */
+    for (int64_t a = 0; a < k; a++) /* out channel (or channel for HWC1) */
         for (int64_t b = 0; b < ch; b++)
             for (int64_t y = 0; y < r; y++)
                 for (int64_t x = 0; x < s; x++)
@@ -1330,8 +1377,11 @@ static top_status write_compressed(const pipeline_ctx *c, const char *path, top_
         return top_error_set(err, TOP_ERR_NOMEM, "out of memory for the checkpoint list");
     for (int p = 0; p < c->g->n_params; p++) {
         const graph_param *gp = &c->g->params[p];
-        in[p] = (ckpt_input){.name = gp->name, .dtype = ST_DTYPE_F32, .ndim = gp->value.ndim,
-                             .data = gp->value.data, .bytes = gp->value.numel * sizeof(float)};
+        in[p] = (ckpt_input){.name = gp->name,
+                             .dtype = ST_DTYPE_F32,
+                             .ndim = gp->value.ndim,
+                             .data = gp->value.data,
+                             .bytes = gp->value.numel * sizeof(float)};
         memcpy(in[p].shape, gp->value.shape, sizeof in[p].shape);
     }
     char q[32];
@@ -1365,8 +1415,10 @@ static top_status checkpoint_stage(pipeline_ctx *c, top_error *err)
 {
     const char *dir = c->opt->out_dir;
     if (mkdir(dir, 0777) != 0 && errno != EEXIST)
-        return top_error_set(err, TOP_ERR_IO, "cannot create output folder '%s': %s; create "
-                             "its parent or pick another path", dir, strerror(errno));
+        return top_error_set(err, TOP_ERR_IO,
+                             "cannot create output folder '%s': %s; create "
+                             "its parent or pick another path",
+                             dir, strerror(errno));
     char path[4096];
     json_t *dense = json_object(), *comp = json_object();
     c->checkpoints = json_object();
@@ -1403,11 +1455,10 @@ static json_t *report_layers(const pipeline_ctx *c, size_t *zeros_out, size_t *c
             z += gp->value.data[i] == 0.0f;
         zeros += z;
         count += gp->value.numel;
-        json_array_append_new(layers, json_pack("{s:s, s:I, s:I, s:f}", "name", gp->name,
-                                                "count", (json_int_t)gp->value.numel,
-                                                "zeros", (json_int_t)z, "sparsity",
-                                                gp->value.numel ? (double)z /
-                                                (double)gp->value.numel : 0.0));
+        json_array_append_new(
+            layers, json_pack("{s:s, s:I, s:I, s:f}", "name", gp->name, "count",
+                              (json_int_t)gp->value.numel, "zeros", (json_int_t)z, "sparsity",
+                              gp->value.numel ? (double)z / (double)gp->value.numel : 0.0));
     }
     *zeros_out = zeros;
     *count_out = count;
@@ -1417,10 +1468,9 @@ static json_t *report_layers(const pipeline_ctx *c, size_t *zeros_out, size_t *c
 static json_t *report_task(const pipeline_task *pt, int pruned)
 {
     return json_pack("{s:s, s:i, s:I, s:I, s:f, s:o}", "uri", dataset_uri(pt->ds), "classes",
-                     pt->t.n_classes, "fit_images", (json_int_t)pt->t.fit.count,
-                     "eval_images", (json_int_t)pt->t.eval.count, "dense_accuracy",
-                     pt->dense_accuracy, "pruned_accuracy",
-                     pruned ? json_real(pt->pruned_accuracy) : json_null());
+                     pt->t.n_classes, "fit_images", (json_int_t)pt->t.fit.count, "eval_images",
+                     (json_int_t)pt->t.eval.count, "dense_accuracy", pt->dense_accuracy,
+                     "pruned_accuracy", pruned ? json_real(pt->pruned_accuracy) : json_null());
 }
 
 static json_t *report_build(const pipeline_ctx *c)
@@ -1435,40 +1485,41 @@ static json_t *report_build(const pipeline_ctx *c)
     json_object_set_new(r, "feature_dim", json_integer((json_int_t)c->dim));
     json_object_set_new(r, "sparsity_requested", json_real(o->sparsity));
     json_t *layers = report_layers(c, &zeros, &count);
-    json_object_set_new(r, "sparsity_achieved", json_real(count ? (double)zeros /
-                                                          (double)count : 0.0));
+    json_object_set_new(r, "sparsity_achieved",
+                        json_real(count ? (double)zeros / (double)count : 0.0));
     json_object_set_new(r, "prunable_weights", json_integer((json_int_t)count));
     json_object_set_new(r, "zero_weights", json_integer((json_int_t)zeros));
     json_object_set_new(r, "layers", layers);
     if (o->method == PIPELINE_METHOD_OBS)
-        json_object_set_new(r, "obs", json_pack("{s:I, s:b, s:I, s:I, s:i, s:I}",
-                            "block_size", (json_int_t)o->obs_block, "obs_update",
-                            o->obs_update, "memory_bytes", (json_int_t)c->obs_memory,
-                            "memory_budget_bytes", (json_int_t)o->obs_memory_budget,
-                            "cholesky_retries", c->obs_damping.retries, "blocks",
-                            (json_int_t)c->obs_damping.blocks));
+        json_object_set_new(r, "obs",
+                            json_pack("{s:I, s:b, s:I, s:I, s:i, s:I}", "block_size",
+                                      (json_int_t)o->obs_block, "obs_update", o->obs_update,
+                                      "memory_bytes", (json_int_t)c->obs_memory,
+                                      "memory_budget_bytes", (json_int_t)o->obs_memory_budget,
+                                      "cholesky_retries", c->obs_damping.retries, "blocks",
+                                      (json_int_t)c->obs_damping.blocks));
     if (o->method == PIPELINE_METHOD_LAYER_OBS)
-        json_object_set_new(r, "layer_obs", json_pack("{s:s, s:I, s:f, s:s, s:i, s:I, s:I}",
-                            "allocation", pipeline_allocation_name(o->allocation),
-                            "max_rows", (json_int_t)o->layer_obs_rows, "damping",
-                            o->layer_obs_damping, "inputs",
-                            o->layer_obs_sequential ? "sequential" : "dense",
-                            "cholesky_retries", c->obs_damping.retries, "hessians",
-                            (json_int_t)c->obs_damping.blocks, "rows_used",
-                            (json_int_t)c->layer_obs_rows_used));
+        json_object_set_new(
+            r, "layer_obs",
+            json_pack("{s:s, s:I, s:f, s:s, s:i, s:I, s:I}", "allocation",
+                      pipeline_allocation_name(o->allocation), "max_rows",
+                      (json_int_t)o->layer_obs_rows, "damping", o->layer_obs_damping, "inputs",
+                      o->layer_obs_sequential ? "sequential" : "dense", "cholesky_retries",
+                      c->obs_damping.retries, "hessians", (json_int_t)c->obs_damping.blocks,
+                      "rows_used", (json_int_t)c->layer_obs_rows_used));
     if (o->method == PIPELINE_METHOD_OBD || o->method == PIPELINE_METHOD_OBS)
-        json_object_set_new(r, "damping", json_pack("{s:s, s:f, s:f}", "mode",
-                            o->damping_mode == PIPELINE_DAMPING_ABSOLUTE ? "absolute"
-                                                                         : "relative",
-                            "value", o->damping, "lambda", c->lambda));
+        json_object_set_new(
+            r, "damping",
+            json_pack("{s:s, s:f, s:f}", "mode",
+                      o->damping_mode == PIPELINE_DAMPING_ABSOLUTE ? "absolute" : "relative",
+                      "value", o->damping, "lambda", c->lambda));
     char nm_text[32];
     snprintf(nm_text, sizeof nm_text, "%d:%d", o->nm_n, o->nm_m);
     json_object_set_new(r, "mask",
                         json_pack("{s:s, s:s, s:f, s:i}", "scope",
                                   c->opt->scope == PRUNE_SCOPE_GLOBAL ? "global" : "per_layer",
-                                  "nm", c->opt->nm_m ? nm_text : "unstructured",
-                                  "min_density", c->opt->min_density, "rounds",
-                                  c->opt->rounds));
+                                  "nm", c->opt->nm_m ? nm_text : "unstructured", "min_density",
+                                  c->opt->min_density, "rounds", c->opt->rounds));
     const char *bn_mode =
         c->opt->bn_mode == PIPELINE_BN_MATCH_DENSE ? "match_dense" : "reestimate";
     json_object_set_new(r, "bn_recalibration",
@@ -1476,12 +1527,13 @@ static json_t *report_build(const pipeline_ctx *c)
                                   bn_mode, "layers", c->bn_layers, "images",
                                   (json_int_t)c->bn_images, "passes", c->bn_passes_run,
                                   "max_mean_shift", c->bn_max_shift));
-    json_object_set_new(r, "calibration", c->calib.ds
-                        ? json_pack("{s:s, s:I, s:I}", "uri", dataset_uri(c->calib.ds),
-                                    "calibration_images", (json_int_t)c->calib.t.calib.count,
-                                    "fit_images", (json_int_t)(c->calib.fit_x
-                                                               ? c->calib.t.fit.count : 0))
-                        : json_null());
+    json_object_set_new(r, "calibration",
+                        c->calib.ds
+                            ? json_pack("{s:s, s:I, s:I}", "uri", dataset_uri(c->calib.ds),
+                                        "calibration_images",
+                                        (json_int_t)c->calib.t.calib.count, "fit_images",
+                                        (json_int_t)(c->calib.fit_x ? c->calib.t.fit.count : 0))
+                            : json_null());
     json_t *tasks = json_array();
     for (int i = 0; i < o->n_eval; i++)
         json_array_append_new(tasks, report_task(&c->eval[i], 1));
@@ -1490,8 +1542,8 @@ static json_t *report_build(const pipeline_ctx *c)
     for (int i = 0; i <= T_TOTAL; i++)
         json_object_set_new(t, timing_names[i], json_real(c->timings[i]));
     json_object_set_new(r, "timings_s", t);
-    json_object_set_new(r, "checkpoints", c->checkpoints ? json_incref(c->checkpoints)
-                                                         : json_null());
+    json_object_set_new(r, "checkpoints",
+                        c->checkpoints ? json_incref(c->checkpoints) : json_null());
     return r;
 }
 
@@ -1518,8 +1570,8 @@ static top_status run_stages(pipeline_ctx *c, top_error *err)
     if (st == TOP_OK)
         st = dense_stage(c, err);
     c->timings[T_DENSE] = now_s() - t0;
-    int bn = c->opt->bn_recalibration < 0 ? c->opt->calib_uri != NULL
-                                          : c->opt->bn_recalibration;
+    int bn =
+        c->opt->bn_recalibration < 0 ? c->opt->calib_uri != NULL : c->opt->bn_recalibration;
     int match = bn && c->opt->bn_mode == PIPELINE_BN_MATCH_DENSE;
     t0 = now_s();
     if (st == TOP_OK && match)
@@ -1527,9 +1579,9 @@ static top_status run_stages(pipeline_ctx *c, top_error *err)
     double dense_bn_time = now_s() - t0;
     /* Iterative rounds: density k^(r/R); the last round hits q exactly. */
     for (int r = 1; st == TOP_OK && r <= c->opt->rounds; r++) {
-        double q = r == c->opt->rounds
-                       ? c->opt->sparsity
-                       : 1.0 - prune_schedule_density(1.0 - c->opt->sparsity, r, c->opt->rounds);
+        double q = r == c->opt->rounds ? c->opt->sparsity
+                                       : 1.0 - prune_schedule_density(1.0 - c->opt->sparsity, r,
+                                                                      c->opt->rounds);
         st = c->opt->method == PIPELINE_METHOD_LAYER_OBS ? layer_obs_stage(c, q, err)
                                                          : prune_stage(c, q, err);
     }
@@ -1552,8 +1604,8 @@ static top_status run_stages(pipeline_ctx *c, top_error *err)
 }
 
 top_status pipeline_run(json_t **report, graph **pruned, const pipeline_options *opt,
-                        pipeline_progress_fn progress, void *user,
-                        const volatile int *cancel, top_error *err)
+                        pipeline_progress_fn progress, void *user, const volatile int *cancel,
+                        top_error *err)
 {
     if (!report || !opt)
         return top_error_set(err, TOP_ERR_INVALID, "pipeline_run: report or options is NULL");

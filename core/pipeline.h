@@ -70,48 +70,48 @@
 typedef enum pipeline_method {
     PIPELINE_METHOD_MAGNITUDE,
     PIPELINE_METHOD_OBD,
-    PIPELINE_METHOD_OBS,        /* block OBS (WoodFisher) */
-    PIPELINE_METHOD_LAYER_OBS,  /* layer-wise OBS (SparseGPT style) */
+    PIPELINE_METHOD_OBS,       /* block OBS (WoodFisher) */
+    PIPELINE_METHOD_LAYER_OBS, /* layer-wise OBS (SparseGPT style) */
 } pipeline_method;
 
 /* How layer_obs picks each layer's density. */
 typedef enum pipeline_allocation {
-    PIPELINE_ALLOC_MAGNITUDE,   /* densities of the global magnitude mask */
-    PIPELINE_ALLOC_OBD,         /* densities of the global obd mask */
-    PIPELINE_ALLOC_UNIFORM,     /* the requested sparsity in every layer */
+    PIPELINE_ALLOC_MAGNITUDE, /* densities of the global magnitude mask */
+    PIPELINE_ALLOC_OBD,       /* densities of the global obd mask */
+    PIPELINE_ALLOC_UNIFORM,   /* the requested sparsity in every layer */
 } pipeline_allocation;
 
 #define PIPELINE_OBS_BLOCK_MAX 1024
 #define PIPELINE_LAYER_OBS_ROWS_MAX 1048576
 
 typedef enum pipeline_damping {
-    PIPELINE_DAMPING_RELATIVE,  /* lambda = damping * mean(F) over prunable weights */
-    PIPELINE_DAMPING_ABSOLUTE,  /* lambda = damping */
+    PIPELINE_DAMPING_RELATIVE, /* lambda = damping * mean(F) over prunable weights */
+    PIPELINE_DAMPING_ABSOLUTE, /* lambda = damping */
 } pipeline_damping;
 
 typedef enum pipeline_bn_mode {
-    PIPELINE_BN_MATCH_DENSE,    /* match the dense model's BN input statistics */
-    PIPELINE_BN_REESTIMATE,     /* re-estimate running statistics from the data */
+    PIPELINE_BN_MATCH_DENSE, /* match the dense model's BN input statistics */
+    PIPELINE_BN_REESTIMATE,  /* re-estimate running statistics from the data */
 } pipeline_bn_mode;
 
 typedef struct pipeline_options {
     const char *model_path;
-    const char *feature_node;       /* NULL: the pooled backbone output */
+    const char *feature_node; /* NULL: the pooled backbone output */
     pipeline_method method;
-    double sparsity;                /* q in [0, 1) */
+    double sparsity; /* q in [0, 1) */
 
-    const char *calib_uri;          /* NULL: no calibration task */
-    size_t calib_count;             /* calibration images */
-    size_t calib_fit_count;         /* head-fit images of the calibration task (obd) */
+    const char *calib_uri;  /* NULL: no calibration task */
+    size_t calib_count;     /* calibration images */
+    size_t calib_fit_count; /* head-fit images of the calibration task (obd) */
 
     const char *eval_uris[PIPELINE_MAX_EVAL_TASKS];
     int n_eval;
-    size_t eval_fit_count;          /* head-fit images per evaluation task */
-    size_t eval_count;              /* evaluation images per evaluation task */
+    size_t eval_fit_count; /* head-fit images per evaluation task */
+    size_t eval_count;     /* evaluation images per evaluation task */
 
     uint64_t seed;
-    double ridge_alpha;             /* > 0; 1.0 is scikit-learn's default */
-    int ridge_balanced;             /* balanced class weights */
+    double ridge_alpha; /* > 0; 1.0 is scikit-learn's default */
+    int ridge_balanced; /* balanced class weights */
     pipeline_damping damping_mode;
     double damping;                 /* see pipeline_damping; >= 0 */
     prune_scope scope;              /* global ranking (default) or per layer */
@@ -144,8 +144,7 @@ const char *pipeline_allocation_name(pipeline_allocation a);
 
 /* Called at the start of every stage and after each batch: the stage name
  * ("dense features", "saliency", ...) and done out of total units. */
-typedef void (*pipeline_progress_fn)(void *user, const char *stage, size_t done,
-                                     size_t total);
+typedef void (*pipeline_progress_fn)(void *user, const char *stage, size_t done, size_t total);
 
 /*
  * Runs one job. On success *report is a new JSON object the caller owns
@@ -156,14 +155,13 @@ typedef void (*pipeline_progress_fn)(void *user, const char *stage, size_t done,
  * Report keys: model, architecture, method, feature_node, feature_dim,
  * sparsity_requested, sparsity_achieved (zeros counted in the tensors),
  * prunable_weights, zero_weights, layers [{name, count, zeros, sparsity}],
- * mask {scope, nm, min_density, rounds}, damping (obd), bn_recalibration {ran, mode, layers, images, passes,
- * max_mean_shift}, calibration,
- * tasks [{uri, classes, fit_images, eval_images, dense_accuracy,
- * pruned_accuracy}], timings_s, checkpoints (with --out: dense and compressed,
+ * mask {scope, nm, min_density, rounds}, damping (obd), bn_recalibration {ran, mode, layers,
+ * images, passes, max_mean_shift}, calibration, tasks [{uri, classes, fit_images, eval_images,
+ * dense_accuracy, pruned_accuracy}], timings_s, checkpoints (with --out: dense and compressed,
  * each {path, bytes, sha256}).
  */
 top_status pipeline_run(json_t **report, graph **pruned, const pipeline_options *opt,
-                        pipeline_progress_fn progress, void *user,
-                        const volatile int *cancel, top_error *err);
+                        pipeline_progress_fn progress, void *user, const volatile int *cancel,
+                        top_error *err);
 
 #endif

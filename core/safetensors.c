@@ -934,7 +934,8 @@ static top_status st_check_target(const char *path, top_error *err)
 {
     struct stat sb;
     if (path[0] == '\0')
-        return top_error_set(err, TOP_ERR_INVALID, "the output path is empty; pass a file path");
+        return top_error_set(err, TOP_ERR_INVALID,
+                             "the output path is empty; pass a file path");
     if (lstat(path, &sb) == 0 && !S_ISREG(sb.st_mode))
         return top_error_set(err, TOP_ERR_INVALID,
                              "cannot write '%s': it exists and is not a regular file; pass "

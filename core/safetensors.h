@@ -27,9 +27,18 @@
 #define ST_MAX_HEADER_BYTES ((size_t)100 << 20)
 
 typedef enum st_dtype {
-    ST_DTYPE_F64, ST_DTYPE_F32, ST_DTYPE_F16, ST_DTYPE_BF16,
-    ST_DTYPE_I64, ST_DTYPE_I32, ST_DTYPE_I16, ST_DTYPE_I8,
-    ST_DTYPE_U64, ST_DTYPE_U32, ST_DTYPE_U16, ST_DTYPE_U8,
+    ST_DTYPE_F64,
+    ST_DTYPE_F32,
+    ST_DTYPE_F16,
+    ST_DTYPE_BF16,
+    ST_DTYPE_I64,
+    ST_DTYPE_I32,
+    ST_DTYPE_I16,
+    ST_DTYPE_I8,
+    ST_DTYPE_U64,
+    ST_DTYPE_U32,
+    ST_DTYPE_U16,
+    ST_DTYPE_U8,
     ST_DTYPE_BOOL,
     ST_DTYPE_COUNT
 } st_dtype;
@@ -45,7 +54,7 @@ typedef struct st_tensor_info {
     int ndim;
     int64_t shape[TENSOR_MAX_DIMS];
     size_t numel;
-    size_t begin, end;          /* byte offsets into the data section */
+    size_t begin, end; /* byte offsets into the data section */
 } st_tensor_info;
 
 typedef struct st_file st_file;
@@ -67,8 +76,7 @@ const void *st_tensor_data(const st_file *f, const st_tensor_info *t);
 
 /* Converts a tensor of any numeric dtype to a new owned float32 tensor
  * (out is overwritten). */
-top_status st_read_f32(const st_file *f, const st_tensor_info *t, tensor *out,
-                       top_error *err);
+top_status st_read_f32(const st_file *f, const st_tensor_info *t, tensor *out, top_error *err);
 
 /* __metadata__ entries, in file order; the value for a key or NULL. */
 size_t st_metadata_count(const st_file *f);
@@ -86,11 +94,9 @@ void st_writer_free(st_writer *w);
 /* Adds a tensor. The data is copied; names must be unique and bytes must
  * equal numel * dtype size. Tensors are written in the order added. */
 top_status st_writer_add(st_writer *w, const char *name, st_dtype dtype, int ndim,
-                         const int64_t *shape, const void *data, size_t bytes,
-                         top_error *err);
+                         const int64_t *shape, const void *data, size_t bytes, top_error *err);
 /* Adds a float32 tensor from a tensor struct. */
-top_status st_writer_add_f32(st_writer *w, const char *name, const tensor *t,
-                             top_error *err);
+top_status st_writer_add_f32(st_writer *w, const char *name, const tensor *t, top_error *err);
 /* Sets a __metadata__ string entry (replacing an earlier value for the key). */
 top_status st_writer_set_metadata(st_writer *w, const char *key, const char *value,
                                   top_error *err);

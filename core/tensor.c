@@ -40,13 +40,12 @@ char *tensor_shape_str(char *buf, size_t size, int ndim, const int64_t *shape)
     return buf;
 }
 
-top_status tensor_shape_numel(size_t *numel, int ndim, const int64_t *shape,
-                              const char *what, top_error *err)
+top_status tensor_shape_numel(size_t *numel, int ndim, const int64_t *shape, const char *what,
+                              top_error *err)
 {
     if (ndim < 0 || ndim > TENSOR_MAX_DIMS)
-        return top_error_set(err, TOP_ERR_INVALID,
-                             "tensor '%s': rank %d is outside 0..%d", what, ndim,
-                             TENSOR_MAX_DIMS);
+        return top_error_set(err, TOP_ERR_INVALID, "tensor '%s': rank %d is outside 0..%d",
+                             what, ndim, TENSOR_MAX_DIMS);
     size_t total = 1;
     for (int i = 0; i < ndim; i++) {
         if (shape[i] < 0)
@@ -56,10 +55,9 @@ top_status tensor_shape_numel(size_t *numel, int ndim, const int64_t *shape,
         if ((uint64_t)shape[i] > TENSOR_MAX_ELEMENTS ||
             top_size_mul(&total, total, (size_t)shape[i]) || total > TENSOR_MAX_ELEMENTS) {
             char buf[160];
-            return top_error_set(err, TOP_ERR_OVERFLOW,
-                                 "tensor '%s': shape %s has more than %zu elements", what,
-                                 tensor_shape_str(buf, sizeof buf, ndim, shape),
-                                 TENSOR_MAX_ELEMENTS);
+            return top_error_set(
+                err, TOP_ERR_OVERFLOW, "tensor '%s': shape %s has more than %zu elements", what,
+                tensor_shape_str(buf, sizeof buf, ndim, shape), TENSOR_MAX_ELEMENTS);
         }
     }
     *numel = total;
@@ -94,8 +92,7 @@ top_status tensor_init(tensor *t, int ndim, const int64_t *shape, top_error *err
     return TOP_OK;
 }
 
-top_status tensor_view(tensor *t, float *data, int ndim, const int64_t *shape,
-                       top_error *err)
+top_status tensor_view(tensor *t, float *data, int ndim, const int64_t *shape, top_error *err)
 {
     size_t numel;
     top_status st = tensor_shape_numel(&numel, ndim, shape, "(view)", err);

@@ -31,16 +31,15 @@ typedef struct tensor {
 
 /* Computes the element count of a shape into *numel, rejecting negative or
  * absurd dims and overflowing products. `what` names the tensor in errors. */
-top_status tensor_shape_numel(size_t *numel, int ndim, const int64_t *shape,
-                              const char *what, top_error *err);
+top_status tensor_shape_numel(size_t *numel, int ndim, const int64_t *shape, const char *what,
+                              top_error *err);
 
 /* Allocates t->data (zero-filled, aligned) for the given shape; t is
  * overwritten. On failure t is left empty (data NULL). */
 top_status tensor_init(tensor *t, int ndim, const int64_t *shape, top_error *err);
 
 /* Makes t a non-owning view of data with the given shape. */
-top_status tensor_view(tensor *t, float *data, int ndim, const int64_t *shape,
-                       top_error *err);
+top_status tensor_view(tensor *t, float *data, int ndim, const int64_t *shape, top_error *err);
 
 /* Copies src into a new owned tensor dst (dst is overwritten). */
 top_status tensor_clone(tensor *dst, const tensor *src, top_error *err);

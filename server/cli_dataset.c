@@ -74,7 +74,10 @@ static int dataset_inspect(const char *uri)
     printf("images     %zu%s\n", n, dataset_is_streaming(ds) ? " (streamed)" : "");
     printf("classes    %d\n", classes);
     printf("sizes      %dx%d to %dx%d (height x width), %s, from %d decoded images\n", min_h,
-           min_w, max_h, max_w, channels == 1 ? "gray" : channels == 3 ? "RGB" : "gray and RGB",
+           min_w, max_h, max_w,
+           channels == 1   ? "gray"
+           : channels == 3 ? "RGB"
+                           : "gray and RGB",
            sampled);
     printf("\n%-6s %-24s %s\n", "class", "name", "images");
     for (int c = 0; c < classes; c++)
@@ -191,7 +194,8 @@ static int dataset_convert(const char *uri, const char *out)
     int rc = 1;
     if (dataset_count(ds) == 0)
         fprintf(stderr, "topiary: data set '%s' has no images\n", uri);
-    else if (gather_images(&pixels, shape, ds) == 0 && write_bundle(ds, pixels, shape, out) == 0)
+    else if (gather_images(&pixels, shape, ds) == 0 &&
+             write_bundle(ds, pixels, shape, out) == 0)
         rc = 0;
     free(pixels);
     dataset_close(ds);
@@ -200,13 +204,12 @@ static int dataset_convert(const char *uri, const char *out)
 
 static void dataset_usage(FILE *out)
 {
-    fprintf(out,
-            "usage: topiary dataset inspect URI\n"
-            "       topiary dataset convert URI --out FILE.safetensors\n\n"
-            "inspect prints the image count, the images per class and the image sizes.\n"
-            "convert writes any data set whose images share one size as a bundle\n"
-            "(safetensors: images U8 N x H x W x C, labels I32, class names).\n"
-            "URI forms: idx:IMAGES,LABELS  folder:DIR  bundle:FILE  digits-grid:FILE\n");
+    fprintf(out, "usage: topiary dataset inspect URI\n"
+                 "       topiary dataset convert URI --out FILE.safetensors\n\n"
+                 "inspect prints the image count, the images per class and the image sizes.\n"
+                 "convert writes any data set whose images share one size as a bundle\n"
+                 "(safetensors: images U8 N x H x W x C, labels I32, class names).\n"
+                 "URI forms: idx:IMAGES,LABELS  folder:DIR  bundle:FILE  digits-grid:FILE\n");
 }
 
 int cli_dataset(int argc, char **argv)

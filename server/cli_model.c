@@ -94,12 +94,11 @@ static void print_top_k(const char *image, float *probs, int classes, int k,
 
 static void forward_usage(FILE *out)
 {
-    fprintf(out,
-            "usage: topiary forward --model PATH --image FILE [--image FILE ...]\n"
-            "                       [--top K] [--labels FILE]\n\n"
-            "Runs the model on each image (PNG or JPEG) with the preprocessing its\n"
-            "importer recorded and prints the K most probable classes (default 5).\n"
-            "Class names come from --labels, or labels.txt beside the model.\n");
+    fprintf(out, "usage: topiary forward --model PATH --image FILE [--image FILE ...]\n"
+                 "                       [--top K] [--labels FILE]\n\n"
+                 "Runs the model on each image (PNG or JPEG) with the preprocessing its\n"
+                 "importer recorded and prints the K most probable classes (default 5).\n"
+                 "Class names come from --labels, or labels.txt beside the model.\n");
 }
 
 /* Decodes and preprocesses every image into one (N, C, H, W) batch. */
@@ -255,8 +254,8 @@ static void inspect_print(const graph *g, int list_params, int list_nodes)
             const graph_param *p = &g->params[i];
             char shape[96];
             tensor_shape_str(shape, sizeof shape, p->value.ndim, p->value.shape);
-            printf("%-56s %-8s %-22s %s\n", p->name, graph_param_is_prunable(g, i) ? "yes" : "no",
-                   shape, g->nodes[p->node].name);
+            printf("%-56s %-8s %-22s %s\n", p->name,
+                   graph_param_is_prunable(g, i) ? "yes" : "no", shape, g->nodes[p->node].name);
         }
     }
     if (list_nodes) {
@@ -273,8 +272,10 @@ static void inspect_print(const graph *g, int list_params, int list_nodes)
 int cli_inspect(int argc, char **argv)
 {
     static const struct option options[] = {
-        {"model", required_argument, NULL, 'm'}, {"params", no_argument, NULL, 'p'},
-        {"nodes", no_argument, NULL, 'n'},       {"help", no_argument, NULL, 'h'},
+        {"model", required_argument, NULL, 'm'},
+        {"params", no_argument, NULL, 'p'},
+        {"nodes", no_argument, NULL, 'n'},
+        {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
     const char *model = NULL;

@@ -126,10 +126,28 @@ static void draw_progress(void *user, const char *stage, size_t done, size_t tot
     fflush(stderr);
 }
 
-enum { OPT_CALIB_SPLIT = 256, OPT_EVAL_SPLIT, OPT_FEATURE, OPT_DAMPING, OPT_DAMPING_ABS,
-       OPT_NO_BN, OPT_BN_CORRECTION, OPT_BN_PASSES, OPT_ALPHA, OPT_BATCH, OPT_SCOPE, OPT_NM,
-       OPT_MIN_DENSITY, OPT_ROUNDS, OPT_BLOCK, OPT_NO_UPDATE, OPT_OBS_MEMORY, OPT_ALLOCATION,
-       OPT_LOBS_ROWS, OPT_LOBS_INPUTS };
+enum {
+    OPT_CALIB_SPLIT = 256,
+    OPT_EVAL_SPLIT,
+    OPT_FEATURE,
+    OPT_DAMPING,
+    OPT_DAMPING_ABS,
+    OPT_NO_BN,
+    OPT_BN_CORRECTION,
+    OPT_BN_PASSES,
+    OPT_ALPHA,
+    OPT_BATCH,
+    OPT_SCOPE,
+    OPT_NM,
+    OPT_MIN_DENSITY,
+    OPT_ROUNDS,
+    OPT_BLOCK,
+    OPT_NO_UPDATE,
+    OPT_OBS_MEMORY,
+    OPT_ALLOCATION,
+    OPT_LOBS_ROWS,
+    OPT_LOBS_INPUTS
+};
 
 static const struct option prune_options[] = {
     {"model", required_argument, NULL, 'm'},
@@ -278,13 +296,15 @@ static int parse_one(pipeline_options *o, int c, char *arg)
     case OPT_CALIB_SPLIT:
         if (parse_pair(&o->calib_count, &o->calib_fit_count, arg) || o->calib_count < 2 ||
             o->calib_fit_count < 2)
-            return bad_option("--calibration-split", arg, "pass two counts >= 2, such as "
+            return bad_option("--calibration-split", arg,
+                              "pass two counts >= 2, such as "
                               "64,200 (calibration, head fit)");
         return 0;
     case OPT_EVAL_SPLIT:
         if (parse_pair(&o->eval_fit_count, &o->eval_count, arg) || o->eval_fit_count < 2 ||
             o->eval_count < 1)
-            return bad_option("--eval-split", arg, "pass two counts, such as 200,200 "
+            return bad_option("--eval-split", arg,
+                              "pass two counts, such as 200,200 "
                               "(head fit >= 2, evaluation >= 1)");
         return 0;
     case 'e':
@@ -297,8 +317,8 @@ static int parse_one(pipeline_options *o, int c, char *arg)
             return bad_option(c == OPT_DAMPING ? "--damping" : "--damping-absolute", arg,
                               "pass a number >= 0, such as 1e-3");
         o->damping = v;
-        o->damping_mode = c == OPT_DAMPING ? PIPELINE_DAMPING_RELATIVE
-                                           : PIPELINE_DAMPING_ABSOLUTE;
+        o->damping_mode =
+            c == OPT_DAMPING ? PIPELINE_DAMPING_RELATIVE : PIPELINE_DAMPING_ABSOLUTE;
         return 0;
     case OPT_ALPHA:
         if (parse_double(&v, arg) || !(v > 0.0 && v < 1e30))
@@ -341,7 +361,7 @@ int cli_prune(int argc, char **argv)
         return missing_option("--eval", "pass at least one evaluation data set URI");
     if (o.method != PIPELINE_METHOD_MAGNITUDE && !o.calib_uri)
         return missing_option("--calibration", "--method obd, obs and layer_obs need a "
-                              "calibration data set");
+                                               "calibration data set");
 
     progress_state ps = {.stage = NULL, .tty = isatty(2)};
     json_t *report = NULL;

@@ -243,7 +243,8 @@ static void options_from_extra(pipeline_options *opt, const json_t *request)
     if (bn && !strcmp(bn, "none"))
         opt->bn_recalibration = 0;
     else if (bn)
-        opt->bn_mode = strcmp(bn, "reestimate") ? PIPELINE_BN_MATCH_DENSE : PIPELINE_BN_REESTIMATE;
+        opt->bn_mode =
+            strcmp(bn, "reestimate") ? PIPELINE_BN_MATCH_DENSE : PIPELINE_BN_REESTIMATE;
     if (json_is_integer(v = json_object_get(o, "bn_passes")))
         opt->bn_passes = (int)json_integer_value(v);
 
@@ -252,7 +253,8 @@ static void options_from_extra(pipeline_options *opt, const json_t *request)
     if (scope)
         opt->scope = strcmp(scope, "per_layer") ? PRUNE_SCOPE_GLOBAL : PRUNE_SCOPE_PER_LAYER;
     const char *gran = json_str(m, "granularity");
-    if (gran && strcmp(gran, "unstructured") && sscanf(gran, "%d:%d", &opt->nm_n, &opt->nm_m) != 2)
+    if (gran && strcmp(gran, "unstructured") &&
+        sscanf(gran, "%d:%d", &opt->nm_n, &opt->nm_m) != 2)
         opt->nm_n = opt->nm_m = 0;
     if (json_is_number(v = json_object_get(m, "min_density")))
         opt->min_density = json_number_value(v);
