@@ -345,10 +345,11 @@ check "no accepted submission is lost" eq "$lost" 0
 for _ in $(seq 120); do
   req GET '/v1/jobs?status=running'; [[ $(jget "$tmp/body" 'len(d["jobs"])') == 0 ]] && break; sleep 0.25
 done
-post_json /v1/jobs "{\"model\":\"$model\",\"sparsity\":0.4,\"evaluation\":{\"tasks\":[\"digits\"],\"head_fit_images\":40,\"images\":40}}"
+# 400 images keep the job running for several seconds, long enough to be killed mid-way.
+post_json /v1/jobs "{\"model\":\"$model\",\"sparsity\":0.4,\"evaluation\":{\"tasks\":[\"digits\"],\"head_fit_images\":200,\"images\":200}}"
 crash=$(jget "$tmp/body" 'd["id"]')
 check "crash job starts running" wait_status "$crash" running 60
-sleep 2
+sleep 1
 kill -9 "$server_pid"; wait "$server_pid" 2>/dev/null; server_pid=
 check "server restarts after kill -9" start_server
 check "restart re-queues the crashed job" has "$tmp/server.log" 'recovered jobs interrupted by a crash.*requeued=1'
@@ -360,7 +361,7 @@ check "recovered checkpoint matches its sha256" eq "$(sha256sum "$tmp/crash.safe
 check "integrity_check is ok" eq "$(sql 'PRAGMA integrity_check')" ok
 
 # ---- SIGTERM drain ----------------------------------------------------------------
-post_json /v1/jobs "{\"model\":\"$model\",\"sparsity\":0.4,\"evaluation\":{\"tasks\":[\"digits\"],\"head_fit_images\":40,\"images\":40}}"
+post_json /v1/jobs "{\"model\":\"$model\",\"sparsity\":0.4,\"evaluation\":{\"tasks\":[\"digits\"],\"head_fit_images\":200,\"images\":200}}"
 drain=$(jget "$tmp/body" 'd["id"]')
 check "drain job starts running" wait_status "$drain" running 60
 sleep 1
