@@ -2,9 +2,9 @@
  * A small cache of rendered GET /v1/jobs/{id} bodies for finished jobs.
  * A job that has succeeded, failed or been cancelled never changes again
  * until it is deleted, so dashboards polling it need not reread SQLite and
- * re-render its per-layer results. Any HTTP thread may call these functions
- * (one mutex); the server process is the only writer of its database, so
- * dropping an entry on DELETE keeps the cache exact.
+ * re-render its per-layer results. Any HTTP thread may call these functions,
+ * which share one mutex. The server process is the only writer of its
+ * database, so dropping an entry on DELETE keeps the cache exact.
  */
 #ifndef TOPIARY_JOB_CACHE_H
 #define TOPIARY_JOB_CACHE_H

@@ -2,7 +2,7 @@
 # 507 Insufficient Storage: a real server whose artifact directory is a 16 MiB
 # tmpfs (below the 64 MiB the API keeps free) rejects job submissions with a
 # problem document and stores no job. Mounting needs root, as CI runs; without
-# it the test fails and says so.
+# it the test fails with the mount error.
 set -u
 cd "$(dirname "$0")/.."
 bin=${TOPIARY_BIN:-./topiary}
