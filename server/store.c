@@ -285,7 +285,7 @@ top_status store_schema_version(store *s, int *version, top_error *err)
     return read_schema_version(s, version, err);
 }
 
-/* Checks that every applied migration the binary knows has the embedded name. */
+/* Checks that every applied migration embedded in the binary has its embedded name. */
 static top_status check_applied_names(store *s, const store_migration *m, size_t n,
                                       top_error *err)
 {
@@ -935,7 +935,7 @@ top_status store_job_transition(store *s, const char *id, store_job_status from,
 
 /* ---- jobs: writing ---- */
 
-/* Looks up a job by idempotency key; *found tells whether it exists. */
+/* Looks up a job by idempotency key and sets *found to whether it exists. */
 static top_status find_by_key(store *s, const char *key, const char *request,
                               char id[STORE_ID_MAX], bool *found, top_error *err)
 {
@@ -1369,7 +1369,7 @@ static top_status running_jobs(store *s, json_t **out, top_error *err)
     return TOP_OK;
 }
 
-/* Fails one abandoned job: attempts + 1 and an error that says why. */
+/* Fails one abandoned job: attempts + 1 and an error message with the reason. */
 static top_status abandon_in_tx(store *s, const char *id, int64_t attempts, top_error *err)
 {
     top_status rc = transition_in_tx(s, id, STORE_JOB_RUNNING, STORE_JOB_FAILED, err);
