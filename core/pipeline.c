@@ -1253,28 +1253,39 @@ static top_status bn_match_stage(pipeline_ctx *c, top_error *err)
         memcpy(saved[2 * n + 1], c->g->params[nd->params[PARAM_VAR]].value.data, bytes);
         n++;
     }
+    /* Gauss-Seidel order: each layer is measured after the layers before it
+     * were corrected, so one pass is exact. Correcting every layer from one
+     * measurement counts a shift twice (in the layer that causes it and in
+     * every layer it reaches) and made accuracy worse than no correction. */
+    int *nodes = calloc((size_t)count + 1, sizeof *nodes);
+    if (st == TOP_OK && !nodes)
+        st = top_error_set(err, TOP_ERR_NOMEM, "out of memory for batch-norm statistics");
+    for (int n = 0, i = 0; st == TOP_OK && i < c->g->n_nodes; i++)
+        if (c->g->nodes[i].op == OP_BATCHNORM)
+            nodes[n++] = i;
     for (int pass = 0; st == TOP_OK && pass < c->opt->bn_passes; pass++) {
-        bn_stats_free(pruned, count); /* fresh zeroed sums for this pass */
-        pruned = bn_stats_new(c->g, count);
-        if (!pruned) {
-            st = top_error_set(err, TOP_ERR_NOMEM, "out of memory for batch-norm statistics");
-            break;
-        }
-        st = bn_measure(pruned, c, "bn correction", err);
         c->bn_max_shift = 0.0;
-        for (int n = 0, i = 0; st == TOP_OK && i < c->g->n_nodes; i++) {
-            const graph_node *nd = &c->g->nodes[i];
-            if (nd->op != OP_BATCHNORM)
-                continue;
+        for (int n = 0; st == TOP_OK && n < count; n++) {
+            bn_stats_free(pruned, count); /* fresh zeroed sums for this layer */
+            pruned = bn_stats_new(c->g, count);
+            if (!pruned) {
+                st = top_error_set(err, TOP_ERR_NOMEM,
+                                   "out of memory for batch-norm statistics");
+                break;
+            }
+            st = bn_measure(pruned, c, "bn correction", err);
+            if (st != TOP_OK)
+                break;
+            const graph_node *nd = &c->g->nodes[nodes[n]];
             double shift = bn_match_layer(c->g->params[nd->params[PARAM_MEAN]].value.data,
                                           c->g->params[nd->params[PARAM_VAR]].value.data,
                                           saved[2 * n], saved[2 * n + 1], c->bn_dense[n],
                                           pruned[n], (size_t)nd->dims[0], nd->attrs.eps);
             c->bn_max_shift = shift > c->bn_max_shift ? shift : c->bn_max_shift;
-            n++;
         }
         c->bn_passes_run = pass + 1;
     }
+    free(nodes);
     c->bn_ran = st == TOP_OK;
     for (int n = 0; saved && n < 2 * count; n++)
         free(saved[n]);

@@ -29,13 +29,11 @@
  *        so that its output on the calibration data has the dense model's
  *        mean and spread: s' = s * sqrt(var_p / var_d) with s = sqrt(v + eps),
  *        m' = mu_p - (mu_d - m) * s' / s, with sqrt(var_p / var_d) clamped
- *        to [1/2, 2]. Pass k is exact for the first k BN layers given the
- *        ones before, so `bn_passes` passes converge layer by layer; the
- *        report gives the largest mean shift the last pass corrected.
- *        NOTE: measured on MobileNetV2 (64 Fashion-MNIST calibration images,
- *        100 + 100 digits per task), one pass helps OBD at q = 0.3 (MNIST
- *        0.71 -> 0.78) but hurts at q = 0.5 (0.70 -> 0.42), and more passes
- *        hurt more; the default is one pass until this is understood.
+ *        to [1/2, 2]. Layers are corrected one at a time in graph order, each
+ *        measured after the ones before it were corrected (one forward pass
+ *        over the calibration images per BN layer), so one pass is exact;
+ *        `bn_passes` repeats the sweep. The report gives the largest mean
+ *        shift corrected in the last sweep.
  *      reestimate: running mean and variance = the average of the per-batch
  *        mean and unbiased variance of each BN input, in one training-mode
  *        pass (PyTorch's recipe). NOTE: the dense heads were fitted with the

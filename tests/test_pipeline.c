@@ -465,7 +465,7 @@ static void test_bn_match_dense_identity(void)
     make_options(&o, bufs);
     o.sparsity = 0.0;
     o.n_eval = 1;
-    o.bn_passes = 2;
+    o.bn_passes = 1;
     graph *dense = NULL;
     top_error err;
     top_error_clear(&err);
@@ -481,7 +481,7 @@ static void test_bn_match_dense_identity(void)
     json_t *bn = json_object_get(r, "bn_recalibration");
     CHECK(json_is_true(json_object_get(bn, "ran")));
     CHECK(strcmp(json_string_value(json_object_get(bn, "mode")), "match_dense") == 0);
-    CHECK_INT_EQ(json_integer_value(json_object_get(bn, "passes")), 2);
+    CHECK_INT_EQ(json_integer_value(json_object_get(bn, "passes")), 1);
     CHECK_CLOSE(json_real_value(json_object_get(bn, "max_mean_shift")), 0.0, 1e-3);
     size_t moved = 0;
     for (int i = 0; i < g->n_params; i++) {
