@@ -82,8 +82,8 @@ top_status dataset_set_class_names(dataset *ds, const char *const *names, int n,
  * the file (and the index for files that hold many images). */
 top_status dataset_get(const dataset *ds, size_t i, image_u8 *out, top_error *err);
 
-/* Bytes of pixels the data set holds now (labels, names and mapped files not
- * counted); never more than the memory budget. */
+/* Returns the bytes of pixels the data set keeps in memory now, not counting
+ * labels, names or mapped files. It never exceeds the memory budget. */
 size_t dataset_resident_bytes(const dataset *ds);
 /* 1 if pixels are read on demand instead of held whole. */
 int dataset_is_streaming(const dataset *ds);

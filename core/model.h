@@ -20,8 +20,8 @@ typedef enum model_format {
  * .safetensors file, or a file starting with a safetensors header). */
 model_format model_detect_format(const char *path);
 
-/* Imports the model at path into *out; on failure *out is NULL and err says
- * which format was tried and why it failed. */
+/* Imports the model at path into *out. On failure *out is NULL, and err names
+ * the format that was tried and why it failed. */
 top_status model_load(graph **out, const char *path, top_error *err);
 
 #endif

@@ -61,7 +61,7 @@ typedef struct pipeline_ctx {
     float **grads;              /* obs: (n, numel) per-sample gradients per layer */
     size_t obs_memory;          /* obs: bytes the estimate gave */
     obs_damping obs_damping;    /* obs and layer_obs: retries and factorisations */
-    size_t layer_obs_rows_used; /* layer_obs: the most rows any layer used */
+    size_t layer_obs_rows_used; /* layer_obs: the maximum rows used by one layer */
     double timings[9];
     json_t *checkpoints;
 } pipeline_ctx;
@@ -1221,7 +1221,7 @@ static double bn_match_layer(float *mean, float *var, const float *mean0, const 
         /* The spread ratio is clamped to [1/2, 2]: a channel the pruning left
          * (nearly) constant would otherwise be amplified without bound. */
         double ratio = var_d > 1e-12 ? sqrt(var_p / var_d) : 1.0;
-        ratio = ratio < 0.5 ? 0.5 : ratio > 2.0 ? 2.0 : ratio;
+        ratio = fmax(0.5, fmin(ratio, 2.0));
         double s_new = s * ratio;
         double v_new = s_new * s_new - eps;
         mean[k] = (float)(mu_p - (mu_d - mean0[k]) * s_new / s);

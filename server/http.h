@@ -35,7 +35,7 @@ typedef struct http_request {
     size_t body_cap;   /* buffered body limit in bytes */
     http_sink_fn sink; /* non-NULL: stream the body here, buffer nothing */
     void *sink_user;
-    struct MHD_Response *early; /* non-NULL: answer now without reading the body */
+    struct MHD_Response *early; /* non-NULL: respond now without reading the body */
     unsigned early_status;
 
     /* The buffered body (NUL-terminated), or the state of the sink. */

@@ -1054,7 +1054,7 @@ top_status store_job_progress(store *s, const char *id, const char *stage, doubl
         return top_error_set(err, TOP_ERR_INVALID, "job id is missing");
     if (isnan(progress))
         return top_error_set(err, TOP_ERR_INVALID, "job %s: progress is NaN", id);
-    progress = progress < 0 ? 0 : progress > 1 ? 1 : progress;
+    progress = fmax(0.0, fmin(progress, 1.0));
     top_status rc = tx_begin(s, err);
     sqlite3_stmt *st = NULL;
     if (rc == TOP_OK)

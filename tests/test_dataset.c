@@ -85,7 +85,8 @@ static void write_idx_pair(const char *images, const char *labels, uint32_t n,
 {
     gzFile gi = gzopen(images, gzip ? "wb" : "wbT");
     gzFile gl = gzopen(labels, gzip ? "wb" : "wbT");
-    CHECK(gi && gl);
+    CHECK(gi != NULL);
+    CHECK(gl != NULL);
     if (!gi || !gl)
         return;
     unsigned char hdr[16];
@@ -633,8 +634,9 @@ static void test_task_splits(void)
     check_split(&a, &a.eval, 50);
     const task_split *all[3] = {&a.calib, &a.fit, &a.eval};
     CHECK_INT_EQ(overlap_count(ds, all, 3), 0);
-    CHECK(same_split(&a.calib, &b.calib) && same_split(&a.fit, &b.fit) &&
-          same_split(&a.eval, &b.eval));
+    CHECK(same_split(&a.calib, &b.calib));
+    CHECK(same_split(&a.fit, &b.fit));
+    CHECK(same_split(&a.eval, &b.eval));
     CHECK(!same_split(&a.calib, &c.calib));
     CHECK(!same_split(&a.eval, &c.eval));
     /* Classes are mixed within a split, not in blocks. */
@@ -735,7 +737,9 @@ static void test_task_official_split(void)
     top_error err;
     top_error_clear(&err);
     CHECK_MSG(task_make(&t, train, test, &spec, &err) == TOP_OK, "%s", err.message);
-    CHECK(t.calib.source == train && t.fit.source == train && t.eval.source == test);
+    CHECK(t.calib.source == train);
+    CHECK(t.fit.source == train);
+    CHECK(t.eval.source == test);
     CHECK_INT_EQ(t.eval.count, 10000);
     check_split(&t, &t.calib, 50);
     check_split(&t, &t.eval, 1000);
@@ -796,13 +800,19 @@ static void test_batch_iterator_order(void)
     CHECK_INT_EQ(seen, 70);
     CHECK_INT_EQ(batches, 5); /* 16 + 16 + 16 + 16 + 6 */
     const batch *after;
-    CHECK(batch_iter_next(it, &after, NULL) == TOP_OK && after->n == 0);
+    top_status next = batch_iter_next(it, &after, NULL);
+    CHECK_INT_EQ(next, TOP_OK);
+    if (next == TOP_OK)
+        CHECK_INT_EQ(after->n, 0);
     batch_iter_free(it);
 
     /* Stopping after one batch, and before any, leaks nothing (ASan). */
     CHECK(batch_iter_new(&it, &t.calib, &pp, 4, NULL) == TOP_OK);
     const batch *first;
-    CHECK(batch_iter_next(it, &first, NULL) == TOP_OK && first->n == 4);
+    next = batch_iter_next(it, &first, NULL);
+    CHECK_INT_EQ(next, TOP_OK);
+    if (next == TOP_OK)
+        CHECK_INT_EQ(first->n, 4);
     batch_iter_free(it);
     CHECK(batch_iter_new(&it, &t.calib, &pp, 4, NULL) == TOP_OK);
     batch_iter_free(it);
@@ -831,7 +841,10 @@ static void test_batch_iterator_reports_errors(void)
     batch_iter *it = NULL;
     CHECK(batch_iter_new(&it, &split, &pp, 2, NULL) == TOP_OK);
     const batch *b;
-    CHECK(batch_iter_next(it, &b, NULL) == TOP_OK && b->n == 2);
+    top_status next = batch_iter_next(it, &b, NULL);
+    CHECK_INT_EQ(next, TOP_OK);
+    if (next == TOP_OK)
+        CHECK_INT_EQ(b->n, 2);
     top_error err;
     top_error_clear(&err);
     CHECK_INT_EQ(batch_iter_next(it, &b, &err), TOP_ERR_FORMAT);

@@ -81,10 +81,12 @@ static void test_level_threshold(void)
     CHECK_MSG(!strstr(out, "dropped") && strstr(out, "ERROR x msg=kept"), "output: %s", out);
 
     log_level level;
-    CHECK(log_level_parse("warning", &level) == 0 && level == LOG_WARN);
+    CHECK_INT_EQ(log_level_parse("warning", &level), 0);
+    CHECK_INT_EQ(level, LOG_WARN);
     CHECK(log_level_parse("verbose", &level) == -1);
     log_format format;
-    CHECK(log_format_parse("json", &format) == 0 && format == LOG_FORMAT_JSON);
+    CHECK_INT_EQ(log_format_parse("json", &format), 0);
+    CHECK_INT_EQ(format, LOG_FORMAT_JSON);
     CHECK(log_format_parse("xml", &format) == -1);
 }
 
