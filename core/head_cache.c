@@ -576,6 +576,22 @@ top_status head_cache_model_sha256(char hex[SHA256_HEX_BYTES], const char *model
 
 /* ---- load ---------------------------------------------------------------- */
 
+/* The entry's content digest: the tensor bytes (coef, intercept, accuracy),
+ * then the fit and evaluation counts as text, each with its NUL. It catches
+ * a flipped byte that would still parse. */
+static void content_sha256(char hex[SHA256_HEX_BYTES], const void *values, size_t bytes,
+                           const char *fit_text, const char *eval_text)
+{
+    sha256_ctx ctx;
+    uint8_t digest[SHA256_DIGEST_BYTES];
+    sha256_init(&ctx);
+    sha256_update(&ctx, values, bytes);
+    sha256_update(&ctx, fit_text, strlen(fit_text) + 1);
+    sha256_update(&ctx, eval_text, strlen(eval_text) + 1);
+    sha256_final(&ctx, digest);
+    sha256_hex(hex, digest);
+}
+
 /*
  * Reads the whole file at path when it is a regular file of at most max
  * bytes. A missing file, anything but a regular file, a larger file or one
@@ -670,9 +686,20 @@ static int entry_matches(const st_file *f, const char *key, size_t d, size_t c, 
     const int64_t coef_shape[2] = {(int64_t)c, (int64_t)d};
     const int64_t intercept_shape[1] = {(int64_t)c};
     const int64_t accuracy_shape[1] = {1};
-    return st_tensor_count(f) == 3 && tensor_matches(st_find(f, "coef"), 2, coef_shape) &&
-           tensor_matches(st_find(f, "intercept"), 1, intercept_shape) &&
-           tensor_matches(st_find(f, "dense_accuracy"), 1, accuracy_shape);
+    const st_tensor_info *tc = st_find(f, "coef"), *ti = st_find(f, "intercept");
+    const st_tensor_info *ta = st_find(f, "dense_accuracy");
+    if (st_tensor_count(f) != 3 || !tensor_matches(tc, 2, coef_shape) ||
+        !tensor_matches(ti, 1, intercept_shape) || !tensor_matches(ta, 1, accuracy_shape))
+        return 0;
+
+    /* The writer lays the three tensors out back to back, in this order. */
+    const char *stored_hex = st_metadata_get(f, "content_sha256");
+    char hex[SHA256_HEX_BYTES];
+    if (tc->begin != 0 || ti->begin != tc->end || ta->begin != ti->end)
+        return 0;
+    content_sha256(hex, st_tensor_data(f, tc), ta->end, st_metadata_get(f, "fit_images"),
+                   st_metadata_get(f, "eval_images"));
+    return stored_hex && strcmp(stored_hex, hex) == 0;
 }
 
 /* Decodes n little-endian float64 values; 0 if any is not finite. */
@@ -852,12 +879,13 @@ static top_status fill_writer(st_writer *w, const char *key, const ridge_model *
     encode_f64(buf, head->coef, cd);
     encode_f64(buf + 8 * cd, head->intercept, c);
     encode_f64(buf + 8 * (cd + c), &accuracy, 1);
+    char fit_text[32], eval_text[32], version[16], content_hex[SHA256_HEX_BYTES];
+    snprintf(fit_text, sizeof fit_text, "%zu", fit_n);
+    snprintf(eval_text, sizeof eval_text, "%zu", eval_n);
+    content_sha256(content_hex, buf, (cd + c + 1) * sizeof(double), fit_text, eval_text);
 
     const int64_t coef_shape[2] = {(int64_t)c, (int64_t)d}, c_shape[1] = {(int64_t)c};
     const int64_t one[1] = {1};
-    char fit_text[32], eval_text[32], version[16];
-    snprintf(fit_text, sizeof fit_text, "%zu", fit_n);
-    snprintf(eval_text, sizeof eval_text, "%zu", eval_n);
     snprintf(version, sizeof version, "%d", HEAD_CACHE_FORMAT_VERSION);
     top_status st = st_writer_add(w, "coef", ST_DTYPE_F64, 2, coef_shape, buf, 8 * cd, err);
     if (st == TOP_OK)
@@ -872,6 +900,8 @@ static top_status fill_writer(st_writer *w, const char *key, const ridge_model *
         st = st_writer_set_metadata(w, "format_version", version, err);
     if (st == TOP_OK)
         st = st_writer_set_metadata(w, "key", key, err);
+    if (st == TOP_OK)
+        st = st_writer_set_metadata(w, "content_sha256", content_hex, err);
     if (st == TOP_OK)
         st = st_writer_set_metadata(w, "fit_images", fit_text, err);
     if (st == TOP_OK)

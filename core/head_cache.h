@@ -7,7 +7,9 @@
  * dense accuracy depend on (head_cache_inputs). The file holds the tensors
  * "coef" F64 (C, D), "intercept" F64 (C) and "dense_accuracy" F64 (1), and the
  * __metadata__ strings "format" = "topiary-head-cache", "format_version",
- * "key", "fit_images" and "eval_images", so any safetensors reader shows it.
+ * "key", "fit_images", "eval_images" and "content_sha256" (the hex SHA-256 of
+ * the three tensors' bytes in that order, then the two counts as text, each
+ * followed by a NUL), so any safetensors reader shows it.
  *
  * Failure policy: a missing, corrupt, truncated, wrong-shaped or foreign
  * file is a miss (TOP_OK with *hit = 0), and the caller recomputes and
@@ -116,10 +118,11 @@ top_status head_cache_model_sha256(char hex[SHA256_HEX_BYTES], const char *model
  * mtime is set to now, which head_cache_prune reads as its last use. On a
  * miss *hit = 0, head is zeroed and the other outputs are 0. A file is a hit
  * only if it has exactly the three tensors above as F64 of the expected
- * shapes, finite values, an accuracy in [0, 1], the format metadata, and a
- * stored key equal to key. TOP_ERR_INVALID for a key that is not 64
- * lower-case hex digits (it would be a path), an empty dir or zero
- * expectations; TOP_ERR_IO for an I/O failure other than a missing file.
+ * shapes, finite values, an accuracy in [0, 1], the format metadata, a
+ * content_sha256 that matches, and a stored key equal to key.
+ * TOP_ERR_INVALID for a key that is not 64 lower-case hex digits (it would
+ * be a path), an empty dir or zero expectations; TOP_ERR_IO for an I/O
+ * failure other than a missing file.
  */
 top_status head_cache_load(int *hit, ridge_model *head, double *dense_accuracy, size_t *fit_n,
                            size_t *eval_n, const char *dir, const char *key,
