@@ -352,6 +352,85 @@ static int parse_mask(const json_t *req, json_t *out, api_invalid *bad)
     return 0;
 }
 
+/* Reads an optional number member in [lo, hi] (lo excluded when open_lo);
+ * keeps *out when absent. fix is the advice for a bad value. */
+static int real_member(const json_t *obj, const char *key, const char *field, double lo,
+                       double hi, int open_lo, const char *fix, double *out, api_invalid *bad)
+{
+    const json_t *v = json_object_get(obj, key);
+    if (!v)
+        return 0;
+    double x = json_is_number(v) ? json_number_value(v) : NAN;
+    if (!(open_lo ? x > lo : x >= lo) || !(x <= hi))
+        return api_invalid_set(bad, 422, field, v, fix, "%s must be a number in %c%g, %g]",
+                               field, open_lo ? '(' : '[', lo, hi);
+    *out = x;
+    return 0;
+}
+
+/* Reads an optional string member that must be one of two words. */
+static int choice_member(const json_t *obj, const char *key, const char *field, const char *a,
+                         const char *b, const char **out, api_invalid *bad)
+{
+    const json_t *v = json_object_get(obj, key);
+    if (!v)
+        return 0;
+    const char *s = json_string_value(v);
+    if (!s || (strcmp(s, a) && strcmp(s, b))) {
+        char fix[96];
+        snprintf(fix, sizeof fix, "use %s or %s", a, b);
+        return api_invalid_set(bad, 422, field, v, fix, "%s must be \"%s\" or \"%s\"", field, a,
+                               b);
+    }
+    *out = s;
+    return 0;
+}
+
+/* The optional finetune object: masked fine-tuning on the calibration task. */
+static int parse_finetune(const json_t *req, json_t *out, api_invalid *bad)
+{
+    static const char *const members[] = {"images",   "epochs",     "batch_size",
+                                          "lr",       "momentum",   "weight_decay",
+                                          "schedule", "batch_norm", NULL};
+    const json_t *f = json_object_get(req, "finetune");
+    if (json_is_null(f))
+        f = NULL; /* the same as absent: no fine-tuning */
+    else if (object_member(req, "finetune", &f, bad) ||
+             (f && api_check_members(f, "finetune.", members, bad)))
+        return -1;
+    if (!f) {
+        json_object_set_new(out, "finetune", json_null());
+        return 0;
+    }
+    if (json_is_null(json_object_get(out, "calibration")))
+        return api_invalid_set(bad, 422, "finetune", f,
+                               "add calibration.task (the source task to fine-tune on), or "
+                               "drop finetune",
+                               "fine-tuning trains on the calibration task, and there is none");
+    json_int_t images = 512, epochs = 2, batch = 16;
+    double lr = 5e-5, momentum = 0.9, decay = 0.0;
+    const char *schedule = "cosine", *bn = "frozen";
+    if (int_member(f, "images", "finetune.images", 2, 1000000, &images, bad) ||
+        int_member(f, "epochs", "finetune.epochs", 1, 100, &epochs, bad) ||
+        int_member(f, "batch_size", "finetune.batch_size", 2, 1024, &batch, bad) ||
+        real_member(f, "lr", "finetune.lr", 0.0, 1.0, 1, "pass a rate such as 5e-5", &lr,
+                    bad) ||
+        real_member(f, "momentum", "finetune.momentum", 0.0, 0.999, 0,
+                    "pass a value in [0, 0.999], such as 0.9", &momentum, bad) ||
+        real_member(f, "weight_decay", "finetune.weight_decay", 0.0, 1.0, 0,
+                    "pass a value in [0, 1], such as 1e-4", &decay, bad) ||
+        choice_member(f, "schedule", "finetune.schedule", "cosine", "constant", &schedule,
+                      bad) ||
+        choice_member(f, "batch_norm", "finetune.batch_norm", "frozen", "train", &bn, bad))
+        return -1;
+    json_object_set_new(out, "finetune",
+                        json_pack("{s:I, s:I, s:I, s:f, s:f, s:f, s:s, s:s}", "images", images,
+                                  "epochs", epochs, "batch_size", batch, "lr", lr, "momentum",
+                                  momentum, "weight_decay", decay, "schedule", schedule,
+                                  "batch_norm", bn));
+    return 0;
+}
+
 static int parse_options(const json_t *req, json_t *out, api_invalid *bad)
 {
     static const char *const members[] = {
@@ -401,9 +480,9 @@ static int parse_options(const json_t *req, json_t *out, api_invalid *bad)
 /* Validates a submission into the normalised request; NULL with bad filled on failure. */
 static json_t *normalise_job(api *a, api_call *call, const json_t *req, api_invalid *bad)
 {
-    static const char *const members[] = {"model",          "sparsity",    "method",
-                                          "method_options", "calibration", "evaluation",
-                                          "mask",           "options",     NULL};
+    static const char *const members[] = {
+        "model",      "sparsity", "method",  "method_options", "calibration",
+        "evaluation", "mask",     "options", "finetune",       NULL};
     if (api_check_members(req, "", members, bad))
         return NULL;
     json_t *out = json_object(), *resolved = json_object();
@@ -427,6 +506,8 @@ static json_t *normalise_job(api *a, api_call *call, const json_t *req, api_inva
         rc = parse_mask(req, out, bad);
     if (!rc)
         rc = parse_options(req, out, bad);
+    if (!rc)
+        rc = parse_finetune(req, out, bad);
     if (rc) {
         json_decref(out);
         json_decref(resolved);
@@ -460,12 +541,14 @@ json_t *api_job_view(const json_t *job)
     json_t *arts = json_object_get(job, "artifacts");
     if (json_is_object(result)) {
         json_t *results = json_pack(
-            "{s:O*, s:O*, s:O*, s:O*, s:O*, s:O*, s:O*}", "sparsity_requested",
+            "{s:O*, s:O*, s:O*, s:O*, s:O*, s:O*, s:O*, s:O*, s:O*}", "sparsity_requested",
             json_object_get(result, "sparsity_requested"), "sparsity_achieved",
             json_object_get(result, "sparsity_achieved"), "prunable_weights",
             json_object_get(result, "prunable_weights"), "zero_weights",
             json_object_get(result, "zero_weights"), "layers", json_object_get(job, "layers"),
-            "tasks", json_object_get(job, "task_results"), "timings_s",
+            "tasks", json_object_get(job, "task_results"), "bn_recalibration",
+            json_object_get(result, "bn_recalibration"), "finetune",
+            json_object_get(result, "finetune"), "timings_s",
             json_object_get(result, "timings_s"));
         json_object_set_new(v, "results", results);
     }

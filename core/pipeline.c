@@ -37,7 +37,7 @@ typedef struct pipeline_task {
     task t;
     ridge_model head;
     float *fit_x, *eval_x; /* (fit count, D), (eval count, D) */
-    double dense_accuracy, pruned_accuracy;
+    double dense_accuracy, pruned_accuracy, finetuned_accuracy;
 } pipeline_task;
 
 typedef struct pipeline_ctx {
@@ -55,6 +55,7 @@ typedef struct pipeline_ctx {
     int bn_ran, bn_layers;
     size_t bn_images;
     double **bn_dense; /* match_dense: (2, C) per BN node, mean then var */
+    float **bn_orig;   /* match_dense: the original running mean and var per BN node */
     int bn_passes_run;
     double bn_max_shift;        /* largest |mu_p - mu_d| / sd_d in the last pass */
     double lambda;              /* obd and obs damping used */
@@ -62,14 +63,17 @@ typedef struct pipeline_ctx {
     size_t obs_memory;          /* obs: bytes the estimate gave */
     obs_damping obs_damping;    /* obs and layer_obs: retries and factorisations */
     size_t layer_obs_rows_used; /* layer_obs: the maximum rows used by one layer */
-    double timings[9];
+    size_t memory_estimate;     /* bytes of pruning state, from memory_stage */
+    int ft_ran, ft_bn_corrected;
+    finetune_result ft;
+    double timings[10];
     json_t *checkpoints;
 } pipeline_ctx;
 
-enum { T_LOAD, T_DENSE, T_SALIENCY, T_MASK, T_UPDATE, T_BN, T_PRUNED, T_CKPT, T_TOTAL };
+enum { T_LOAD, T_DENSE, T_SALIENCY, T_MASK, T_UPDATE, T_BN, T_PRUNED, T_FT, T_CKPT, T_TOTAL };
 static const char *const timing_names[] = {
-    "load",        "dense_features", "saliency", "mask", "update", "bn_recalibration",
-    "pruned_eval", "checkpoints",    "total",
+    "load",        "dense_features", "saliency",    "mask",  "update", "bn_recalibration",
+    "pruned_eval", "finetune",       "checkpoints", "total",
 };
 
 static double now_s(void)
@@ -118,6 +122,9 @@ void pipeline_options_init(pipeline_options *opt)
     opt->layer_obs_rows = 4096;
     opt->layer_obs_damping = 0.01;
     opt->layer_obs_sequential = 1;
+    opt->finetune_count = 512;
+    opt->finetune_bn_correction = 1;
+    finetune_options_init(&opt->ft);
 }
 
 const char *pipeline_method_name(pipeline_method m)
@@ -186,6 +193,22 @@ static top_status validate_obs_options(const pipeline_options *o, top_error *err
                              "use e.g. 0.01",
                              o->layer_obs_damping);
     return TOP_OK;
+}
+
+static top_status validate_finetune_options(const pipeline_options *o, top_error *err)
+{
+    if (!o->finetune)
+        return TOP_OK;
+    if (!o->calib_uri)
+        return top_error_set(err, TOP_ERR_INVALID,
+                             "fine-tuning needs a calibration task (the source task it "
+                             "trains on); pass a calibration data set or turn fine-tuning off");
+    if (o->finetune_count < 2 || o->finetune_count > 1000000)
+        return top_error_set(err, TOP_ERR_INVALID,
+                             "fine-tuning image count %zu is outside 2..1000000; "
+                             "use e.g. 512",
+                             o->finetune_count);
+    return finetune_validate_options(&o->ft, err);
 }
 
 static top_status validate_options(const pipeline_options *o, top_error *err)
@@ -267,6 +290,9 @@ static top_status validate_options(const pipeline_options *o, top_error *err)
     if (o->batch_size < 2 || o->batch_size > 1024)
         return top_error_set(err, TOP_ERR_INVALID, "batch size %d is outside 2..1024",
                              o->batch_size);
+    top_status st = validate_finetune_options(o, err);
+    if (st != TOP_OK)
+        return st;
     return validate_obs_options(o, err);
 }
 
@@ -421,9 +447,10 @@ static top_status dense_stage(pipeline_ctx *c, top_error *err)
     const pipeline_options *o = c->opt;
     top_status st = TOP_OK;
     if (o->calib_uri) {
-        size_t fit = needs_gradients(o) ? o->calib_fit_count : 0;
+        int head = needs_gradients(o) || o->finetune;
+        size_t fit = head ? o->calib_fit_count : 0;
         st = open_task(&c->calib, o->calib_uri, o->calib_count, fit, 0, o->seed, err);
-        if (st == TOP_OK && needs_gradients(o))
+        if (st == TOP_OK && head)
             st = fit_head(c, &c->calib, 0, err);
     }
     for (int i = 0; st == TOP_OK && i < o->n_eval; i++) {
@@ -995,6 +1022,94 @@ static top_status layer_obs_stage(pipeline_ctx *c, double q, top_error *err)
     return st;
 }
 
+/* ---- memory estimate ---------------------------------------------------------- */
+
+/* layer_obs: the calibration images plus, for the layer that needs most, its
+ * gathered input rows and one group's Hessian workspace. *worst names it. */
+static top_status layer_obs_memory(size_t *bytes, int *worst, pipeline_ctx *c, top_error *err)
+{
+    const graph_preprocess *pp = &c->g->preprocess;
+    size_t imgs, peak = 0;
+    if (top_size_mul(&imgs, (size_t)pp->channels * (size_t)pp->height * (size_t)pp->width,
+                     c->opt->calib_count) ||
+        top_size_mul(&imgs, imgs, sizeof(float)))
+        return top_error_set(err, TOP_ERR_OVERFLOW, "%zu calibration images overflow",
+                             c->opt->calib_count);
+    for (int l = 0; l < c->n_prunable; l++) {
+        linear_view v;
+        top_status st = linear_view_of(&v, c, l, err);
+        if (st != TOP_OK)
+            return st;
+        size_t total, rows, x, ws;
+        if (top_size_mul(&total, c->opt->calib_count, v.ppi))
+            return top_error_set(err, TOP_ERR_OVERFLOW, "layer_obs rows overflow");
+        rows = total < c->opt->layer_obs_rows ? total : c->opt->layer_obs_rows;
+        if (top_size_mul(&x, rows, v.cg * v.groups) || top_size_mul(&x, x, sizeof(float)) ||
+            top_size_add(&x, x, rows * sizeof(size_t)))
+            return top_error_set(err, TOP_ERR_OVERFLOW, "layer_obs inputs overflow");
+        st = layer_obs_workspace_bytes(&ws, v.kg, v.cg, 128, err);
+        if (st != TOP_OK)
+            return st;
+        if (x + ws > peak) {
+            peak = x + ws;
+            *worst = l;
+        }
+    }
+    return top_size_add(bytes, imgs, peak)
+               ? top_error_set(err, TOP_ERR_OVERFLOW, "layer_obs memory overflows")
+               : TOP_OK;
+}
+
+/*
+ * Estimates, before any data is read, the bytes of pruning state the method
+ * holds at its peak, beyond the model and its activations:
+ *   every method: scores (4 B) and masks (1 B) per prunable weight
+ *   obd, and layer_obs with obd allocation: the Fisher diagonal (8 B each)
+ *   obs: obs_memory_estimate (per-sample gradients of every layer and the
+ *     block workspace)
+ *   layer_obs: layer_obs_memory
+ * obs and layer_obs over opt->obs_memory_budget fail with TOP_ERR_LIMIT and
+ * a message that says what to lower.
+ */
+static top_status memory_stage(pipeline_ctx *c, top_error *err)
+{
+    const pipeline_options *o = c->opt;
+    size_t total = 0, extra = 0;
+    for (int l = 0; l < c->n_prunable; l++)
+        total += c->g->params[c->prunable[l]].value.numel;
+    size_t per_weight = 5 + (needs_gradients(o) ? 8 : 0);
+    if (top_size_mul(&c->memory_estimate, total, per_weight))
+        return top_error_set(err, TOP_ERR_OVERFLOW, "the memory estimate overflows");
+    top_status st = TOP_OK;
+    if (o->method == PIPELINE_METHOD_OBS) {
+        size_t *counts = malloc((size_t)c->n_prunable * sizeof *counts);
+        if (!counts)
+            return top_error_set(err, TOP_ERR_NOMEM, "out of memory for the layer sizes");
+        for (int l = 0; l < c->n_prunable; l++)
+            counts[l] = c->g->params[c->prunable[l]].value.numel;
+        obs_memory mem;
+        st = obs_memory_estimate(&mem, counts, (size_t)c->n_prunable, o->obs_block,
+                                 o->calib_count, o->obs_memory_budget, err);
+        extra = mem.total;
+        free(counts);
+    } else if (o->method == PIPELINE_METHOD_LAYER_OBS) {
+        int worst = 0;
+        st = layer_obs_memory(&extra, &worst, c, err);
+        if (st == TOP_OK && o->obs_memory_budget > 0 && extra > o->obs_memory_budget)
+            st = top_error_set(
+                err, TOP_ERR_LIMIT,
+                "layer_obs needs %.1f MiB (%zu calibration images, and for layer '%s' its "
+                "input rows and Hessian) but the budget is %.1f MiB; lower the calibration "
+                "images or the layer_obs rows, or raise the memory budget",
+                (double)extra / 1048576.0, o->calib_count,
+                c->g->params[c->prunable[worst]].name,
+                (double)o->obs_memory_budget / 1048576.0);
+    }
+    if (st == TOP_OK && top_size_add(&c->memory_estimate, c->memory_estimate, extra))
+        st = top_error_set(err, TOP_ERR_OVERFLOW, "the memory estimate overflows");
+    return st;
+}
+
 /* ---- batch-norm recalibration --------------------------------------------- */
 
 /* Adds the batch mean and unbiased variance of each channel of BN node b's input.
@@ -1230,29 +1345,40 @@ static double bn_match_layer(float *mean, float *var, const float *mean0, const 
     return shift;
 }
 
-static top_status bn_match_stage(pipeline_ctx *c, top_error *err)
+/* Keeps a copy of every BN layer's original running mean and variance in
+ * c->bn_orig (2 per layer), once: the correction moves them from these. */
+static top_status bn_save_original(pipeline_ctx *c, top_error *err)
 {
     int count = c->bn_layers;
-    double **pruned = bn_stats_new(c->g, count);
-    float **saved = calloc(2 * (size_t)count + 1, sizeof *saved);
-    top_status st = pruned && saved ? TOP_OK
-                                    : top_error_set(err, TOP_ERR_NOMEM,
-                                                    "out of memory for batch-norm statistics");
-    for (int n = 0, i = 0; st == TOP_OK && i < c->g->n_nodes; i++) {
+    if (c->bn_orig)
+        return TOP_OK;
+    c->bn_orig = calloc(2 * (size_t)count + 1, sizeof *c->bn_orig);
+    if (!c->bn_orig)
+        return top_error_set(err, TOP_ERR_NOMEM, "out of memory for batch-norm statistics");
+    for (int n = 0, i = 0; i < c->g->n_nodes; i++) {
         const graph_node *nd = &c->g->nodes[i];
         if (nd->op != OP_BATCHNORM)
             continue;
         size_t bytes = (size_t)nd->dims[0] * sizeof(float);
-        saved[2 * n] = malloc(bytes);
-        saved[2 * n + 1] = malloc(bytes);
-        if (!saved[2 * n] || !saved[2 * n + 1]) {
-            st = top_error_set(err, TOP_ERR_NOMEM, "out of memory for batch-norm statistics");
-            break;
-        }
-        memcpy(saved[2 * n], c->g->params[nd->params[PARAM_MEAN]].value.data, bytes);
-        memcpy(saved[2 * n + 1], c->g->params[nd->params[PARAM_VAR]].value.data, bytes);
+        c->bn_orig[2 * n] = malloc(bytes);
+        c->bn_orig[2 * n + 1] = malloc(bytes);
+        if (!c->bn_orig[2 * n] || !c->bn_orig[2 * n + 1])
+            return top_error_set(err, TOP_ERR_NOMEM, "out of memory for batch-norm statistics");
+        memcpy(c->bn_orig[2 * n], c->g->params[nd->params[PARAM_MEAN]].value.data, bytes);
+        memcpy(c->bn_orig[2 * n + 1], c->g->params[nd->params[PARAM_VAR]].value.data, bytes);
         n++;
     }
+    return TOP_OK;
+}
+
+static top_status bn_match_stage(pipeline_ctx *c, top_error *err)
+{
+    int count = c->bn_layers;
+    double **pruned = bn_stats_new(c->g, count);
+    top_status st =
+        pruned ? bn_save_original(c, err)
+               : top_error_set(err, TOP_ERR_NOMEM, "out of memory for batch-norm statistics");
+    float *const *saved = c->bn_orig;
     /* Gauss-Seidel order: each layer is measured after the layers before it
      * were corrected, so one pass is exact. Correcting every layer from one
      * measurement counts a shift twice (in the layer that causes it and in
@@ -1287,26 +1413,60 @@ static top_status bn_match_stage(pipeline_ctx *c, top_error *err)
     }
     free(nodes);
     c->bn_ran = st == TOP_OK;
-    for (int n = 0; saved && n < 2 * count; n++)
-        free(saved[n]);
-    free(saved);
     bn_stats_free(pruned, count);
     return st;
 }
 
-/* ---- pruned evaluation ----------------------------------------------------- */
+/* ---- pruned evaluation and fine-tuning -------------------------------------- */
 
-static top_status pruned_stage(pipeline_ctx *c, top_error *err)
+/* Accuracy of every evaluation task with its dense head on the current
+ * weights, into pruned_accuracy or, with finetuned set, finetuned_accuracy. */
+static top_status eval_stage(pipeline_ctx *c, int finetuned, top_error *err)
 {
+    const char *stage = finetuned ? "fine-tuned evaluation" : "pruned evaluation";
     top_status st = TOP_OK;
     for (int i = 0; st == TOP_OK && i < c->opt->n_eval; i++) {
         pipeline_task *pt = &c->eval[i];
-        st = extract_features(pt->eval_x, c, &pt->t.eval, "pruned evaluation", err);
+        st = extract_features(pt->eval_x, c, &pt->t.eval, stage, err);
         if (st == TOP_OK)
-            st = ridge_accuracy(&pt->pruned_accuracy, &pt->head, pt->eval_x, pt->t.eval.labels,
-                                pt->t.eval.count, err);
+            st =
+                ridge_accuracy(finetuned ? &pt->finetuned_accuracy : &pt->pruned_accuracy,
+                               &pt->head, pt->eval_x, pt->t.eval.labels, pt->t.eval.count, err);
     }
     return st;
+}
+
+static void finetune_progress(void *user, size_t done, size_t total, double loss)
+{
+    (void)loss;
+    report_progress(user, "fine-tuning", done, total);
+}
+
+/* Fine-tunes on finetune_count images of the calibration data set, drawn
+ * like its calibration split, with the calibration task's frozen head. */
+static top_status finetune_stage(pipeline_ctx *c, top_error *err)
+{
+    const pipeline_options *o = c->opt;
+    size_t k = (size_t)dataset_class_count(c->calib.ds);
+    task_spec spec = {.calib_per_class = (o->finetune_count + k - 1) / k, .seed = o->seed};
+    task t;
+    top_status st = task_make(&t, c->calib.ds, NULL, &spec, err);
+    if (st != TOP_OK)
+        return st;
+    t.calib.count = o->finetune_count < t.calib.count ? o->finetune_count : t.calib.count;
+    report_progress(c, "fine-tuning", 0, 1);
+    st = finetune_run(&c->ft, c->g, c->feature, &c->calib.head, &t.calib, c->prunable,
+                      c->n_prunable, &o->ft, finetune_progress, c, c->cancel, err);
+    task_free(&t);
+    if (st == TOP_OK)
+        c->ft_ran = 1;
+    /* Fine-tuning moves the BN inputs again: match the dense statistics anew. */
+    if (st == TOP_OK && o->finetune_bn_correction && c->bn_ran && c->bn_dense &&
+        !o->ft.bn_train) {
+        st = bn_match_stage(c, err);
+        c->ft_bn_corrected = st == TOP_OK;
+    }
+    return st == TOP_OK ? eval_stage(c, 1, err) : st;
 }
 
 /* ---- checkpoints ------------------------------------------------------------- */
@@ -1476,12 +1636,33 @@ static json_t *report_layers(const pipeline_ctx *c, size_t *zeros_out, size_t *c
     return layers;
 }
 
-static json_t *report_task(const pipeline_task *pt, int pruned)
+static json_t *report_task(const pipeline_task *pt, int pruned, int finetuned)
 {
-    return json_pack("{s:s, s:i, s:I, s:I, s:f, s:o}", "uri", dataset_uri(pt->ds), "classes",
-                     pt->t.n_classes, "fit_images", (json_int_t)pt->t.fit.count, "eval_images",
-                     (json_int_t)pt->t.eval.count, "dense_accuracy", pt->dense_accuracy,
-                     "pruned_accuracy", pruned ? json_real(pt->pruned_accuracy) : json_null());
+    return json_pack(
+        "{s:s, s:i, s:I, s:I, s:f, s:o, s:o}", "uri", dataset_uri(pt->ds), "classes",
+        pt->t.n_classes, "fit_images", (json_int_t)pt->t.fit.count, "eval_images",
+        (json_int_t)pt->t.eval.count, "dense_accuracy", pt->dense_accuracy, "pruned_accuracy",
+        pruned ? json_real(pt->pruned_accuracy) : json_null(), "finetuned_accuracy",
+        finetuned ? json_real(pt->finetuned_accuracy) : json_null());
+}
+
+static json_t *report_finetune(const pipeline_ctx *c)
+{
+    if (!c->ft_ran)
+        return json_null();
+    const finetune_options *f = &c->opt->ft;
+    const finetune_result *r = &c->ft;
+    return json_pack("{s:I, s:i, s:I, s:i, s:f, s:s, s:f, s:f, s:s, s:b, s:I, s:I, s:f, s:f, "
+                     "s:f, s:f}",
+                     "images", (json_int_t)r->images, "epochs", f->epochs, "steps",
+                     (json_int_t)r->steps, "batch_size", f->batch_size, "lr", f->lr, "schedule",
+                     finetune_schedule_name(f->schedule), "momentum", f->momentum,
+                     "weight_decay", f->weight_decay, "batch_norm",
+                     f->bn_train ? "train" : "frozen", "bn_correction", c->ft_bn_corrected,
+                     "trained_values", (json_int_t)r->trained, "masked_values",
+                     (json_int_t)r->masked, "loss_first_epoch", r->loss_first,
+                     "loss_last_epoch", r->loss_last, "train_accuracy_first_epoch",
+                     r->accuracy_first, "train_accuracy_last_epoch", r->accuracy_last);
 }
 
 static json_t *report_build(const pipeline_ctx *c)
@@ -1501,6 +1682,10 @@ static json_t *report_build(const pipeline_ctx *c)
     json_object_set_new(r, "prunable_weights", json_integer((json_int_t)count));
     json_object_set_new(r, "zero_weights", json_integer((json_int_t)zeros));
     json_object_set_new(r, "layers", layers);
+    json_object_set_new(r, "memory",
+                        json_pack("{s:I, s:I}", "estimate_bytes",
+                                  (json_int_t)c->memory_estimate, "budget_bytes",
+                                  (json_int_t)o->obs_memory_budget));
     if (o->method == PIPELINE_METHOD_OBS)
         json_object_set_new(r, "obs",
                             json_pack("{s:I, s:b, s:I, s:I, s:i, s:I}", "block_size",
@@ -1545,9 +1730,10 @@ static json_t *report_build(const pipeline_ctx *c)
                                         (json_int_t)c->calib.t.calib.count, "fit_images",
                                         (json_int_t)(c->calib.fit_x ? c->calib.t.fit.count : 0))
                             : json_null());
+    json_object_set_new(r, "finetune", report_finetune(c));
     json_t *tasks = json_array();
     for (int i = 0; i < o->n_eval; i++)
-        json_array_append_new(tasks, report_task(&c->eval[i], 1));
+        json_array_append_new(tasks, report_task(&c->eval[i], 1, c->ft_ran));
     json_object_set_new(r, "tasks", tasks);
     json_t *t = json_object();
     for (int i = 0; i <= T_TOTAL; i++)
@@ -1575,6 +1761,8 @@ static top_status run_stages(pipeline_ctx *c, top_error *err)
     double t0 = now_s();
     report_progress(c, "load", 0, 1);
     top_status st = load_model(c, err);
+    if (st == TOP_OK)
+        st = memory_stage(c, err);
     c->timings[T_LOAD] = now_s() - t0;
 
     t0 = now_s();
@@ -1604,8 +1792,13 @@ static top_status run_stages(pipeline_ctx *c, top_error *err)
 
     t0 = now_s();
     if (st == TOP_OK)
-        st = pruned_stage(c, err);
+        st = eval_stage(c, 0, err);
     c->timings[T_PRUNED] = now_s() - t0;
+
+    t0 = now_s();
+    if (st == TOP_OK && c->opt->finetune)
+        st = finetune_stage(c, err);
+    c->timings[T_FT] = now_s() - t0;
 
     t0 = now_s();
     if (st == TOP_OK && c->opt->out_dir)
@@ -1645,6 +1838,9 @@ top_status pipeline_run(json_t **report, graph **pruned, const pipeline_options 
         task_release(&c.eval[i]);
     json_decref(c.checkpoints);
     bn_stats_free(c.bn_dense, c.bn_layers);
+    for (int n = 0; c.bn_orig && n < 2 * c.bn_layers; n++)
+        free(c.bn_orig[n]);
+    free(c.bn_orig);
     free(c.prunable);
     graph_free(c.g);
     return st;

@@ -42,7 +42,12 @@
  *        on MobileNetV2 with 100 head-fit and 100 evaluation digits: 0.81
  *        dense, 0.21 after re-estimation alone (q = 0).
  *   6. pruned accuracy of every evaluation task with its dense head
- *   7. a JSON report; optional dense and compressed checkpoints
+ *   7. optional masked fine-tuning (finetune.h) on finetune_count labeled
+ *      images of the calibration task, drawn like its calibration split
+ *      from its training images, with the calibration task's frozen ridge
+ *      head; then every evaluation task again with its dense head
+ *   8. a JSON report; optional dense and compressed checkpoints (of the
+ *      fine-tuned model when fine-tuning ran)
  *
  * Split sizes are totals over the task's classes: each class gets
  * ceil(count / classes) images and the shuffled split is cut to count.
@@ -59,6 +64,7 @@
 
 #include <jansson.h>
 
+#include "finetune.h"
 #include "graph.h"
 #include "prune.h"
 #include "status.h"
@@ -128,6 +134,10 @@ typedef struct pipeline_options {
     double layer_obs_damping;       /* layer_obs: relative damping of H (0.01) */
     int layer_obs_sequential;       /* layer_obs: inputs from the partly pruned model (1)
                                        or from the dense model (0) */
+    int finetune;                   /* masked fine-tuning on the calibration task (0) */
+    size_t finetune_count;          /* fine-tuning images of the calibration task (512) */
+    finetune_options ft;            /* finetune_options_init's defaults */
+    int finetune_bn_correction;     /* match_dense again after fine-tuning (1) */
     const char *out_dir;            /* NULL: no checkpoints */
 } pipeline_options;
 
@@ -155,8 +165,11 @@ typedef void (*pipeline_progress_fn)(void *user, const char *stage, size_t done,
  * prunable_weights, zero_weights, layers [{name, count, zeros, sparsity}],
  * mask {scope, nm, min_density, rounds}, damping (obd), bn_recalibration {ran, mode, layers,
  * images, passes, max_mean_shift}, calibration, tasks [{uri, classes, fit_images, eval_images,
- * dense_accuracy, pruned_accuracy}], timings_s, checkpoints (with --out: dense and compressed,
- * each {path, bytes, sha256}).
+ * dense_accuracy, pruned_accuracy, finetuned_accuracy (null without fine-tuning)}],
+ * finetune (null, or {images, epochs, steps, batch_size, lr, schedule, momentum, weight_decay,
+ * batch_norm, trained_values, masked_values, loss_first_epoch, loss_last_epoch,
+ * train_accuracy_first_epoch, train_accuracy_last_epoch}), timings_s, checkpoints (with --out:
+ * dense and compressed, each {path, bytes, sha256}).
  */
 top_status pipeline_run(json_t **report, graph **pruned, const pipeline_options *opt,
                         pipeline_progress_fn progress, void *user, const volatile int *cancel,

@@ -204,6 +204,12 @@ typedef struct layer_obs_options {
  * as (K, C * R * S). Depthwise convolutions have one small Hessian per
  * channel: call once per channel with W (1, R * S) and that channel's X.
  */
+/* Bytes of workspace layer_obs_prune allocates for a (rows, cols) layer with
+ * lazy-update blocks of `block` columns (the Hessian and its inverse
+ * dominate: 2 cols^2 doubles). */
+top_status layer_obs_workspace_bytes(size_t *bytes, size_t rows, size_t cols, size_t block,
+                                     top_error *err);
+
 top_status layer_obs_prune(float *w, uint8_t *mask, const float *x, size_t rows, size_t cols,
                            size_t n, const layer_obs_options *opt, obs_damping *damping,
                            top_error *err);

