@@ -4,12 +4,13 @@
  *
  * An entry is DIR/<key>.safetensors, where key is the hex SHA-256 of a
  * canonical, length-prefixed serialization of everything the head and the
- * dense accuracy depend on (head_cache_inputs). The file holds the tensors
- * "coef" F64 (C, D), "intercept" F64 (C) and "dense_accuracy" F64 (1), and the
- * __metadata__ strings "format" = "topiary-head-cache", "format_version",
- * "key", "fit_images", "eval_images" and "content_sha256" (the hex SHA-256 of
- * the three tensors' bytes in that order, then the two counts as text, each
- * followed by a NUL), so any safetensors reader shows it.
+ * dense accuracy depend on (head_cache_inputs). The file contains the
+ * tensors "coef" F64 (C, D), "intercept" F64 (C) and "dense_accuracy" F64 (1).
+ * Its __metadata__ strings are "format" = "topiary-head-cache",
+ * "format_version", "key", "fit_images", "eval_images" and "content_sha256".
+ * The last is the hex SHA-256 of the three tensors' bytes in that order, then
+ * the two counts as text, each followed by a NUL. Any safetensors reader can
+ * show an entry.
  *
  * Failure policy: a missing, corrupt, truncated, wrong-shaped or foreign
  * file is a miss (TOP_OK with *hit = 0), and the caller recomputes and
@@ -42,7 +43,7 @@
  * either changes, so that old entries turn into misses. */
 #define HEAD_CACHE_FORMAT_VERSION 1
 
-/* Longest feature node name, data set URI or fingerprint the key accepts. */
+/* Maximum length of a feature node name, data set URI or fingerprint in a key. */
 #define HEAD_CACHE_MAX_STRING 4096
 
 /* Everything a cached head and its dense accuracy depend on. */
@@ -66,12 +67,12 @@ typedef struct head_cache_inputs {
 } head_cache_inputs;
 
 /*
- * Computes the cache key: the hex SHA-256 of the inputs serialized as a
- * magic string, HEAD_CACHE_FORMAT_VERSION, then each field as a name, an
- * 8-byte little-endian length and the bytes (strings as given, integers as
- * 8-byte little-endian, alpha as the 8 little-endian bytes of its IEEE-754
- * bits, balanced as 0 or 1). The encoding is exact and does not depend on the
- * locale. TOP_ERR_INVALID for a NULL or over-long string, a model digest that
+ * Computes the cache key, the hex SHA-256 of a serialization of the inputs.
+ * The serialization is a magic string, HEAD_CACHE_FORMAT_VERSION, then each
+ * field as a name, an 8-byte little-endian length and the bytes. Strings go
+ * as given, integers as 8 little-endian bytes, alpha as the 8 little-endian
+ * bytes of its IEEE-754 bits and balanced as 0 or 1. So the encoding is exact
+ * and does not depend on the locale. TOP_ERR_INVALID for a NULL or over-long string, a model digest that
  * is not 64 lower-case hex digits, an empty feature node or URI, a zero input
  * size or fit count, or an alpha that is not finite and positive.
  */
@@ -83,8 +84,8 @@ top_status head_cache_key(char key[SHA256_HEX_BYTES], const head_cache_inputs *i
  * the file or directory at path. The identity of a file is its size, mtime in
  * nanoseconds and inode (stat follows symlinks), not its contents. A
  * directory contributes each entry's name and identity in byte order of the
- * names, two levels deep, so folder:DIR/CLASS/FILE data sets are covered;
- * names that start with '.' are skipped, as the folder reader skips them.
+ * names, two levels deep, so folder:DIR/CLASS/FILE data sets are covered.
+ * Names that start with '.' are skipped, as the folder reader skips them.
  * Deeper levels count only through their directory's own identity.
  * TOP_ERR_IO names a path that cannot be read; TOP_ERR_LIMIT past 10^7
  * entries.
@@ -117,9 +118,9 @@ top_status head_cache_model_sha256(char hex[SHA256_HEX_BYTES], const char *model
  * and dense_accuracy, fit_n and eval_n hold the stored values; the file's
  * mtime is set to now, which head_cache_prune reads as its last use. On a
  * miss *hit = 0, head is zeroed and the other outputs are 0. A file is a hit
- * only if it has exactly the three tensors above as F64 of the expected
- * shapes, finite values, an accuracy in [0, 1], the format metadata, a
- * content_sha256 that matches, and a stored key equal to key.
+ * only if it has exactly the three tensors above, as F64 of the expected
+ * shapes with finite values and an accuracy in [0, 1]. Its metadata must
+ * give the format, a matching content_sha256 and a stored key equal to key.
  * TOP_ERR_INVALID for a key that is not 64 lower-case hex digits (it would
  * be a path), an empty dir or zero expectations; TOP_ERR_IO for an I/O
  * failure other than a missing file.
