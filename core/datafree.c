@@ -17,7 +17,8 @@
  *   add           means add, variances add (the branches taken independent)
  *   concat        the inputs' channels in order
  *   avg pools     the mean is kept; the second moment is kept too, an upper
- *                 bound (an average of correlated values varies less)
+ *                 bound (an average of correlated values varies less) that
+ *                 is loose after a global pool of sparse activations
  *   max pool      kept (the mean is then an underestimate)
  *   zero padding  kept: these are the interior moments, and the conv that
  *                 reads the padded map counts the zeros per kernel tap (t_i)
