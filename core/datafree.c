@@ -62,12 +62,21 @@ typedef struct moments {
 
 /* ---- Gaussian moments ------------------------------------------------------- */
 
-static double normal_pdf(double z) { return isinf(z) ? 0.0 : INV_SQRT_2PI * exp(-0.5 * z * z); }
+static double normal_pdf(double z)
+{
+    return isinf(z) ? 0.0 : INV_SQRT_2PI * exp(-0.5 * z * z);
+}
 
-static double normal_cdf(double z) { return 0.5 * erfc(-z * INV_SQRT_2); }
+static double normal_cdf(double z)
+{
+    return 0.5 * erfc(-z * INV_SQRT_2);
+}
 
 /* 1 - cdf(z), accurate in the upper tail. */
-static double normal_sf(double z) { return 0.5 * erfc(z * INV_SQRT_2); }
+static double normal_sf(double z)
+{
+    return 0.5 * erfc(z * INV_SQRT_2);
+}
 
 /* P(a < Z < b), computed in the tail the interval lies in to avoid cancellation. */
 static double normal_mass(double a, double b)
@@ -202,7 +211,8 @@ static void input_moments(moments *out, const graph_preprocess *pp)
 /* Batch norm: N(beta, gamma^2 var / (var + eps)); layer norm: N(beta, gamma^2). */
 static void norm_moments(moments *out, const graph *g, const graph_node *nd)
 {
-    const float *gamma = param_values(g, nd, PARAM_GAMMA), *beta = param_values(g, nd, PARAM_BETA);
+    const float *gamma = param_values(g, nd, PARAM_GAMMA),
+                *beta = param_values(g, nd, PARAM_BETA);
     const float *var = nd->op == OP_BATCHNORM ? param_values(g, nd, PARAM_VAR) : NULL;
     for (size_t c = 0; c < out->count; c++) {
         double ratio = 1.0;
@@ -369,8 +379,9 @@ static void moments_free(moments *all)
 static top_status check_graph(const graph *g, top_error *err)
 {
     if (!g || !g->finalized || g->n_nodes < 1)
-        return top_error_set(err, TOP_ERR_INVALID,
-                             "the graph is missing or not finalized; call graph_finalize first");
+        return top_error_set(
+            err, TOP_ERR_INVALID,
+            "the graph is missing or not finalized; call graph_finalize first");
     return TOP_OK;
 }
 
@@ -384,7 +395,8 @@ top_status datafree_moments(double *mean, double *second, const graph *g, int no
         return top_error_set(err, TOP_ERR_INVALID, "node index %d is outside 0..%d", node,
                              g->n_nodes - 1);
     if (!mean || !second)
-        return top_error_set(err, TOP_ERR_INVALID, "the mean and second-moment outputs are NULL");
+        return top_error_set(err, TOP_ERR_INVALID,
+                             "the mean and second-moment outputs are NULL");
 
     moments *all = NULL;
     st = propagate_moments(&all, g, node, err);
@@ -475,7 +487,8 @@ static void row_scores(float *scores, const float *w, size_t count, const moment
                        int fallback)
 {
     /* w, scores: (OUT, IN)  x: (IN) */
-    double floor = fallback ? DATAFREE_FLOOR * FALLBACK_SECOND : layer_floor(x->second, x->count);
+    double floor =
+        fallback ? DATAFREE_FLOOR * FALLBACK_SECOND : layer_floor(x->second, x->count);
     for (size_t i = 0; i < count; i++) {
         double h = fallback ? FALLBACK_SECOND : x->second[i % x->count];
         scores[i] = score_value(w[i], h + floor);
@@ -521,7 +534,8 @@ top_status datafree_scores(float *scores, const graph *g, int param, top_error *
     if (nd->op == OP_CONV2D || nd->op == OP_PATCH_EMBED)
         st = conv_scores(scores, w, g, nd, x, err);
     else
-        row_scores(scores, w, gp->value.numel, x, nd->op == OP_MHSA && gp->slot == PARAM_OUT_WEIGHT);
+        row_scores(scores, w, gp->value.numel, x,
+                   nd->op == OP_MHSA && gp->slot == PARAM_OUT_WEIGHT);
     moments_free(all);
     return st;
 }

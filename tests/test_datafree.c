@@ -83,9 +83,11 @@ static void add_param(graph *g, int node, int slot, const char *name, param_role
     tensor_free(&t);
 }
 
-#define SHAPE(...)                                                                 \
-    (int)(sizeof((const int64_t[]){__VA_ARGS__}) / sizeof(int64_t)),               \
-        (const int64_t[]){__VA_ARGS__}
+#define SHAPE(...)                                                                             \
+    (int)(sizeof((const int64_t[]){__VA_ARGS__}) / sizeof(int64_t)), (const int64_t[])         \
+    {                                                                                          \
+        __VA_ARGS__                                                                            \
+    }
 
 static node_attrs input_attrs(int c, int h, int w)
 {
@@ -256,7 +258,10 @@ static float *normal_batch(size_t count)
 
 /* ---- closed forms ----------------------------------------------------------- */
 
-static double clip(double x, double hi) { return fmin(fmax(x, 0.0), hi); }
+static double clip(double x, double hi)
+{
+    return fmin(fmax(x, 0.0), hi);
+}
 
 /* Integral of clip(mu + sigma z)^power phi(z) over [a, b] by Simpson's rule. */
 static double simpson_piece(double mu, double sigma, double hi, int power, double a, double b)
@@ -295,9 +300,9 @@ static double reference_moment(double mu, double sigma, double hi, int power)
 static void test_relu_closed_forms(void)
 {
     static const double cases[][2] = {
-        {0, 1},     {1.5, 0.7},  {-3, 1},   {-40, 1},   {40, 2},     {3, 1e-9}, {0, 1e-9},
-        {7, 1e-6},  {5.9, 0.05}, {3, 10},   {-10, 0.5}, {10, 0.5},   {6, 1},    {0, 0},
-        {-2, 0},    {8, 0},      {2.5, 3},  {100, 30},  {-100, 30},  {6, 1e-12},
+        {0, 1},    {1.5, 0.7},  {-3, 1},  {-40, 1},   {40, 2},    {3, 1e-9},  {0, 1e-9},
+        {7, 1e-6}, {5.9, 0.05}, {3, 10},  {-10, 0.5}, {10, 0.5},  {6, 1},     {0, 0},
+        {-2, 0},   {8, 0},      {2.5, 3}, {100, 30},  {-100, 30}, {6, 1e-12},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         double mu = cases[i][0], sigma = cases[i][1];
@@ -511,7 +516,8 @@ static void test_scores_map_channels(void)
     a = input_attrs(0, 0, 0);
     a.dense_out = 3;
     int fc = add_node(g, OP_DENSE, "fc", &a, 1, flat);
-    add_param(g, fc, PARAM_WEIGHT, "fc.weight", PARAM_ROLE_WEIGHT, NULL, 1.0, SHAPE(3, 8 * 4 * 4));
+    add_param(g, fc, PARAM_WEIGHT, "fc.weight", PARAM_ROLE_WEIGHT, NULL, 1.0,
+              SHAPE(3, 8 * 4 * 4));
     g->preprocess.scale = 1.0f / 255.0f;
     for (int c = 0; c < 3; c++)
         g->preprocess.std[c] = 0.25f, g->preprocess.mean[c] = 0.1f * (float)c;
