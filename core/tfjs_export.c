@@ -5,9 +5,9 @@
  * Steps: check that the graph came from the Keras importer and that the
  * source is a TF.js layers model.json. Walk the source manifest in order and
  * pair each weight with the graph parameter of the same name, checking its
- * source shape; every other graph parameter must be a constant that the
+ * source shape. Every other graph parameter must be a constant that the
  * importer added (keras_param_is_constant) and that still has its fill value,
- * because the source layer has no weight to hold a changed one. Then write
+ * because the source layer has no weight to store a changed one. Then write
  * the shard (each weight permuted back into its Keras layout, little-endian
  * float32, in manifest order, no padding) and the model.json to temporary
  * files in the output folder, and rename them into place.
@@ -99,7 +99,8 @@ static void hwio_from_engine(float *dst, const float *v, size_t r_n, size_t s_n,
         for (size_t c = 0; c < c_n; c++)
             for (size_t r = 0; r < r_n; r++)
                 for (size_t q = 0; q < s_n; q++)
-                    dst[((r * s_n + q) * c_n + c) * k_n + k] = v[((k * c_n + c) * r_n + r) * s_n + q];
+                    dst[((r * s_n + q) * c_n + c) * k_n + k] =
+                        v[((k * c_n + c) * r_n + r) * s_n + q];
 }
 
 /* v: (C*M, 1, R, S)  dst: (R, S, C, M) */
@@ -110,7 +111,8 @@ static void hwcm_from_engine(float *dst, const float *v, size_t r_n, size_t s_n,
         for (size_t m = 0; m < m_n; m++)
             for (size_t r = 0; r < r_n; r++)
                 for (size_t q = 0; q < s_n; q++)
-                    dst[((r * s_n + q) * c_n + c) * m_n + m] = v[((c * m_n + m) * r_n + r) * s_n + q];
+                    dst[((r * s_n + q) * c_n + c) * m_n + m] =
+                        v[((c * m_n + m) * r_n + r) * s_n + q];
 }
 
 top_status tfjs_param_to_source(float *dst, const graph_param *gp, top_error *err)
@@ -119,14 +121,12 @@ top_status tfjs_param_to_source(float *dst, const graph_param *gp, top_error *er
         return top_error_set(err, TOP_ERR_INVALID, "tfjs_param_to_source: dst or gp is NULL");
     if (!layout_matches(gp)) {
         char engine[96], source[96];
-        return top_error_set(err, TOP_ERR_SHAPE,
-                             "parameter '%s': engine shape %s does not match source shape %s "
-                             "under its layout; the graph was not built by the Keras importer",
-                             gp->name,
-                             tensor_shape_str(engine, sizeof engine, gp->value.ndim,
-                                              gp->value.shape),
-                             tensor_shape_str(source, sizeof source, gp->src_ndim,
-                                              gp->src_shape));
+        return top_error_set(
+            err, TOP_ERR_SHAPE,
+            "parameter '%s': engine shape %s does not match source shape %s "
+            "under its layout; the graph was not built by the Keras importer",
+            gp->name, tensor_shape_str(engine, sizeof engine, gp->value.ndim, gp->value.shape),
+            tensor_shape_str(source, sizeof source, gp->src_ndim, gp->src_shape));
     }
     const float *v = gp->value.data;
     const int64_t *s = gp->src_shape;
@@ -234,10 +234,11 @@ static top_status plan_weight(export_plan *p, json_t *weights, const graph *g,
                              source, p->count);
     int pi = param_find(refs, g->n_params, name);
     if (pi < 0)
-        return top_error_set(err, TOP_ERR_NOT_FOUND,
-                             "%s: weight '%s' of the weights manifest is not a parameter of the "
-                             "graph; export the graph that was imported from this model.json",
-                             source, name);
+        return top_error_set(
+            err, TOP_ERR_NOT_FOUND,
+            "%s: weight '%s' of the weights manifest is not a parameter of the "
+            "graph; export the graph that was imported from this model.json",
+            source, name);
     if (used[pi])
         return top_error_set(err, TOP_ERR_FORMAT,
                              "%s: weight '%s' is listed twice in the weights manifest", source,
@@ -251,16 +252,15 @@ static top_status plan_weight(export_plan *p, json_t *weights, const graph *g,
     if (!same) {
         char have[96], engine[96];
         json_decref(shape);
-        return top_error_set(err, TOP_ERR_SHAPE,
-                             "%s: weight '%s' has another shape in the weights manifest than "
-                             "the graph parameter (source shape %s, engine shape %s); export "
-                             "the graph that was imported from this model.json",
-                             source, name,
-                             gp->src_ndim ? tensor_shape_str(have, sizeof have, gp->src_ndim,
-                                                             gp->src_shape)
-                                          : "unrecorded",
-                             tensor_shape_str(engine, sizeof engine, gp->value.ndim,
-                                              gp->value.shape));
+        return top_error_set(
+            err, TOP_ERR_SHAPE,
+            "%s: weight '%s' has another shape in the weights manifest than "
+            "the graph parameter (source shape %s, engine shape %s); export "
+            "the graph that was imported from this model.json",
+            source, name,
+            gp->src_ndim ? tensor_shape_str(have, sizeof have, gp->src_ndim, gp->src_shape)
+                         : "unrecorded",
+            tensor_shape_str(engine, sizeof engine, gp->value.ndim, gp->value.shape));
     }
     if (json_array_append_new(weights, json_pack("{s:s, s:o, s:s}", "name", name, "shape",
                                                  shape, "dtype", "float32")) != 0)
@@ -406,10 +406,11 @@ static top_status prepare_dir(const char *out_dir, const char *source, top_error
         return top_error_set(err, TOP_ERR_INVALID,
                              "output folder '%s' is not a folder; pass a folder path", out_dir);
     const char *slash = strrchr(source, '/');
-    char *src_dir = slash ? strndup(source, slash == source ? 1 : (size_t)(slash - source))
-                          : strdup(".");
+    char *src_dir =
+        slash ? strndup(source, slash == source ? 1 : (size_t)(slash - source)) : strdup(".");
     if (!src_dir)
-        return top_error_set(err, TOP_ERR_NOMEM, "out of memory for the folder of '%s'", source);
+        return top_error_set(err, TOP_ERR_NOMEM, "out of memory for the folder of '%s'",
+                             source);
     int same = stat(src_dir, &src_sb) == 0 && src_sb.st_dev == out_sb.st_dev &&
                src_sb.st_ino == out_sb.st_ino;
     free(src_dir);
@@ -427,10 +428,11 @@ static top_status check_target(const char *path, top_error *err)
 {
     struct stat sb;
     if (lstat(path, &sb) == 0 && !S_ISREG(sb.st_mode))
-        return top_error_set(err, TOP_ERR_INVALID,
-                             "cannot write '%s': it exists and is not a regular file; remove it "
-                             "or pick another output folder",
-                             path);
+        return top_error_set(
+            err, TOP_ERR_INVALID,
+            "cannot write '%s': it exists and is not a regular file; remove it "
+            "or pick another output folder",
+            path);
     return TOP_OK;
 }
 
@@ -446,8 +448,9 @@ static int open_temp(char **tmp, const char *target, top_error *err)
     snprintf(*tmp, len, "%s.tmp.XXXXXX", target);
     int fd = mkstemp(*tmp);
     if (fd < 0 || fchmod(fd, 0644) != 0) {
-        top_error_set(err, TOP_ERR_IO, "cannot create '%s': %s; check that the folder is writable",
-                      *tmp, strerror(errno));
+        top_error_set(err, TOP_ERR_IO,
+                      "cannot create '%s': %s; check that the folder is writable", *tmp,
+                      strerror(errno));
         if (fd >= 0) {
             close(fd);
             unlink(*tmp);
@@ -574,8 +577,9 @@ static top_status write_files(const graph *g, const export_plan *p, const char *
     if (st != TOP_OK)
         goto done;
     if (rename(shard_tmp, shard) != 0 || rename(json_tmp, json) != 0)
-        st = top_error_set(err, TOP_ERR_IO, "cannot rename the temporary files to '%s' and '%s': %s",
-                           shard, json, strerror(errno));
+        st = top_error_set(err, TOP_ERR_IO,
+                           "cannot rename the temporary files to '%s' and '%s': %s", shard,
+                           json, strerror(errno));
 done:
     if (shard_tmp)
         unlink(shard_tmp); /* fails harmlessly once renamed */

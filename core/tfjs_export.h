@@ -51,7 +51,7 @@ top_status tfjs_export_write(const graph *g, const char *source_model_json, cons
 
 /*
  * Copies parameter gp from the engine layout into its source (Keras) layout.
- * dst holds gp->value.numel floats. With (R, S) the kernel size:
+ * dst has room for gp->value.numel floats. With (R, S) the kernel size:
  *   PARAM_LAYOUT_HWIO  engine (K, C, R, S)    -> source (R, S, C, K)
  *   PARAM_LAYOUT_HWC1  engine (C*M, 1, R, S)  -> source (R, S, C, M), where
  *                      engine channel c*M + m is depthwise output m of input c

@@ -92,8 +92,8 @@ static int read_bytes(const char *path, unsigned char **data, size_t *len)
 
 static float f32_at(const unsigned char *p)
 {
-    uint32_t bits = (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 |
-                    (uint32_t)p[3] << 24;
+    uint32_t bits =
+        (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
     float v;
     memcpy(&v, &bits, sizeof v);
     return v;
@@ -201,9 +201,9 @@ static size_t prune_by_magnitude(graph *g, json_t *kinds)
                 zeroed++;
             }
         if (kinds)
-            json_object_set_new(kinds, g->params[p].name,
-                                json_pack("{s:s, s:f}", "kind", "pruned", "threshold",
-                                          (double)threshold));
+            json_object_set_new(
+                kinds, g->params[p].name,
+                json_pack("{s:s, s:f}", "kind", "pruned", "threshold", (double)threshold));
     }
     return zeroed;
 }
@@ -219,8 +219,8 @@ static int perturb_statistics(graph *g, const char *prefix, json_t *kinds)
             strncmp(gp->name, prefix, strlen(prefix)) != 0)
             continue;
         for (size_t i = 0; i < gp->value.numel; i++)
-            gp->value.data[i] = gp->slot == PARAM_VAR ? gp->value.data[i] * 1.25f
-                                                      : gp->value.data[i] + 0.05f;
+            gp->value.data[i] =
+                gp->slot == PARAM_VAR ? gp->value.data[i] * 1.25f : gp->value.data[i] + 0.05f;
         if (kinds)
             json_object_set_new(kinds, gp->name, json_pack("{s:s}", "kind", "modified"));
         changed++;
@@ -364,7 +364,8 @@ static void check_same_params(const graph *got, const graph *want)
         for (size_t i = 0; i < t->numel; i++)
             if (memcmp(&t->data[i], &w->value.data[i], sizeof(float)) != 0 && diff++ == 0)
                 first = i;
-        CHECK_MSG(diff == 0, "parameter '%s': %zu of %zu elements differ, first at %zu (%.9g, "
+        CHECK_MSG(diff == 0,
+                  "parameter '%s': %zu of %zu elements differ, first at %zu (%.9g, "
                   "expected %.9g)",
                   w->name, diff, t->numel, first, (double)t->data[first],
                   (double)w->value.data[first]);
@@ -419,8 +420,8 @@ static size_t check_document(const char *dir, const char *source)
             CHECK(json_object_get(o, "quantization") == NULL);
             size_t numel = 1, d;
             json_t *dim;
-            json_array_foreach(json_object_get(entry, "shape"), d, dim)
-                numel *= (size_t)json_integer_value(dim);
+            json_array_foreach(json_object_get(entry, "shape"), d, dim) numel *=
+                (size_t)json_integer_value(dim);
             floats += numel;
         }
     }
@@ -451,13 +452,17 @@ static size_t decode_source(float **values, const char *source)
         goto done;
     }
     *values = malloc(len * sizeof **values); /* at most one float per byte of uint8 */
+    if (!*values) {
+        TEST_FAIL_AT("out of memory for %zu floats", len);
+        goto done;
+    }
     size_t wi, d;
     json_t *entry, *dim;
     json_array_foreach(json_object_get(json_array_get(groups, 0), "weights"), wi, entry)
     {
         size_t numel = 1;
-        json_array_foreach(json_object_get(entry, "shape"), d, dim)
-            numel *= (size_t)json_integer_value(dim);
+        json_array_foreach(json_object_get(entry, "shape"), d, dim) numel *=
+            (size_t)json_integer_value(dim);
         json_t *q = json_object_get(entry, "quantization");
         const char *qtype = json_string_value(json_object_get(q, "dtype"));
         int u8 = qtype && strcmp(qtype, "uint8") == 0;
@@ -496,7 +501,8 @@ static void check_shard_values(const char *dir, const float *want, size_t n)
         if (memcmp(&v, &want[i], sizeof v) != 0 && diff++ == 0)
             first = i;
     }
-    CHECK_MSG(diff == 0, "%zu of %zu exported floats differ from the source, first at %zu "
+    CHECK_MSG(diff == 0,
+              "%zu of %zu exported floats differ from the source, first at %zu "
               "(%.9g, expected %.9g)",
               diff, n, first, diff ? (double)f32_at(bytes + 4 * first) : 0.0,
               (double)want[first]);
@@ -598,7 +604,8 @@ static void test_tiny_changed_constant_rejected(void)
     if (!g)
         return;
     int p = graph_find_param(g, "bn/gamma");
-    CHECK(p >= 0 && keras_param_is_constant(g, p));
+    CHECK(p >= 0);
+    CHECK(keras_param_is_constant(g, p));
     if (p >= 0) {
         g->params[p].value.data[4] = 0.5f;
         new_dir(dir, sizeof dir, "tiny-constant");
@@ -621,8 +628,13 @@ static void test_tiny_depthwise_layout_by_hand(void)
     float out[54];
     top_error err;
     top_error_clear(&err);
-    CHECK(p >= 0 && tfjs_param_to_source(out, &g->params[p], &err) == TOP_OK);
-    for (int r = 0; p >= 0 && r < 3; r++)
+    CHECK(p >= 0);
+    if (p < 0) {
+        graph_free(g);
+        return;
+    }
+    CHECK_INT_EQ(tfjs_param_to_source(out, &g->params[p], &err), TOP_OK);
+    for (int r = 0; r < 3; r++)
         for (int s = 0; s < 3; s++)
             for (int c = 0; c < 3; c++)
                 for (int m = 0; m < 2; m++) {
@@ -657,8 +669,8 @@ static void test_param_shape_mismatch_rejected(void)
 
 /* ---- what the export rejects ----------------------------------------------------------- */
 
-static void add_zeros(st_writer *w, const char *name, int ndim, int64_t d0, int64_t d1,
-                      int64_t d2, int64_t d3, float fill)
+static void add_filled(st_writer *w, const char *name, int ndim, int64_t d0, int64_t d1,
+                       int64_t d2, int64_t d3, float fill)
 {
     int64_t shape[4] = {d0, d1, d2, d3};
     size_t numel = 1;
@@ -683,7 +695,7 @@ static void add_bn(st_writer *w, const char *bn, int64_t c)
     char name[128];
     for (int i = 0; i < 4; i++) {
         snprintf(name, sizeof name, "%s.%s", bn, part[i]);
-        add_zeros(w, name, 1, c, 0, 0, 0, i == 3 ? 1.0f : 0.1f);
+        add_filled(w, name, 1, c, 0, 0, 0, i == 3 ? 1.0f : 0.1f);
     }
 }
 
@@ -695,7 +707,7 @@ static int write_resnet18(const char *path)
     top_error_clear(&err);
     if (st_writer_new(&w, &err) != TOP_OK)
         return -1;
-    add_zeros(w, "conv1.weight", 4, 2, 3, 7, 7, 0.01f);
+    add_filled(w, "conv1.weight", 4, 2, 3, 7, 7, 0.01f);
     add_bn(w, "bn1", 2);
     int64_t in = 2;
     for (int s = 0; s < 4; s++) {
@@ -704,21 +716,21 @@ static int write_resnet18(const char *path)
             char name[128];
             for (int k = 1; k <= 2; k++) {
                 snprintf(name, sizeof name, "layer%d.%d.conv%d.weight", s + 1, b, k);
-                add_zeros(w, name, 4, out, k == 1 ? in : out, 3, 3, 0.01f);
+                add_filled(w, name, 4, out, k == 1 ? in : out, 3, 3, 0.01f);
                 snprintf(name, sizeof name, "layer%d.%d.bn%d", s + 1, b, k);
                 add_bn(w, name, out);
             }
             if (b == 0 && s > 0) {
                 snprintf(name, sizeof name, "layer%d.0.downsample.0.weight", s + 1);
-                add_zeros(w, name, 4, out, in, 1, 1, 0.01f);
+                add_filled(w, name, 4, out, in, 1, 1, 0.01f);
                 snprintf(name, sizeof name, "layer%d.0.downsample.1", s + 1);
                 add_bn(w, name, out);
             }
             in = out;
         }
     }
-    add_zeros(w, "fc.weight", 2, 5, in, 0, 0, 0.01f);
-    add_zeros(w, "fc.bias", 1, 5, 0, 0, 0, 0.0f);
+    add_filled(w, "fc.weight", 2, 5, in, 0, 0, 0.01f);
+    add_filled(w, "fc.bias", 1, 5, 0, 0, 0, 0.0f);
     top_status st = st_writer_write(w, path, &err);
     if (st != TOP_OK)
         TEST_FAIL_AT("writing %s: %s", path, err.message);
@@ -760,12 +772,21 @@ static void test_non_tfjs_source_rejected(void)
     new_dir(dir, sizeof dir, "not-tfjs");
     snprintf(path, sizeof path, "%s/weights.safetensors", dir);
     FILE *f = fopen(path, "wb");
-    CHECK(f && fwrite("\x10\0\0\0\0\0\0\0{}", 1, 10, f) == 10 && fclose(f) == 0);
+    CHECK(f != NULL);
+    if (f) {
+        CHECK_INT_EQ(fwrite("\x10\0\0\0\0\0\0\0{}", 1, 10, f), 10); /* an empty safetensors */
+        CHECK_INT_EQ(fclose(f), 0);
+    }
     export_fails(g, path, dir, TOP_ERR_UNSUPPORTED, "is not a TF.js layers model.json");
     snprintf(path, sizeof path, "%s/other.json", dir);
     f = fopen(path, "wb");
-    CHECK(f && fputs("{\"modelTopology\": {}}", f) >= 0 && fclose(f) == 0);
-    export_fails(g, path, dir, TOP_ERR_UNSUPPORTED, "lacks the object modelTopology or the array");
+    CHECK(f != NULL);
+    if (f) {
+        CHECK(fputs("{\"modelTopology\": {}}", f) >= 0);
+        CHECK_INT_EQ(fclose(f), 0);
+    }
+    export_fails(g, path, dir, TOP_ERR_UNSUPPORTED,
+                 "lacks the object modelTopology or the array");
     snprintf(path, sizeof path, "%s/missing.json", dir);
     export_fails(g, path, dir, TOP_ERR_IO, "missing.json");
     graph_free(g);
@@ -817,8 +838,7 @@ static void test_unlisted_param_named(void)
         return;
     new_dir(dir, sizeof dir, "unlisted");
     write_variant(path, sizeof path, dir,
-                  ",{\"name\": \"fc/bias\", \"shape\": [3], \"dtype\": \"float32\"}]},",
-                  "]},");
+                  ",{\"name\": \"fc/bias\", \"shape\": [3], \"dtype\": \"float32\"}]},", "]},");
     export_fails(g, path, dir, TOP_ERR_FORMAT,
                  "graph parameter 'fc/bias' is not in the weights manifest");
     write_variant(path, sizeof path, dir, "\"shape\": [1, 2, 6, 2]", "\"shape\": [2, 1, 6, 2]");
@@ -858,7 +878,8 @@ static void test_fifo_target_rejected(void)
     CHECK(mkfifo(path, 0600) == 0);
     export_fails(g, source, dir, TOP_ERR_INVALID, "it exists and is not a regular file");
     struct stat sb;
-    CHECK(lstat(path, &sb) == 0 && S_ISFIFO(sb.st_mode));
+    CHECK_INT_EQ(lstat(path, &sb), 0);
+    CHECK(S_ISFIFO(sb.st_mode));
     CHECK_INT_EQ(count_temp_files(dir), 0);
     graph_free(g);
 }
@@ -878,8 +899,9 @@ static void test_source_folder_rejected(void)
     CHECK(strstr(err.message, "contains the source model") != NULL);
     unsigned char *bytes = NULL;
     size_t len = 0;
-    CHECK(read_bytes(source, &bytes, &len) == 0 && len == strlen(tiny_json) &&
-          memcmp(bytes, tiny_json, len) == 0);
+    CHECK_INT_EQ(read_bytes(source, &bytes, &len), 0);
+    CHECK_INT_EQ(len, strlen(tiny_json));
+    CHECK(bytes && len == strlen(tiny_json) && memcmp(bytes, tiny_json, len) == 0);
     free(bytes);
     graph_free(g);
 }
@@ -898,8 +920,10 @@ static int write_input(const char *dir, const float *x, int n, int c, int h, int
         for (int y = 0; y < h; y++)
             for (int q = 0; q < w; q++)
                 for (int ch = 0; ch < c; ch++)
-                    put_f32(f, x[(((size_t)i * (size_t)c + (size_t)ch) * (size_t)h +
-                                  (size_t)y) * (size_t)w + (size_t)q]);
+                    put_f32(f,
+                            x[(((size_t)i * (size_t)c + (size_t)ch) * (size_t)h + (size_t)y) *
+                                  (size_t)w +
+                              (size_t)q]);
     return fclose(f);
 }
 
@@ -917,6 +941,11 @@ static int write_case(graph *g, const char *source, const char *dir, const float
         fprintf(stderr, "%s: %s\n", dir, err.message);
         return -1;
     }
+    char *absolute = realpath(source, NULL); /* check-export.js runs from another folder */
+    if (!absolute) {
+        fprintf(stderr, "%s: %s\n", source, strerror(errno));
+        return -1;
+    }
     const float *y = graph_node_output(g, g->output);
     int classes = (int)g->nodes[g->output].sample_numel;
     json_t *probs = json_array();
@@ -926,11 +955,12 @@ static int write_case(graph *g, const char *source, const char *dir, const float
             json_array_append_new(row, json_real((double)y[i * classes + k]));
         json_array_append_new(probs, row);
     }
-    json_t *doc = json_pack(
-        "{s:s, s:s, s:{s:s, s:[i,i,i,i]}, s:o, s:O, s:f, s:f}", "source_model", source,
-        "model", "tfjs/model.json", "input", "file", "input.bin", "shape", n, pp->height,
-        pp->width, pp->channels, "probabilities", probs, "weights", kinds, "tolerance", 1e-5,
-        "min_dense_difference", min_dense_difference);
+    json_t *doc =
+        json_pack("{s:s, s:s, s:{s:s, s:[i,i,i,i]}, s:o, s:O, s:f, s:f}", "source_model",
+                  absolute, "model", "tfjs/model.json", "input", "file", "input.bin", "shape",
+                  n, pp->height, pp->width, pp->channels, "probabilities", probs, "weights",
+                  kinds, "tolerance", 1e-5, "min_dense_difference", min_dense_difference);
+    free(absolute);
     snprintf(path, sizeof path, "%s/expected.json", dir);
     int rc = doc && json_dump_file(doc, path, JSON_INDENT(1)) == 0 ? 0 : -1;
     json_decref(doc);
