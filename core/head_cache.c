@@ -219,8 +219,7 @@ static void key_string(sha256_ctx *ctx, const char *name, const char *s)
     key_field(ctx, name, s, strlen(s));
 }
 
-static top_status check_string(const char *s, const char *what, int allow_empty,
-                               top_error *err)
+static top_status check_string(const char *s, const char *what, int allow_empty, top_error *err)
 {
     if (!s)
         return top_error_set(err, TOP_ERR_INVALID, "the cache key's %s is NULL; pass a string",
@@ -359,8 +358,7 @@ static top_status fp_hash_dir(fp_walk *w, const char *dir, const char *rel, int 
     return st;
 }
 
-top_status head_cache_file_fingerprint(char *out, size_t cap, const char *path,
-                                       top_error *err)
+top_status head_cache_file_fingerprint(char *out, size_t cap, const char *path, top_error *err)
 {
     if (!out || !path || cap < SHA256_HEX_BYTES)
         return top_error_set(err, TOP_ERR_INVALID,
@@ -521,8 +519,7 @@ static top_status hash_shards(sha256_ctx *ctx, json_t *manifest, const char *jso
     return st;
 }
 
-static top_status tfjs_sha256(char hex[SHA256_HEX_BYTES], const char *json_path,
-                              top_error *err)
+static top_status tfjs_sha256(char hex[SHA256_HEX_BYTES], const char *json_path, top_error *err)
 {
     char json_hex[SHA256_HEX_BYTES];
     top_status st = sha256_file(json_hex, json_path, err);
@@ -673,8 +670,7 @@ static int entry_matches(const st_file *f, const char *key, size_t d, size_t c, 
     const char *format = st_metadata_get(f, "format");
     const char *stored_key = st_metadata_get(f, "key");
     size_t version;
-    if (!format || strcmp(format, HC_MAGIC) != 0 || !stored_key ||
-        strcmp(stored_key, key) != 0)
+    if (!format || strcmp(format, HC_MAGIC) != 0 || !stored_key || strcmp(stored_key, key) != 0)
         return 0;
     if (!parse_size(st_metadata_get(f, "format_version"), &version) ||
         version != HEAD_CACHE_FORMAT_VERSION)
@@ -725,8 +721,8 @@ static top_status decode_entry(int *hit, ridge_model *head, double *accuracy, co
     m.intercept = malloc(c * sizeof *m.intercept);
     if (!m.coef || !m.intercept) {
         ridge_model_free(&m);
-        return top_error_set(err, TOP_ERR_NOMEM, "out of memory for a cached %zu x %zu head",
-                             c, d);
+        return top_error_set(err, TOP_ERR_NOMEM, "out of memory for a cached %zu x %zu head", c,
+                             d);
     }
     double acc = NAN;
     const st_tensor_info *tc = st_find(f, "coef"), *ti = st_find(f, "intercept");
@@ -943,8 +939,7 @@ static top_status reserve_temp(char **out, const char *dir, const char *key, top
 }
 
 top_status head_cache_store(const char *dir, const char *key, const ridge_model *head,
-                            double dense_accuracy, size_t fit_n, size_t eval_n,
-                            top_error *err)
+                            double dense_accuracy, size_t fit_n, size_t eval_n, top_error *err)
 {
     if (!dir || !dir[0] || !is_hex_digest(key))
         return top_error_set(err, TOP_ERR_INVALID,
@@ -993,7 +988,8 @@ typedef struct hc_entry {
 static int is_entry_name(const char *name)
 {
     return strlen(name) == HC_KEY_LEN + strlen(HC_SUFFIX) &&
-           !strcmp(name + HC_KEY_LEN, HC_SUFFIX) && strspn(name, "0123456789abcdef") == HC_KEY_LEN;
+           !strcmp(name + HC_KEY_LEN, HC_SUFFIX) &&
+           strspn(name, "0123456789abcdef") == HC_KEY_LEN;
 }
 
 /* ".<key>." starts every temporary name of a store. */
@@ -1061,8 +1057,7 @@ static top_status collect_entries(hc_entry *entries, size_t *n_entries, size_t *
     return st;
 }
 
-top_status head_cache_prune(const char *dir, size_t max_bytes, size_t *removed,
-                            top_error *err)
+top_status head_cache_prune(const char *dir, size_t max_bytes, size_t *removed, top_error *err)
 {
     size_t count = 0;
     if (removed)

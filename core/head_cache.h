@@ -48,22 +48,22 @@
 
 /* Everything a cached head and its dense accuracy depend on. */
 typedef struct head_cache_inputs {
-    const char *code_version;  /* the caller's version of feature extraction and
-                                  ridge code, bumped to drop old entries; NULL = "" */
-    const char *model_sha256;  /* 64 lower-case hex digits (head_cache_model_sha256) */
-    const char *feature_node;  /* the resolved feature node name, never NULL */
-    size_t input_height;       /* model input size after any resize option */
+    const char *code_version; /* the caller's version of feature extraction and
+                                 ridge code, bumped to drop old entries; NULL = "" */
+    const char *model_sha256; /* 64 lower-case hex digits (head_cache_model_sha256) */
+    const char *feature_node; /* the resolved feature node name, never NULL */
+    size_t input_height;      /* model input size after any resize option */
     size_t input_width;
-    const char *dataset_uri;   /* as passed to dataset_open */
+    const char *dataset_uri;         /* as passed to dataset_open */
     const char *dataset_fingerprint; /* identity of the data set's files
                                         (head_cache_dataset_fingerprint) */
-    size_t calib_count;        /* the task's calibration split; 0 for an
-                                  evaluation task (it shifts the fit split) */
-    size_t fit_count;          /* head-fit images requested */
-    size_t eval_count;         /* evaluation images requested; 0 if none */
-    uint64_t seed;             /* task seed */
-    double alpha;              /* ridge alpha, finite and > 0 */
-    int balanced;              /* ridge class_weight="balanced"; nonzero = 1 */
+    size_t calib_count;              /* the task's calibration split; 0 for an
+                                        evaluation task (it shifts the fit split) */
+    size_t fit_count;                /* head-fit images requested */
+    size_t eval_count;               /* evaluation images requested; 0 if none */
+    uint64_t seed;                   /* task seed */
+    double alpha;                    /* ridge alpha, finite and > 0 */
+    int balanced;                    /* ridge class_weight="balanced"; nonzero = 1 */
 } head_cache_inputs;
 
 /*
@@ -72,9 +72,9 @@ typedef struct head_cache_inputs {
  * field as a name, an 8-byte little-endian length and the bytes. Strings go
  * as given, integers as 8 little-endian bytes, alpha as the 8 little-endian
  * bytes of its IEEE-754 bits and balanced as 0 or 1. So the encoding is exact
- * and does not depend on the locale. TOP_ERR_INVALID for a NULL or over-long string, a model digest that
- * is not 64 lower-case hex digits, an empty feature node or URI, a zero input
- * size or fit count, or an alpha that is not finite and positive.
+ * and does not depend on the locale. TOP_ERR_INVALID for a NULL or over-long string, a model
+ * digest that is not 64 lower-case hex digits, an empty feature node or URI, a zero input size
+ * or fit count, or an alpha that is not finite and positive.
  */
 top_status head_cache_key(char key[SHA256_HEX_BYTES], const head_cache_inputs *in,
                           top_error *err);
@@ -90,8 +90,7 @@ top_status head_cache_key(char key[SHA256_HEX_BYTES], const head_cache_inputs *i
  * TOP_ERR_IO names a path that cannot be read; TOP_ERR_LIMIT past 10^7
  * entries.
  */
-top_status head_cache_file_fingerprint(char *out, size_t cap, const char *path,
-                                       top_error *err);
+top_status head_cache_file_fingerprint(char *out, size_t cap, const char *path, top_error *err);
 
 /*
  * The fingerprint of a data set URI (idx:IMAGES,LABELS, folder:DIR,
@@ -138,8 +137,7 @@ top_status head_cache_load(int *hit, ridge_model *head, double *dense_accuracy, 
  * TOP_ERR_IO names the path that failed.
  */
 top_status head_cache_store(const char *dir, const char *key, const ridge_model *head,
-                            double dense_accuracy, size_t fit_n, size_t eval_n,
-                            top_error *err);
+                            double dense_accuracy, size_t fit_n, size_t eval_n, top_error *err);
 
 /*
  * Deletes entries in DIR, least recently used first (oldest mtime, then
@@ -149,7 +147,6 @@ top_status head_cache_store(const char *dir, const char *key, const ridge_model 
  * DIR is an empty cache. TOP_ERR_IO names a path that cannot be listed or
  * deleted.
  */
-top_status head_cache_prune(const char *dir, size_t max_bytes, size_t *removed,
-                            top_error *err);
+top_status head_cache_prune(const char *dir, size_t max_bytes, size_t *removed, top_error *err);
 
 #endif
