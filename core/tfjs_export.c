@@ -293,7 +293,7 @@ static top_status check_unlisted(const graph *g, int i, const char *source, top_
         if (gp->value.data[k] != fill)
             return top_error_set(err, TOP_ERR_UNSUPPORTED,
                                  "parameter '%s' is %g at index %zu, but its batch-norm layer "
-                                 "has %s = false in %s, so TF.js can only hold %g there; keep "
+                                 "has %s = false in %s, so TF.js can only store %g there; keep "
                                  "that parameter unchanged",
                                  gp->name, (double)gp->value.data[k], k,
                                  gp->slot == PARAM_GAMMA ? "scale" : "center", source,
@@ -333,14 +333,7 @@ static top_status plan_build(export_plan *p, const graph *g, const char *source,
         }
         json_array_foreach(list, wi, entry)
         {
-            if (p->count == (size_t)g->n_params) {
-                const char *name = json_string_value(json_object_get(entry, "name"));
-                st = top_error_set(err, TOP_ERR_NOT_FOUND,
-                                   "%s: the weights manifest lists more weights than the graph "
-                                   "has parameters; weight '%s' is not in the graph",
-                                   source, name ? name : "?");
-                goto done;
-            }
+            /* plan_weight uses each parameter once, so p->params cannot overflow. */
             st = plan_weight(p, weights, g, refs, used, entry, source, err);
             if (st != TOP_OK)
                 goto done;
@@ -576,13 +569,24 @@ static top_status write_files(const graph *g, const export_plan *p, const char *
         st = TOP_ERR_IO;
     if (st != TOP_OK)
         goto done;
-    if (rename(shard_tmp, shard) != 0 || rename(json_tmp, json) != 0)
-        st = top_error_set(err, TOP_ERR_IO,
-                           "cannot rename the temporary files to '%s' and '%s': %s", shard,
-                           json, strerror(errno));
+    if (rename(shard_tmp, shard) != 0) {
+        st = top_error_set(err, TOP_ERR_IO, "cannot rename '%s' to '%s': %s", shard_tmp, shard,
+                           strerror(errno));
+        goto done;
+    }
+    free(shard_tmp);
+    shard_tmp = NULL;
+    if (rename(json_tmp, json) != 0) {
+        st = top_error_set(err, TOP_ERR_IO, "cannot rename '%s' to '%s': %s", json_tmp, json,
+                           strerror(errno));
+        goto done;
+    }
+    free(json_tmp);
+    json_tmp = NULL;
+
 done:
     if (shard_tmp)
-        unlink(shard_tmp); /* fails harmlessly once renamed */
+        unlink(shard_tmp);
     if (json_tmp)
         unlink(json_tmp);
     free(shard_tmp);
