@@ -57,6 +57,14 @@ static int match_path(const char *pattern, const char *path,
     return *pattern == '\0' && *path == '\0';
 }
 
+/* 1 if a HEAD request may use this GET route: every one but the event
+ * stream, whose body never ends. libmicrohttpd sends the headers of a HEAD
+ * response and drops its body. */
+static int head_allowed(const api_route *r)
+{
+    return !strcmp(r->method, "GET") && r->fn != api_get_events;
+}
+
 /* Finds the route; *allow gets the methods the path accepts when none matches. */
 static const api_route *find_route(const char *method, const char *path, api_call *call,
                                    char *allow, size_t cap, const char **pattern)
@@ -64,16 +72,18 @@ static const api_route *find_route(const char *method, const char *path, api_cal
     allow[0] = '\0';
     *pattern = NULL;
     char params[API_MAX_PARAMS][API_PARAM_MAX];
+    int head = !strcmp(method, "HEAD");
     for (size_t i = 0; i < N_ROUTES; i++) {
         if (!match_path(routes[i].pattern, path, params))
             continue;
         *pattern = routes[i].pattern;
-        if (!strcmp(routes[i].method, method)) {
+        if (!strcmp(routes[i].method, method) || (head && head_allowed(&routes[i]))) {
             memcpy(call->params, params, sizeof params);
             return &routes[i];
         }
         size_t used = strlen(allow);
-        snprintf(allow + used, cap - used, "%s%s", used ? ", " : "", routes[i].method);
+        snprintf(allow + used, cap - used, "%s%s%s", used ? ", " : "", routes[i].method,
+                 head_allowed(&routes[i]) ? ", HEAD" : "");
     }
     return NULL;
 }
