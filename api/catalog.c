@@ -475,7 +475,7 @@ struct MHD_Response *api_get_methods(api *a, http_request *req, api_call *call)
                   "per-layer densities: those of a global magnitude or obd mask, or uniform");
     json_t *methods = json_pack(
         "{s:[{s:s, s:s, s:b, s:[]}, {s:s, s:s, s:b, s:o}, {s:s, s:s, s:b, s:o}, "
-        "{s:s, s:s, s:b, s:o}]}",
+        "{s:s, s:s, s:b, s:o}, {s:s, s:s, s:b, s:[]}]}",
         "methods", "name", "magnitude", "saliency", "|w|", "needs_calibration", 0, "parameters",
         "name", "obd", "saliency",
         "0.5 * w^2 * (F_ii + lambda), F_ii the empirical Fisher diagonal", "needs_calibration",
@@ -483,6 +483,9 @@ struct MHD_Response *api_get_methods(api *a, http_request *req, api_call *call)
         "w^2 / (2 [(F_B + lambda I)^-1]_ii) over blocks of B weights, then the OBS update",
         "needs_calibration", 1, "parameters", obs_params, "name", "layer_obs", "saliency",
         "layer-wise OBS (SparseGPT): H = 2 X^T X / n per layer, to the allocation's density",
-        "needs_calibration", 1, "parameters", layer_params);
+        "needs_calibration", 1, "parameters", layer_params, "name", "data_free", "saliency",
+        "0.5 * w^2 * E[x_j^2], E[x_j^2] of the input feature predicted from the preceding "
+        "batch norms",
+        "needs_calibration", 0, "parameters");
     return api_json(req, 200, methods);
 }

@@ -168,10 +168,12 @@ static int parse_method(const json_t *req, json_t *out, api_invalid *bad)
                                              "obs_update", "allocation",   NULL};
     const json_t *v = json_object_get(req, "method");
     const char *method = v ? json_string_value(v) : "magnitude";
-    if (!method || (strcmp(method, "magnitude") && strcmp(method, "obd") &&
-                    strcmp(method, "obs") && strcmp(method, "layer_obs")))
+    if (!method ||
+        (strcmp(method, "magnitude") && strcmp(method, "obd") && strcmp(method, "obs") &&
+         strcmp(method, "layer_obs") && strcmp(method, "data_free")))
         return api_invalid_set(bad, 422, "method", v,
-                               "use magnitude, obd, obs or layer_obs (GET /v1/methods)",
+                               "use magnitude, obd, obs, layer_obs or data_free "
+                               "(GET /v1/methods)",
                                "unknown pruning method");
     json_object_set_new(out, "method", json_string(method));
 
@@ -206,7 +208,7 @@ static int parse_calibration(api *a, api_call *call, const json_t *req, json_t *
         return -1;
     if (!c) {
         const char *method = json_string_value(json_object_get(out, "method"));
-        if (strcmp(method, "magnitude"))
+        if (strcmp(method, "magnitude") && strcmp(method, "data_free"))
             return api_invalid_set(bad, 422, "calibration", NULL,
                                    "add calibration.task, or use method magnitude",
                                    "method %s needs a calibration task", method);

@@ -25,12 +25,15 @@
 #include <time.h>
 
 #include "checkpoint.h"
+#include "datafree.h"
+#include "head_cache.h"
 #include "dataset.h"
 #include "model.h"
 #include "prune.h"
 #include "ridge.h"
 #include "safetensors.h"
 #include "sha256.h"
+#include "tfjs_export.h"
 
 typedef struct pipeline_task {
     dataset *ds;
@@ -38,6 +41,8 @@ typedef struct pipeline_task {
     ridge_model head;
     float *fit_x, *eval_x; /* (fit count, D), (eval count, D) */
     double dense_accuracy, pruned_accuracy, finetuned_accuracy;
+    int head_cached;                                /* the head came from the cache */
+    char head_cache_warning[TOP_ERROR_MESSAGE_MAX]; /* why the cache failed, or "" */
 } pipeline_task;
 
 typedef struct pipeline_ctx {
@@ -57,13 +62,14 @@ typedef struct pipeline_ctx {
     double **bn_dense; /* match_dense: (2, C) per BN node, mean then var */
     float **bn_orig;   /* match_dense: the original running mean and var per BN node */
     int bn_passes_run;
-    double bn_max_shift;        /* largest |mu_p - mu_d| / sd_d in the last pass */
-    double lambda;              /* obd and obs damping used */
-    float **grads;              /* obs: (n, numel) per-sample gradients per layer */
-    size_t obs_memory;          /* obs: bytes the estimate gave */
-    obs_damping obs_damping;    /* obs and layer_obs: retries and factorisations */
-    size_t layer_obs_rows_used; /* layer_obs: the maximum rows used by one layer */
-    size_t memory_estimate;     /* bytes of pruning state, from memory_stage */
+    double bn_max_shift;                 /* largest |mu_p - mu_d| / sd_d in the last pass */
+    double lambda;                       /* obd and obs damping used */
+    float **grads;                       /* obs: (n, numel) per-sample gradients per layer */
+    size_t obs_memory;                   /* obs: bytes the estimate gave */
+    obs_damping obs_damping;             /* obs and layer_obs: retries and factorisations */
+    size_t layer_obs_rows_used;          /* layer_obs: the maximum rows used by one layer */
+    size_t memory_estimate;              /* bytes of pruning state, from memory_stage */
+    char model_sha256[SHA256_HEX_BYTES]; /* for the head cache, "" until needed */
     int ft_ran, ft_bn_corrected;
     finetune_result ft;
     double timings[10];
@@ -134,6 +140,7 @@ const char *pipeline_method_name(pipeline_method m)
     case PIPELINE_METHOD_OBD: return "obd";
     case PIPELINE_METHOD_OBS: return "obs";
     case PIPELINE_METHOD_LAYER_OBS: return "layer_obs";
+    case PIPELINE_METHOD_DATA_FREE: return "data_free";
     }
     return "unknown";
 }
@@ -221,10 +228,11 @@ static top_status validate_options(const pipeline_options *o, top_error *err)
                              "fraction such as 0.5",
                              o->sparsity);
     if (o->method != PIPELINE_METHOD_MAGNITUDE && o->method != PIPELINE_METHOD_OBD &&
-        o->method != PIPELINE_METHOD_OBS && o->method != PIPELINE_METHOD_LAYER_OBS)
+        o->method != PIPELINE_METHOD_OBS && o->method != PIPELINE_METHOD_LAYER_OBS &&
+        o->method != PIPELINE_METHOD_DATA_FREE)
         return top_error_set(err, TOP_ERR_INVALID,
                              "method %d is unknown; use magnitude, "
-                             "obd, obs or layer_obs",
+                             "obd, obs, layer_obs or data_free",
                              (int)o->method);
     if (needs_gradients(o) && !o->calib_uri)
         return top_error_set(err, TOP_ERR_INVALID,
@@ -420,10 +428,96 @@ static top_status alloc_features(float **out, size_t n, size_t dim, top_error *e
     return TOP_OK;
 }
 
+/* Changes whenever preprocessing, the forward pass or ridge_fit change what a
+ * cached head would hold. */
+#define PIPELINE_HEAD_CACHE_VERSION "topiary-pipeline-1"
+
+/* The cache key of pt's head; errors go to cache_err, which only warns. */
+static top_status head_cache_key_of(char key[SHA256_HEX_BYTES], pipeline_ctx *c,
+                                    const pipeline_task *pt, int with_eval,
+                                    top_error *cache_err)
+{
+    const pipeline_options *o = c->opt;
+    int is_calib = pt == &c->calib;
+    char fingerprint[SHA256_HEX_BYTES];
+    top_status st = TOP_OK;
+    if (!c->model_sha256[0])
+        st = head_cache_model_sha256(c->model_sha256, o->model_path, cache_err);
+    if (st == TOP_OK)
+        st = head_cache_dataset_fingerprint(fingerprint, dataset_uri(pt->ds), cache_err);
+    if (st != TOP_OK)
+        return st;
+    head_cache_inputs in = {
+        .code_version = PIPELINE_HEAD_CACHE_VERSION,
+        .model_sha256 = c->model_sha256,
+        .feature_node = c->g->nodes[c->feature].name,
+        .input_height = (size_t)c->g->preprocess.height,
+        .input_width = (size_t)c->g->preprocess.width,
+        .dataset_uri = dataset_uri(pt->ds),
+        .dataset_fingerprint = fingerprint,
+        .calib_count = is_calib ? o->calib_count : 0,
+        .fit_count = is_calib ? o->calib_fit_count : o->eval_fit_count,
+        .eval_count = with_eval ? o->eval_count : 0,
+        .seed = o->seed,
+        .alpha = o->ridge_alpha,
+        .balanced = o->ridge_balanced,
+    };
+    return head_cache_key(key, &in, cache_err);
+}
+
+/* Returns 1 on a hit. key is "" when the cache failed, and then
+ * pt->head_cache_warning says why: a broken cache slows a job down, it does
+ * not fail it. */
+static int load_cached_head(char key[SHA256_HEX_BYTES], pipeline_ctx *c, pipeline_task *pt,
+                            int with_eval)
+{
+    top_error cache_err;
+    top_error_clear(&cache_err);
+    int hit = 0;
+    double accuracy = 0.0;
+    size_t fit_n = 0, eval_n = 0;
+    top_status st = head_cache_key_of(key, c, pt, with_eval, &cache_err);
+    if (st == TOP_OK)
+        st =
+            head_cache_load(&hit, &pt->head, &accuracy, &fit_n, &eval_n, c->opt->head_cache_dir,
+                            key, c->dim, (size_t)pt->t.n_classes, &cache_err);
+    if (st != TOP_OK) {
+        key[0] = '\0';
+        snprintf(pt->head_cache_warning, sizeof pt->head_cache_warning, "%s",
+                 cache_err.message);
+        return 0;
+    }
+    if (hit && (fit_n != pt->t.fit.count || eval_n != (with_eval ? pt->t.eval.count : 0))) {
+        ridge_model_free(&pt->head);
+        hit = 0;
+    }
+    pt->head_cached = hit;
+    if (hit)
+        pt->dense_accuracy = accuracy;
+    return hit;
+}
+
+static void store_cached_head(pipeline_task *pt, const char *dir, const char *key,
+                              int with_eval)
+{
+    top_error cache_err;
+    top_error_clear(&cache_err);
+    if (head_cache_store(dir, key, &pt->head, with_eval ? pt->dense_accuracy : 0.0,
+                         pt->t.fit.count, with_eval ? pt->t.eval.count : 0,
+                         &cache_err) != TOP_OK)
+        snprintf(pt->head_cache_warning, sizeof pt->head_cache_warning, "%s",
+                 cache_err.message);
+}
+
 /* Fits the task's ridge head on dense features of its fit split, and measures
- * the dense accuracy on its evaluation split when with_eval is set. */
+ * the dense accuracy on its evaluation split when with_eval is set. With a
+ * head cache, a hit skips both (the evaluation buffer is still allocated for
+ * the pruned evaluation). */
 static top_status fit_head(pipeline_ctx *c, pipeline_task *pt, int with_eval, top_error *err)
 {
+    char key[SHA256_HEX_BYTES] = "";
+    if (c->opt->head_cache_dir && load_cached_head(key, c, pt, with_eval))
+        return with_eval ? alloc_features(&pt->eval_x, pt->t.eval.count, c->dim, err) : TOP_OK;
     top_status st = alloc_features(&pt->fit_x, pt->t.fit.count, c->dim, err);
     if (st == TOP_OK)
         st = extract_features(pt->fit_x, c, &pt->t.fit, "dense features", err);
@@ -431,14 +525,16 @@ static top_status fit_head(pipeline_ctx *c, pipeline_task *pt, int with_eval, to
     if (st == TOP_OK)
         st = ridge_fit(&pt->head, pt->fit_x, pt->t.fit.labels, pt->t.fit.count, c->dim,
                        (size_t)pt->t.n_classes, &ro, err);
-    if (st != TOP_OK || !with_eval)
-        return st;
-    st = alloc_features(&pt->eval_x, pt->t.eval.count, c->dim, err);
-    if (st == TOP_OK)
-        st = extract_features(pt->eval_x, c, &pt->t.eval, "dense features", err);
-    if (st == TOP_OK)
-        st = ridge_accuracy(&pt->dense_accuracy, &pt->head, pt->eval_x, pt->t.eval.labels,
-                            pt->t.eval.count, err);
+    if (st == TOP_OK && with_eval) {
+        st = alloc_features(&pt->eval_x, pt->t.eval.count, c->dim, err);
+        if (st == TOP_OK)
+            st = extract_features(pt->eval_x, c, &pt->t.eval, "dense features", err);
+        if (st == TOP_OK)
+            st = ridge_accuracy(&pt->dense_accuracy, &pt->head, pt->eval_x, pt->t.eval.labels,
+                                pt->t.eval.count, err);
+    }
+    if (st == TOP_OK && key[0])
+        store_cached_head(pt, c->opt->head_cache_dir, key, with_eval);
     return st;
 }
 
@@ -688,11 +784,14 @@ static top_status prune_stage(pipeline_ctx *c, double sparsity, top_error *err)
             st = top_error_set(err, TOP_ERR_NOMEM, "out of memory for the scores");
         else if (c->opt->method == PIPELINE_METHOD_MAGNITUDE)
             prune_saliency_magnitude(scores[l], w->data, w->numel);
+        else if (c->opt->method == PIPELINE_METHOD_DATA_FREE)
+            st = datafree_scores(scores[l], c->g, c->prunable[l], err);
         layers[l] = (prune_layer){scores[l], masks[l], w->numel,
                                   w->numel / (size_t)(w->shape[0] > 0 ? w->shape[0] : 1)};
     }
     double t0 = now_s();
-    if (st == TOP_OK && c->opt->method != PIPELINE_METHOD_MAGNITUDE)
+    int second = c->opt->method == PIPELINE_METHOD_OBD || c->opt->method == PIPELINE_METHOD_OBS;
+    if (st == TOP_OK && second)
         st = saliency_second_order(scores, c, c->opt->method == PIPELINE_METHOD_OBS, err);
     c->timings[T_SALIENCY] += now_s() - t0;
 
@@ -1582,6 +1681,33 @@ static top_status describe_file(json_t *obj, const char *path, top_error *err)
     return TOP_OK;
 }
 
+/* Writes DIR/tfjs/model.json and its one float32 shard for a model that came
+ * as a TF.js layers model (a model.json, or a folder holding one), and adds
+ * both files to the report as checkpoints.tfjs {path, bytes, sha256, weights}. */
+static top_status write_tfjs(pipeline_ctx *c, const char *dir, top_error *err)
+{
+    const char *model = c->opt->model_path;
+    char source[4096], out[4096], path[4200];
+    struct stat sb;
+    if (stat(model, &sb) == 0 && S_ISDIR(sb.st_mode))
+        snprintf(source, sizeof source, "%s/model.json", model);
+    else
+        snprintf(source, sizeof source, "%s", model);
+    snprintf(out, sizeof out, "%s/tfjs", dir);
+    json_t *tfjs = json_object(), *shard = json_object();
+    json_object_set_new(c->checkpoints, "tfjs", tfjs);
+    json_object_set_new(tfjs, "layout", json_string("source"));
+    json_object_set_new(tfjs, "weights", shard);
+    top_status st = tfjs_export_write(c->g, source, out, err);
+    snprintf(path, sizeof path, "%s/%s", out, TFJS_EXPORT_MODEL_JSON);
+    if (st == TOP_OK)
+        st = describe_file(tfjs, path, err);
+    snprintf(path, sizeof path, "%s/%s", out, TFJS_EXPORT_SHARD);
+    if (st == TOP_OK)
+        st = describe_file(shard, path, err);
+    return st;
+}
+
 static top_status checkpoint_stage(pipeline_ctx *c, top_error *err)
 {
     const char *dir = c->opt->out_dir;
@@ -1595,7 +1721,7 @@ static top_status checkpoint_stage(pipeline_ctx *c, top_error *err)
     c->checkpoints = json_object();
     json_object_set_new(c->checkpoints, "dense", dense);
     json_object_set_new(c->checkpoints, "compressed", comp);
-    report_progress(c, "checkpoints", 0, 2);
+    report_progress(c, "checkpoints", 0, 3);
     snprintf(path, sizeof path, "%s/dense.safetensors", dir);
     top_status st = write_dense(c, path, err);
     if (st == TOP_OK)
@@ -1608,7 +1734,12 @@ static top_status checkpoint_stage(pipeline_ctx *c, top_error *err)
     if (st == TOP_OK)
         st = describe_file(comp, path, err);
     json_object_set_new(comp, "layout", json_string("engine"));
-    report_progress(c, "checkpoints", 2, 2);
+    int tfjs = model_detect_format(c->opt->model_path) == MODEL_FORMAT_TFJS_LAYERS;
+    report_progress(c, "checkpoints", 2, 2 + tfjs);
+    if (st == TOP_OK && tfjs) {
+        st = write_tfjs(c, dir, err);
+        report_progress(c, "checkpoints", 3, 3);
+    }
     return st;
 }
 
@@ -1636,14 +1767,20 @@ static json_t *report_layers(const pipeline_ctx *c, size_t *zeros_out, size_t *c
     return layers;
 }
 
-static json_t *report_task(const pipeline_task *pt, int pruned, int finetuned)
+static json_t *report_task(const pipeline_task *pt, int pruned, int finetuned, int cache_on)
 {
-    return json_pack(
-        "{s:s, s:i, s:I, s:I, s:f, s:o, s:o}", "uri", dataset_uri(pt->ds), "classes",
+    json_t *t = json_pack(
+        "{s:s, s:i, s:I, s:I, s:f, s:o, s:o, s:s}", "uri", dataset_uri(pt->ds), "classes",
         pt->t.n_classes, "fit_images", (json_int_t)pt->t.fit.count, "eval_images",
         (json_int_t)pt->t.eval.count, "dense_accuracy", pt->dense_accuracy, "pruned_accuracy",
         pruned ? json_real(pt->pruned_accuracy) : json_null(), "finetuned_accuracy",
-        finetuned ? json_real(pt->finetuned_accuracy) : json_null());
+        finetuned ? json_real(pt->finetuned_accuracy) : json_null(), "head_cache",
+        !cache_on         ? "off"
+        : pt->head_cached ? "hit"
+                          : "miss");
+    if (t && pt->head_cache_warning[0])
+        json_object_set_new(t, "head_cache_warning", json_string(pt->head_cache_warning));
+    return t;
 }
 
 static json_t *report_finetune(const pipeline_ctx *c)
@@ -1723,17 +1860,18 @@ static json_t *report_build(const pipeline_ctx *c)
                                   bn_mode, "layers", c->bn_layers, "images",
                                   (json_int_t)c->bn_images, "passes", c->bn_passes_run,
                                   "max_mean_shift", c->bn_max_shift));
-    json_object_set_new(r, "calibration",
-                        c->calib.ds
-                            ? json_pack("{s:s, s:I, s:I}", "uri", dataset_uri(c->calib.ds),
-                                        "calibration_images",
-                                        (json_int_t)c->calib.t.calib.count, "fit_images",
-                                        (json_int_t)(c->calib.fit_x ? c->calib.t.fit.count : 0))
-                            : json_null());
+    json_object_set_new(
+        r, "calibration",
+        c->calib.ds
+            ? json_pack("{s:s, s:I, s:I}", "uri", dataset_uri(c->calib.ds),
+                        "calibration_images", (json_int_t)c->calib.t.calib.count, "fit_images",
+                        (json_int_t)(c->calib.head.coef ? c->calib.t.fit.count : 0))
+            : json_null());
     json_object_set_new(r, "finetune", report_finetune(c));
     json_t *tasks = json_array();
     for (int i = 0; i < o->n_eval; i++)
-        json_array_append_new(tasks, report_task(&c->eval[i], 1, c->ft_ran));
+        json_array_append_new(
+            tasks, report_task(&c->eval[i], 1, c->ft_ran, o->head_cache_dir != NULL));
     json_object_set_new(r, "tasks", tasks);
     json_t *t = json_object();
     for (int i = 0; i <= T_TOTAL; i++)

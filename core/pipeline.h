@@ -9,6 +9,9 @@
  *      global average pool, or the flatten after the last pool), or a named node.
  *   2. per evaluation task: dense features of the head-fit split -> ridge_fit
  *      -> dense accuracy on the evaluation split; the head is kept frozen.
+ *      With head_cache_dir, the head and the dense accuracy are read from
+ *      there when a job with the same model, feature node, input size, task,
+ *      splits, seed and ridge options stored them (head_cache.h).
  *   3. saliency over the prunable weights (conv and dense weights of nodes
  *      before the feature node, without the first conv):
  *        magnitude  |w|
@@ -17,6 +20,9 @@
  *                   cross-entropy of the calibration task's ridge head
  *                   (softmax over its decision scores); lambda = damping *
  *                   mean(F) (relative, default 1e-3) or damping (absolute)
+ *        data_free  0.5 w^2 E[x_j^2], with E[x_j^2] the second moment of the
+ *                   weight's input feature predicted from the batch-norm
+ *                   statistics alone (datafree.h); no data
  *   4. a mask (prune_mask_compute): global or per-layer ranking, unstructured or
  *      N:M, a minimum density per layer; pruned weights = +0.0. With R rounds,
  *      steps 3 and 4 repeat with sparsity 1 - k^(r/R), k = 1 - q, r = 1..R;
@@ -76,6 +82,7 @@ typedef enum pipeline_method {
     PIPELINE_METHOD_OBD,
     PIPELINE_METHOD_OBS,       /* block OBS (WoodFisher) */
     PIPELINE_METHOD_LAYER_OBS, /* layer-wise OBS (SparseGPT style) */
+    PIPELINE_METHOD_DATA_FREE, /* 0.5 w^2 E[x^2], E[x^2] from BN statistics (datafree.h) */
 } pipeline_method;
 
 /* How layer_obs picks each layer's density. */
@@ -138,6 +145,7 @@ typedef struct pipeline_options {
     size_t finetune_count;          /* fine-tuning images of the calibration task (512) */
     finetune_options ft;            /* finetune_options_init's defaults */
     int finetune_bn_correction;     /* match_dense again after fine-tuning (1) */
+    const char *head_cache_dir;     /* NULL: heads are not cached between jobs */
     const char *out_dir;            /* NULL: no checkpoints */
 } pipeline_options;
 
@@ -145,7 +153,7 @@ typedef struct pipeline_options {
  * damping 1e-3, BN recalibration automatic, batch 16, seed 0. */
 void pipeline_options_init(pipeline_options *opt);
 
-/* Static names: "magnitude", "obd", "obs", "layer_obs"; and "magnitude",
+/* Static names: "magnitude", "obd", "obs", "layer_obs", "data_free"; and "magnitude",
  * "obd", "uniform". */
 const char *pipeline_method_name(pipeline_method m);
 const char *pipeline_allocation_name(pipeline_allocation a);
@@ -165,7 +173,8 @@ typedef void (*pipeline_progress_fn)(void *user, const char *stage, size_t done,
  * prunable_weights, zero_weights, layers [{name, count, zeros, sparsity}],
  * mask {scope, nm, min_density, rounds}, damping (obd), bn_recalibration {ran, mode, layers,
  * images, passes, max_mean_shift}, calibration, tasks [{uri, classes, fit_images, eval_images,
- * dense_accuracy, pruned_accuracy, finetuned_accuracy (null without fine-tuning)}],
+ * dense_accuracy, pruned_accuracy, finetuned_accuracy (null without fine-tuning),
+ * head_cache ("hit", "miss" or "off"), head_cache_warning (only when the cache failed)}],
  * finetune (null, or {images, epochs, steps, batch_size, lr, schedule, momentum, weight_decay,
  * batch_norm, trained_values, masked_values, loss_first_epoch, loss_last_epoch,
  * train_accuracy_first_epoch, train_accuracy_last_epoch}), timings_s, checkpoints (with --out:

@@ -18,7 +18,8 @@ static void prune_usage(FILE *out)
 {
     fprintf(out,
             "usage: topiary prune --model PATH --eval URI[,URI...] [--sparsity Q]\n"
-            "                     [--method magnitude|obd|obs|layer_obs] [--calibration URI]\n"
+            "                     [--method magnitude|obd|obs|layer_obs|data_free]\n"
+            "                     [--calibration URI]\n"
             "                     [--calibration-split N,HEADFIT] [--eval-split HEADFIT,EVAL]\n"
             "                     [--feature-node NAME] [--damping X | --damping-absolute X]\n"
             "                     [--scope global|per-layer] [--nm N:M] [--min-density D]\n"
@@ -32,11 +33,13 @@ static void prune_usage(FILE *out)
             "                     [--finetune-weight-decay WD] [--finetune-batch B]\n"
             "                     [--finetune-schedule cosine|constant]\n"
             "                     [--finetune-batch-norm frozen|train]\n"
-            "                     [--seed S] [--out DIR]\n\n"
+            "                     [--head-cache DIR] [--seed S] [--out DIR]\n\n"
             "Prunes the model's backbone to sparsity Q (default 0.5) and reports the\n"
             "zero-shot accuracy of ridge heads, fitted on the dense features, before and\n"
             "after pruning. URIs: idx:IMAGES,LABELS  folder:DIR  bundle:FILE\n"
-            "digits-grid:FILE. obd, obs and layer_obs need --calibration. obs: block\n"
+            "digits-grid:FILE. obd, obs and layer_obs need --calibration; magnitude\n"
+            "and data_free (0.5 w^2 E[x^2], E[x^2] predicted from the batch norms) do\n"
+            "not. obs: block\n"
             "OBS with Fisher blocks of B weights (default 64, 1..1024), the OBS update\n"
             "of kept weights unless --no-obs-update, at most --obs-memory MiB (4096).\n"
             "layer_obs: layer-wise OBS to the per-layer densities of a global\n"
@@ -51,7 +54,10 @@ static void prune_usage(FILE *out)
             "the pruned weights held at zero: SGD, E epochs (2), LR 5e-5 with a cosine\n"
             "schedule, momentum 0.9, no weight decay, batch 16, batch norm frozen; the\n"
             "evaluation tasks are then measured again.\n"
-            "--out DIR writes DIR/dense.safetensors and DIR/compressed.safetensors.\n");
+            "--head-cache DIR keeps the dense heads and accuracies there, so a later job on\n"
+            "the same model, task and splits skips the dense features.\n"
+            "--out DIR writes DIR/dense.safetensors and DIR/compressed.safetensors, and\n"
+            "DIR/tfjs/model.json with one float32 shard for a TF.js model.\n");
 }
 
 static int bad_option(const char *opt, const char *value, const char *fix)
@@ -166,7 +172,8 @@ enum {
     OPT_FT_SCHEDULE,
     OPT_FT_BN,
     OPT_FT_BATCH,
-    OPT_FT_NO_BN
+    OPT_FT_NO_BN,
+    OPT_HEAD_CACHE
 };
 
 static const struct option prune_options[] = {
@@ -205,6 +212,7 @@ static const struct option prune_options[] = {
     {"finetune-batch-norm", required_argument, NULL, OPT_FT_BN},
     {"finetune-batch", required_argument, NULL, OPT_FT_BATCH},
     {"finetune-no-bn-correction", no_argument, NULL, OPT_FT_NO_BN},
+    {"head-cache", required_argument, NULL, OPT_HEAD_CACHE},
     {"seed", required_argument, NULL, 's'},
     {"out", required_argument, NULL, 'o'},
     {"help", no_argument, NULL, 'h'},
@@ -336,6 +344,7 @@ static int parse_one(pipeline_options *o, int c, char *arg)
     case 'c': o->calib_uri = arg; return 0;
     case OPT_FEATURE: o->feature_node = arg; return 0;
     case 'o': o->out_dir = arg; return 0;
+    case OPT_HEAD_CACHE: o->head_cache_dir = arg; return 0;
     case OPT_NO_BN: o->bn_recalibration = 0; return 0;
     case OPT_BN_CORRECTION:
         if (!strcmp(arg, "none")) {
@@ -389,8 +398,11 @@ static int parse_one(pipeline_options *o, int c, char *arg)
             o->method = PIPELINE_METHOD_OBS;
         else if (!strcmp(arg, "layer_obs"))
             o->method = PIPELINE_METHOD_LAYER_OBS;
+        else if (!strcmp(arg, "data_free"))
+            o->method = PIPELINE_METHOD_DATA_FREE;
         else
-            return bad_option("--method", arg, "use magnitude, obd, obs or layer_obs");
+            return bad_option("--method", arg,
+                              "use magnitude, obd, obs, layer_obs or data_free");
         return 0;
     case OPT_CALIB_SPLIT:
         if (parse_pair(&o->calib_count, &o->calib_fit_count, arg) || o->calib_count < 2 ||
@@ -458,7 +470,8 @@ int cli_prune(int argc, char **argv)
         return missing_option("--model", "pass the model folder or file to prune");
     if (o.n_eval == 0)
         return missing_option("--eval", "pass at least one evaluation data set URI");
-    if (o.method != PIPELINE_METHOD_MAGNITUDE && !o.calib_uri)
+    if (o.method != PIPELINE_METHOD_MAGNITUDE && o.method != PIPELINE_METHOD_DATA_FREE &&
+        !o.calib_uri)
         return missing_option("--calibration", "--method obd, obs and layer_obs need a "
                                                "calibration data set");
     if (o.finetune && !o.calib_uri)

@@ -30,6 +30,7 @@
 
 #include <uv.h>
 
+#include "head_cache.h"
 #include "log.h"
 
 const double executor_duration_bounds[EXECUTOR_DURATION_BUCKETS] = {
@@ -204,6 +205,8 @@ static top_status options_from_method(pipeline_options *opt, const json_t *reque
         opt->method = PIPELINE_METHOD_OBS;
     else if (!strcmp(method, "layer_obs"))
         opt->method = PIPELINE_METHOD_LAYER_OBS;
+    else if (!strcmp(method, "data_free"))
+        opt->method = PIPELINE_METHOD_DATA_FREE;
     else
         return bad_member(err, "method");
     const json_t *mo = json_object_get(request, "method_options");
@@ -445,12 +448,19 @@ static void record_outcome(worker_slot *slot, store *db, const json_t *request,
                  slot->index);
 }
 
+/* The head cache keeps its most recently used entries up to this size (a
+ * head of 10 classes on 1,280 features takes about 100 KB). */
+#define EXECUTOR_HEAD_CACHE_BYTES ((size_t)256 << 20)
+
 static void run_job(worker_slot *slot, store *db)
 {
     executor *ex = slot->ex;
     const json_t *request = json_object_get(slot->job, "request");
-    char dir[4096];
+    char dir[4096], cache[4096];
     snprintf(dir, sizeof dir, "%s/%s", ex->artifact_dir, slot->job_id);
+    /* Heads are shared by every job: a second job on the same model and task
+     * skips the dense features (job ids never take this name). */
+    snprintf(cache, sizeof cache, "%s/head-cache", ex->artifact_dir);
 
     pipeline_options opt;
     top_error err;
@@ -460,6 +470,7 @@ static void run_job(worker_slot *slot, store *db)
         st = top_error_set(&err, TOP_ERR_IO, "cannot create the artifact folder '%s': %s", dir,
                            strerror(errno));
     opt.out_dir = dir;
+    opt.head_cache_dir = cache;
 
     run_state rs = {.slot = slot, .db = db, .start_s = monotonic_s(), .stage = -1};
     json_t *report = NULL;
@@ -471,6 +482,11 @@ static void run_job(worker_slot *slot, store *db)
         run_progress(&rs, "checkpoints", 1, 1);
     record_outcome(slot, db, request, report, dir, st, &err);
     json_decref(report);
+    top_error cache_err;
+    top_error_clear(&cache_err);
+    if (head_cache_prune(cache, EXECUTOR_HEAD_CACHE_BYTES, NULL, &cache_err) != TOP_OK)
+        log_warn("executor", slot->job_id, "cannot trim the head cache", "dir=%s error=%s",
+                 cache, cache_err.message);
     if (!(st == TOP_ERR_CANCELLED && ex->draining))
         record_duration(ex, monotonic_s() - rs.start_s);
 }

@@ -235,7 +235,7 @@ DELETE|/v1/models|||405|-
 POST|/v1/jobs/job_0000000000000000/cancel|||404|-
 EOF
 curl -s -o /dev/null -D "$tmp/headers" -X DELETE -H "Authorization: Bearer $rw_token" "$base/v1/models"
-check "405 lists the allowed methods" eq "$(header Allow)" "POST, GET"
+check "405 lists the allowed methods" eq "$(header Allow)" "POST, GET, HEAD"
 
 # ---- lifecycle --------------------------------------------------------------------
 job_body="{\"model\":\"$model\",\"sparsity\":0.5,\"method\":\"obd\",\"calibration\":{\"task\":\"mnist\",\"images\":32,\"head_fit_images\":40},\"evaluation\":{\"tasks\":[\"digits\",\"fashion\"]},\"mask\":{\"min_density\":0.01},\"options\":{\"seed\":3,\"bn_correction\":\"match_dense\"},\"finetune\":{\"images\":32,\"epochs\":1,\"lr\":0.0001}}"
@@ -289,6 +289,12 @@ check "checkpoint size matches" eq "$(stat -c %s "$tmp/full.safetensors")" "$siz
 check "Content-Length is the size" eq "$(header Content-Length)" "$size"
 check "ETag is the sha256" eq "$(header ETag)" "\"$sha\""
 check "Content-Disposition names the file" has "$tmp/headers" "Content-Disposition: attachment; filename=\"$job-compressed.safetensors\""
+code=$(curl -s -m 30 -I -o "$tmp/head" -w '%{http_code}' -H "Authorization: Bearer $rw_token" "$base/v1/jobs/$job/checkpoint")
+check "HEAD of the checkpoint is 200" eq "$code" 200
+check "HEAD gives the Content-Length" has "$tmp/head" "^Content-Length: $size"
+check "HEAD gives the ETag" has_text "$tmp/head" "ETag: \"$sha\""
+code=$(curl -s -m 30 -I -o "$tmp/head" -w '%{http_code}' -H "Authorization: Bearer $rw_token" "$base/v1/jobs/$job/events")
+check "HEAD of the event stream is 405" eq "$code" 405
 out="$tmp/part" req GET "/v1/jobs/$job/checkpoint" -H 'Range: bytes=100-4195'
 check "range request is 206" eq "$code" 206
 check "Content-Range is right" eq "$(header Content-Range)" "bytes 100-4195/$size"

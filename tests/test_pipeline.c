@@ -107,8 +107,9 @@ static void check_report_fields(const json_t *r, size_t n_tasks)
  * Checks against a freshly loaded dense model that every prunable weight is
  * either unchanged or exactly 0 (unless allow_updates), the zero counts match
  * the report per layer, the total pruned is round(q * total) within one per
- * layer, and no other weight changed. Returns the number of prunable weights
- * changed to another nonzero value.
+ * layer, and no other weight changed (unless allow_updates is 2, as after
+ * fine-tuning). Returns the number of prunable weights changed to another
+ * nonzero value.
  */
 static size_t check_pruned_tensors(const graph *pruned, const json_t *r, double q,
                                    int allow_updates)
@@ -150,7 +151,7 @@ static size_t check_pruned_tensors(const graph *pruned, const json_t *r, double 
               "%zu zeros, expected %.0f within %zu", zeros, want, json_array_size(layers));
     CHECK_CLOSE(json_real_value(json_object_get(r, "sparsity_achieved")),
                 (double)zeros / (double)total, 1e-12);
-    for (int p = 0; p < pruned->n_params; p++) {
+    for (int p = 0; allow_updates < 2 && p < pruned->n_params; p++) {
         if (is_layer[p] || pruned->params[p].role == PARAM_ROLE_STATISTIC)
             continue;
         const tensor *w = &pruned->params[p].value, *w0 = &dense->params[p].value;
@@ -278,6 +279,131 @@ static void test_obd(void)
     check_pruned_tensors(g, r, o.sparsity, 0);
     json_decref(r);
     graph_free(g);
+}
+
+/* data_free needs no calibration task: no batch-norm correction runs. */
+static void test_data_free(void)
+{
+    char bufs[4][1024];
+    pipeline_options o;
+    make_options(&o, bufs);
+    o.method = PIPELINE_METHOD_DATA_FREE;
+    o.calib_uri = NULL;
+    o.n_eval = 1;
+    json_t *r = NULL;
+    graph *g = NULL;
+    top_error err;
+    top_error_clear(&err);
+    top_status st = pipeline_run(&r, &g, &o, NULL, NULL, NULL, &err);
+    CHECK_MSG(st == TOP_OK, "pipeline: %s", err.message);
+    if (st != TOP_OK)
+        return;
+    print_report(r);
+    check_report_fields(r, 1);
+    const char *method = json_string_value(json_object_get(r, "method"));
+    CHECK(method && !strcmp(method, "data_free"));
+    CHECK(json_is_false(json_object_get(json_object_get(r, "bn_recalibration"), "ran")));
+    CHECK(json_is_null(json_object_get(r, "calibration")));
+    CHECK(json_integer_value(json_object_get(json_object_get(r, "memory"), "estimate_bytes")) >
+          0);
+    check_pruned_tensors(g, r, o.sparsity, 0);
+    json_decref(r);
+    graph_free(g);
+}
+
+/* Fine-tuning after magnitude pruning: the zeros stay where they were (the
+ * report counts them on the tensors after fine-tuning) and every task gets a
+ * third accuracy. */
+static void test_finetune(void)
+{
+    char bufs[4][1024];
+    pipeline_options o;
+    make_options(&o, bufs);
+    o.n_eval = 1;
+    o.calib_count = 16;
+    o.eval_fit_count = 60;
+    o.eval_count = 40;
+    o.finetune = 1;
+    o.finetune_count = 24;
+    o.ft.epochs = 1;
+    o.ft.lr = 1e-3;
+    json_t *r = NULL;
+    graph *g = NULL;
+    top_error err;
+    top_error_clear(&err);
+    top_status st = pipeline_run(&r, &g, &o, NULL, NULL, NULL, &err);
+    CHECK_MSG(st == TOP_OK, "pipeline: %s", err.message);
+    if (st != TOP_OK)
+        return;
+    print_report(r);
+    const json_t *ft = json_object_get(r, "finetune");
+    CHECK(json_is_object(ft));
+    CHECK_INT_EQ(json_integer_value(json_object_get(ft, "images")), 24);
+    CHECK_INT_EQ(json_integer_value(json_object_get(ft, "steps")), 2); /* 16 + 8 */
+    CHECK(json_is_true(json_object_get(ft, "bn_correction")));
+    CHECK(json_integer_value(json_object_get(ft, "masked_values")) >=
+          json_integer_value(json_object_get(r, "zero_weights")));
+    const json_t *t = json_array_get(json_object_get(r, "tasks"), 0);
+    double acc = json_real_value(json_object_get(t, "finetuned_accuracy"));
+    printf("  fine-tuned accuracy %.3f\n", acc);
+    CHECK(json_is_real(json_object_get(t, "finetuned_accuracy")));
+    CHECK(acc >= 0.0 && acc <= 1.0);
+    size_t moved = check_pruned_tensors(g, r, o.sparsity, 2);
+    CHECK_MSG(moved > 0, "fine-tuning moved no kept weight");
+    json_decref(r);
+    graph_free(g);
+}
+
+/* Runs a small magnitude job with the head cache in dir; returns the report. */
+static json_t *run_cached(const char *dir)
+{
+    char bufs[4][1024];
+    pipeline_options o;
+    make_options(&o, bufs);
+    o.n_eval = 1;
+    o.calib_uri = NULL;
+    o.eval_fit_count = 60;
+    o.eval_count = 40;
+    o.head_cache_dir = dir;
+    json_t *r = NULL;
+    top_error err;
+    top_error_clear(&err);
+    top_status st = pipeline_run(&r, NULL, &o, NULL, NULL, NULL, &err);
+    CHECK_MSG(st == TOP_OK, "pipeline: %s", err.message);
+    return r;
+}
+
+/* A second job on the same model and task reads its head from the cache,
+ * skips the dense features, and reports the same accuracies. */
+static void test_head_cache_reuse(void)
+{
+    char dir[] = "/tmp/topiary-heads-XXXXXX", sub_dir[256];
+    CHECK(mkdtemp(dir) != NULL);
+    snprintf(sub_dir, sizeof sub_dir, "%s/heads", dir);
+    json_t *first = run_cached(sub_dir), *second = run_cached(sub_dir);
+    if (first && second) {
+        const json_t *t1 = json_array_get(json_object_get(first, "tasks"), 0);
+        const json_t *t2 = json_array_get(json_object_get(second, "tasks"), 0);
+        const char *s1 = json_string_value(json_object_get(t1, "head_cache"));
+        const char *s2 = json_string_value(json_object_get(t2, "head_cache"));
+        double d1 = json_real_value(json_object_get(json_object_get(first, "timings_s"),
+                                                    "dense_features"));
+        double d2 = json_real_value(json_object_get(json_object_get(second, "timings_s"),
+                                                    "dense_features"));
+        printf("  dense features %.2f s, then %.2f s from the cache\n", d1, d2);
+        CHECK(s1 && !strcmp(s1, "miss"));
+        CHECK(s2 && !strcmp(s2, "hit"));
+        CHECK(d2 < d1);
+        CHECK_CLOSE(json_real_value(json_object_get(t2, "dense_accuracy")),
+                    json_real_value(json_object_get(t1, "dense_accuracy")), 0);
+        CHECK_CLOSE(json_real_value(json_object_get(t2, "pruned_accuracy")),
+                    json_real_value(json_object_get(t1, "pruned_accuracy")), 0);
+    }
+    json_decref(first);
+    json_decref(second);
+    char cmd[512];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
+    CHECK(system(cmd) == 0);
 }
 
 /* Small sizes for the second-order methods: 16 calibration images, 60 + 40
@@ -629,6 +755,9 @@ int main(void)
     TEST_RUN(test_cancel);
     TEST_RUN(test_magnitude_with_checkpoints);
     TEST_RUN(test_obd);
+    TEST_RUN(test_data_free);
+    TEST_RUN(test_finetune);
+    TEST_RUN(test_head_cache_reuse);
     TEST_RUN(test_obs);
     TEST_RUN(test_layer_obs);
     TEST_RUN(test_layer_obs_beats_magnitude);
