@@ -4,7 +4,7 @@
 # machine, plus the OpenBLAS sgemm rate for scale.
 #
 # usage: bench/prune_bench.sh [--quick]
-#   default: the rows below (about 25 minutes on 2 cores)
+#   default: the rows below (about 22 minutes on 2 busy cores)
 #   --quick: MobileNetV2 only, 32 calibration images (16 for the BN row), and
 #            an obs row with a 256 MiB budget that both sides reject
 #
@@ -50,14 +50,14 @@ else
     "mobilenet_v2 obd 512 none 4096"
     "mobilenet_v2 obs 512 none 4096"
     "mobilenet_v2 obs 256 none 4096"
-    "mobilenet_v2 layer_obs 128 none 4096"
-    "mobilenet_v2 magnitude 64 match-dense 4096"
+    "mobilenet_v2 layer_obs 64 none 4096"
+    "mobilenet_v2 magnitude 32 match-dense 4096"
     "resnet50 magnitude 512 none 4096"
-    "resnet50 obd 64 none 4096"
+    "resnet50 obd 32 none 4096"
     "resnet50 obs 512 none 4096"
-    "resnet50 obs 32 none 4096"
-    "resnet50 layer_obs 32 none 4096"
-    "resnet50 magnitude 16 match-dense 4096"
+    "resnet50 obs 16 none 4096"
+    "resnet50 layer_obs 16 none 4096"
+    "resnet50 magnitude 8 match-dense 4096"
   )
 fi
 

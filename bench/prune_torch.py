@@ -476,6 +476,15 @@ def run(args, timer):
     with timer.stage("load"):
         model, features, convs = build(args.arch)
         bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    if args.method == "obs":
+        # Checked before any data is read, as topiary does.
+        counts = [c.weight.numel() for c in convs]
+        need = obs_memory_bytes(counts, args.block_size, args.images)
+        if need > args.obs_memory << 20:
+            raise Rejected("block OBS needs %.1f MiB (%d samples x %d weights of gradients,"
+                           " block %d) but the budget is %.1f MiB"
+                           % (need / 1048576.0, args.images, sum(counts), args.block_size,
+                              float(args.obs_memory)))
     needs_grads = args.method in ("obd", "obs")
     head = None
     with timer.stage("dense_features"):
@@ -505,14 +514,7 @@ def run(args, timer):
     rows = None
     with timer.stage("saliency"):
         if args.method == "obs":
-            counts = [w.numel() for w in weights]
-            need = obs_memory_bytes(counts, args.block_size, args.images)
-            if need > args.obs_memory << 20:
-                raise Rejected("block OBS needs %.1f MiB (%d samples x %d weights of gradients,"
-                               " block %d) but the budget is %.1f MiB"
-                               % (need / 1048576.0, args.images, sum(counts), args.block_size,
-                                  float(args.obs_memory)))
-            rows = [torch.empty(args.images, c) for c in counts]
+            rows = [torch.empty(args.images, w.numel()) for w in weights]
         if needs_grads:
             fisher = per_sample_gradients(model, features, head, convs, calib_x, calib_y,
                                           args.batch, normalise, rows)
