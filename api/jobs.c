@@ -391,9 +391,9 @@ static int choice_member(const json_t *obj, const char *key, const char *field, 
 /* The optional finetune object: masked fine-tuning on the calibration task. */
 static int parse_finetune(const json_t *req, json_t *out, api_invalid *bad)
 {
-    static const char *const members[] = {"images",   "epochs",     "batch_size",
-                                          "lr",       "momentum",   "weight_decay",
-                                          "schedule", "batch_norm", NULL};
+    static const char *const members[] = {
+        "images",       "epochs",   "batch_size", "lr",   "momentum",
+        "weight_decay", "schedule", "batch_norm", "loss", NULL};
     const json_t *f = json_object_get(req, "finetune");
     if (json_is_null(f))
         f = NULL; /* the same as absent: no fine-tuning */
@@ -411,7 +411,7 @@ static int parse_finetune(const json_t *req, json_t *out, api_invalid *bad)
                                "fine-tuning trains on the calibration task, and there is none");
     json_int_t images = 512, epochs = 2, batch = 16;
     double lr = 5e-5, momentum = 0.9, decay = 0.0;
-    const char *schedule = "cosine", *bn = "frozen";
+    const char *schedule = "cosine", *bn = "frozen", *loss = "cross_entropy";
     if (int_member(f, "images", "finetune.images", 2, 1000000, &images, bad) ||
         int_member(f, "epochs", "finetune.epochs", 1, 100, &epochs, bad) ||
         int_member(f, "batch_size", "finetune.batch_size", 2, 1024, &batch, bad) ||
@@ -423,13 +423,14 @@ static int parse_finetune(const json_t *req, json_t *out, api_invalid *bad)
                     "pass a value in [0, 1], such as 1e-4", &decay, bad) ||
         choice_member(f, "schedule", "finetune.schedule", "cosine", "constant", &schedule,
                       bad) ||
-        choice_member(f, "batch_norm", "finetune.batch_norm", "frozen", "train", &bn, bad))
+        choice_member(f, "batch_norm", "finetune.batch_norm", "frozen", "train", &bn, bad) ||
+        choice_member(f, "loss", "finetune.loss", "cross_entropy", "distill", &loss, bad))
         return -1;
     json_object_set_new(out, "finetune",
-                        json_pack("{s:I, s:I, s:I, s:f, s:f, s:f, s:s, s:s}", "images", images,
-                                  "epochs", epochs, "batch_size", batch, "lr", lr, "momentum",
-                                  momentum, "weight_decay", decay, "schedule", schedule,
-                                  "batch_norm", bn));
+                        json_pack("{s:I, s:I, s:I, s:f, s:f, s:f, s:s, s:s, s:s}", "images",
+                                  images, "epochs", epochs, "batch_size", batch, "lr", lr,
+                                  "momentum", momentum, "weight_decay", decay, "schedule",
+                                  schedule, "batch_norm", bn, "loss", loss));
     return 0;
 }
 

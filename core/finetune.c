@@ -26,6 +26,9 @@ typedef struct ft_ctx {
     graph *g;
     int feature;
     const ridge_model *head;
+    const float *targets; /* distill: (split count, D) in split order */
+    const size_t *pos;    /* this epoch: split position of each shuffled image */
+    const float **rows;   /* (batch) target row of each sample of a batch */
     const finetune_options *opt;
     trained_param *params;
     int n_params;
@@ -51,6 +54,11 @@ void finetune_options_init(finetune_options *opt)
 const char *finetune_schedule_name(finetune_schedule s)
 {
     return s == FINETUNE_SCHEDULE_CONSTANT ? "constant" : "cosine";
+}
+
+const char *finetune_loss_name(finetune_loss l)
+{
+    return l == FINETUNE_LOSS_DISTILL ? "distill" : "cross_entropy";
 }
 
 top_status finetune_validate_options(const finetune_options *o, top_error *err)
@@ -80,11 +88,27 @@ top_status finetune_validate_options(const finetune_options *o, top_error *err)
 }
 
 static top_status validate(const finetune_options *o, const graph *g, int feature,
-                           const ridge_model *head, const task_split *split, top_error *err)
+                           const ridge_model *head, const float *targets,
+                           const task_split *split, top_error *err)
 {
     top_status st = finetune_validate_options(o, err);
     if (st != TOP_OK)
         return st;
+    if (o->loss == FINETUNE_LOSS_DISTILL ? !targets : !head)
+        return top_error_set(
+            err, TOP_ERR_INVALID, "fine-tuning loss %s needs %s; pass them to finetune_run",
+            finetune_loss_name(o->loss),
+            o->loss == FINETUNE_LOSS_DISTILL ? "the dense features as targets" : "a head");
+    if (o->loss == FINETUNE_LOSS_DISTILL) {
+        if (feature < 0 || feature >= g->n_nodes)
+            return top_error_set(err, TOP_ERR_INVALID, "feature node %d is not in the graph",
+                                 feature);
+        return split->count < 2 ? top_error_set(err, TOP_ERR_INVALID,
+                                                "fine-tuning needs at least 2 images, the "
+                                                "split has %zu",
+                                                split->count)
+                                : TOP_OK;
+    }
     if (feature < 0 || feature >= g->n_nodes)
         return top_error_set(err, TOP_ERR_INVALID, "feature node %d is not in the graph",
                              feature);
@@ -235,23 +259,45 @@ void finetune_head_loss(double *loss, size_t *correct, float *dfeat, double *sco
     *loss += total / n;
 }
 
+void finetune_distill_loss(double *loss, float *dfeat, const float *feat,
+                           const float *const *targets, int n, size_t d)
+{
+    double total = 0.0, scale = 1.0 / ((double)n * (double)d);
+    for (int s = 0; s < n; s++) {
+        const float *f = feat + (size_t)s * d, *t = targets[s];
+        float *df = dfeat + (size_t)s * d;
+        for (size_t i = 0; i < d; i++) {
+            double diff = (double)f[i] - (double)t[i];
+            total += diff * diff;
+            df[i] = (float)(2.0 * diff * scale);
+        }
+    }
+    *loss += total * scale;
+}
+
 /* ---- epochs ------------------------------------------------------------------- */
 
-/* A copy of split in a new order: indices and labels permuted together. */
-static top_status shuffled_split(task_split *out, const task_split *in, uint64_t seed,
-                                 top_error *err)
+/* A copy of split in a new order: indices and labels permuted together, and
+ * pos[k] = the position in split of the k-th image of the copy. */
+static top_status shuffled_split(task_split *out, size_t **pos_out, const task_split *in,
+                                 uint64_t seed, top_error *err)
 {
     *out = *in;
     out->indices = malloc(in->count * sizeof *out->indices);
     out->labels = malloc(in->count * sizeof *out->labels);
-    if (!out->indices || !out->labels) {
+    size_t *pos = malloc(in->count * sizeof *pos);
+    if (!out->indices || !out->labels || !pos) {
         free(out->indices);
         free(out->labels);
+        free(pos);
         return top_error_set(err, TOP_ERR_NOMEM, "out of memory for the order of %zu images",
                              in->count);
     }
     memcpy(out->indices, in->indices, in->count * sizeof *out->indices);
     memcpy(out->labels, in->labels, in->count * sizeof *out->labels);
+    for (size_t i = 0; i < in->count; i++)
+        pos[i] = i;
+    *pos_out = pos;
     uint64_t state = seed;
     for (size_t i = in->count - 1; i > 0; i--) {
         size_t j = (size_t)(task_splitmix64(&state) % (uint64_t)(i + 1));
@@ -261,6 +307,9 @@ static top_status shuffled_split(task_split *out, const task_split *in, uint64_t
         int tl = out->labels[i];
         out->labels[i] = out->labels[j];
         out->labels[j] = tl;
+        size_t tp = pos[i];
+        pos[i] = pos[j];
+        pos[j] = tp;
     }
     return TOP_OK;
 }
@@ -273,8 +322,15 @@ static top_status train_batch(ft_ctx *c, const batch *b, double *loss, size_t *c
     top_status st = graph_forward(c->g, b->x, b->n, mode, err);
     if (st != TOP_OK)
         return st;
-    finetune_head_loss(loss, correct, c->dfeat, c->scores, c->head,
-                       graph_node_output(c->g, c->feature), b->labels, b->n);
+    const float *feat = graph_node_output(c->g, c->feature);
+    size_t d = c->g->nodes[c->feature].sample_numel;
+    if (c->opt->loss == FINETUNE_LOSS_DISTILL) {
+        for (int s = 0; s < b->n; s++)
+            c->rows[s] = c->targets + c->pos[b->first + (size_t)s] * d;
+        finetune_distill_loss(loss, c->dfeat, feat, c->rows, b->n, d);
+    } else {
+        finetune_head_loss(loss, correct, c->dfeat, c->scores, c->head, feat, b->labels, b->n);
+    }
     graph_zero_grad(c->g);
     st = graph_backward(c->g, c->feature, c->dfeat, NULL, err);
     if (st != TOP_OK)
@@ -288,9 +344,11 @@ static top_status run_epoch(ft_ctx *c, const task_split *split, int epoch, doubl
                             double *accuracy, top_error *err)
 {
     task_split order;
-    top_status st = shuffled_split(&order, split, c->opt->seed + (uint64_t)epoch, err);
+    size_t *pos = NULL;
+    top_status st = shuffled_split(&order, &pos, split, c->opt->seed + (uint64_t)epoch, err);
     if (st != TOP_OK)
         return st;
+    c->pos = pos;
     batch_iter *it = NULL;
     st = batch_iter_new(&it, &order, &c->g->preprocess, c->opt->batch_size, err);
     double loss = 0.0;
@@ -312,8 +370,11 @@ static top_status run_epoch(ft_ctx *c, const task_split *split, int epoch, doubl
     batch_iter_free(it);
     free(order.indices);
     free(order.labels);
+    free(pos);
+    c->pos = NULL;
     *mean_loss = seen ? loss / (double)seen : 0.0;
-    *accuracy = seen ? (double)correct / (double)seen : 0.0;
+    *accuracy =
+        !seen || c->opt->loss == FINETUNE_LOSS_DISTILL ? NAN : (double)correct / (double)seen;
     if (st == TOP_OK && !isfinite(*mean_loss))
         st = top_error_set(err, TOP_ERR_NUMERIC,
                            "fine-tuning diverged in epoch %d (loss %g); lower the learning "
@@ -323,19 +384,21 @@ static top_status run_epoch(ft_ctx *c, const task_split *split, int epoch, doubl
 }
 
 top_status finetune_run(finetune_result *res, graph *g, int feature, const ridge_model *head,
-                        const task_split *split, const int *masked, int n_masked,
-                        const finetune_options *opt, finetune_progress_fn progress, void *user,
-                        const volatile int *cancel, top_error *err)
+                        const float *targets, const task_split *split, const int *masked,
+                        int n_masked, const finetune_options *opt,
+                        finetune_progress_fn progress, void *user, const volatile int *cancel,
+                        top_error *err)
 {
-    if (!res || !g || !head || !split || !opt)
+    if (!res || !g || !split || !opt)
         return top_error_set(err, TOP_ERR_INVALID, "finetune_run: an argument is NULL");
     memset(res, 0, sizeof *res);
-    top_status st = validate(opt, g, feature, head, split, err);
+    top_status st = validate(opt, g, feature, head, targets, split, err);
     if (st != TOP_OK)
         return st;
     ft_ctx c = {.g = g,
                 .feature = feature,
                 .head = head,
+                .targets = targets,
                 .opt = opt,
                 .progress = progress,
                 .user = user,
@@ -343,9 +406,11 @@ top_status finetune_run(finetune_result *res, graph *g, int feature, const ridge
     size_t bsz = (size_t)opt->batch_size;
     size_t per_epoch = split->count / bsz + (split->count % bsz >= (opt->bn_train ? 2u : 1u));
     c.total_steps = per_epoch * (size_t)opt->epochs;
-    c.scores = malloc(bsz * head->n_classes * sizeof *c.scores);
-    c.dfeat = malloc(bsz * head->n_features * sizeof *c.dfeat);
-    if (!c.scores || !c.dfeat)
+    size_t d = g->nodes[feature].sample_numel;
+    c.scores = malloc(bsz * (head ? head->n_classes : 1) * sizeof *c.scores);
+    c.dfeat = malloc(bsz * d * sizeof *c.dfeat);
+    c.rows = malloc(bsz * sizeof *c.rows);
+    if (!c.scores || !c.dfeat || !c.rows)
         st = top_error_set(err, TOP_ERR_NOMEM, "out of memory for the loss gradient");
     if (st == TOP_OK)
         st = params_new(&c, res, masked, n_masked, err);
@@ -365,5 +430,6 @@ top_status finetune_run(finetune_result *res, graph *g, int feature, const ridge
     params_free(c.params, c.n_params);
     free(c.scores);
     free(c.dfeat);
+    free(c.rows);
     return st;
 }

@@ -71,6 +71,9 @@ typedef struct pipeline_ctx {
     size_t memory_estimate;              /* bytes of pruning state, from memory_stage */
     char model_sha256[SHA256_HEX_BYTES]; /* for the head cache, "" until needed */
     int ft_ran, ft_bn_corrected;
+    task ft_task;      /* its calib split is the fine-tuning split */
+    int ft_task_made;  /* ft_task needs task_free */
+    float *ft_targets; /* distill: (fine-tuning images, D) dense features */
     finetune_result ft;
     double timings[10];
     json_t *checkpoints;
@@ -538,16 +541,39 @@ static top_status fit_head(pipeline_ctx *c, pipeline_task *pt, int with_eval, to
     return st;
 }
 
+/* Draws the fine-tuning split: finetune_count images of the calibration data
+ * set, drawn like its calibration split; for distill, also the dense
+ * features of those images (the targets), before anything is pruned. */
+static top_status ft_prepare(pipeline_ctx *c, top_error *err)
+{
+    const pipeline_options *o = c->opt;
+    size_t k = (size_t)dataset_class_count(c->calib.ds);
+    task_spec spec = {.calib_per_class = (o->finetune_count + k - 1) / k, .seed = o->seed};
+    top_status st = task_make(&c->ft_task, c->calib.ds, NULL, &spec, err);
+    if (st != TOP_OK)
+        return st;
+    c->ft_task_made = 1;
+    task_split *split = &c->ft_task.calib;
+    split->count = o->finetune_count < split->count ? o->finetune_count : split->count;
+    if (o->ft.loss != FINETUNE_LOSS_DISTILL)
+        return TOP_OK;
+    st = alloc_features(&c->ft_targets, split->count, c->dim, err);
+    return st == TOP_OK ? extract_features(c->ft_targets, c, split, "dense features", err) : st;
+}
+
 static top_status dense_stage(pipeline_ctx *c, top_error *err)
 {
     const pipeline_options *o = c->opt;
     top_status st = TOP_OK;
     if (o->calib_uri) {
-        int head = needs_gradients(o) || o->finetune;
+        int head =
+            needs_gradients(o) || (o->finetune && o->ft.loss == FINETUNE_LOSS_CROSS_ENTROPY);
         size_t fit = head ? o->calib_fit_count : 0;
         st = open_task(&c->calib, o->calib_uri, o->calib_count, fit, 0, o->seed, err);
         if (st == TOP_OK && head)
             st = fit_head(c, &c->calib, 0, err);
+        if (st == TOP_OK && o->finetune)
+            st = ft_prepare(c, err);
     }
     for (int i = 0; st == TOP_OK && i < o->n_eval; i++) {
         st = open_task(&c->eval[i], o->eval_uris[i], 0, o->eval_fit_count, o->eval_count,
@@ -1541,22 +1567,16 @@ static void finetune_progress(void *user, size_t done, size_t total, double loss
     report_progress(user, "fine-tuning", done, total);
 }
 
-/* Fine-tunes on finetune_count images of the calibration data set, drawn
- * like its calibration split, with the calibration task's frozen head. */
+/* Fine-tunes on the split ft_stage_prepare drew, with the calibration task's
+ * frozen head (cross_entropy) or towards the dense features (distill). */
 static top_status finetune_stage(pipeline_ctx *c, top_error *err)
 {
     const pipeline_options *o = c->opt;
-    size_t k = (size_t)dataset_class_count(c->calib.ds);
-    task_spec spec = {.calib_per_class = (o->finetune_count + k - 1) / k, .seed = o->seed};
-    task t;
-    top_status st = task_make(&t, c->calib.ds, NULL, &spec, err);
-    if (st != TOP_OK)
-        return st;
-    t.calib.count = o->finetune_count < t.calib.count ? o->finetune_count : t.calib.count;
     report_progress(c, "fine-tuning", 0, 1);
-    st = finetune_run(&c->ft, c->g, c->feature, &c->calib.head, &t.calib, c->prunable,
-                      c->n_prunable, &o->ft, finetune_progress, c, c->cancel, err);
-    task_free(&t);
+    int ce = o->ft.loss == FINETUNE_LOSS_CROSS_ENTROPY;
+    top_status st = finetune_run(&c->ft, c->g, c->feature, ce ? &c->calib.head : NULL,
+                                 c->ft_targets, &c->ft_task.calib, c->prunable, c->n_prunable,
+                                 &o->ft, finetune_progress, c, c->cancel, err);
     if (st == TOP_OK)
         c->ft_ran = 1;
     /* Fine-tuning moves the BN inputs again: match the dense statistics anew. */
@@ -1789,17 +1809,20 @@ static json_t *report_finetune(const pipeline_ctx *c)
         return json_null();
     const finetune_options *f = &c->opt->ft;
     const finetune_result *r = &c->ft;
-    return json_pack("{s:I, s:i, s:I, s:i, s:f, s:s, s:f, s:f, s:s, s:b, s:I, s:I, s:f, s:f, "
-                     "s:f, s:f}",
-                     "images", (json_int_t)r->images, "epochs", f->epochs, "steps",
-                     (json_int_t)r->steps, "batch_size", f->batch_size, "lr", f->lr, "schedule",
-                     finetune_schedule_name(f->schedule), "momentum", f->momentum,
-                     "weight_decay", f->weight_decay, "batch_norm",
-                     f->bn_train ? "train" : "frozen", "bn_correction", c->ft_bn_corrected,
-                     "trained_values", (json_int_t)r->trained, "masked_values",
-                     (json_int_t)r->masked, "loss_first_epoch", r->loss_first,
-                     "loss_last_epoch", r->loss_last, "train_accuracy_first_epoch",
-                     r->accuracy_first, "train_accuracy_last_epoch", r->accuracy_last);
+    json_t *acc_first =
+        isfinite(r->accuracy_first) ? json_real(r->accuracy_first) : json_null();
+    json_t *acc_last = isfinite(r->accuracy_last) ? json_real(r->accuracy_last) : json_null();
+    return json_pack(
+        "{s:I, s:s, s:i, s:I, s:i, s:f, s:s, s:f, s:f, s:s, s:b, s:I, s:I, s:f, "
+        "s:f, s:o, s:o}",
+        "images", (json_int_t)r->images, "loss", finetune_loss_name(f->loss), "epochs",
+        f->epochs, "steps", (json_int_t)r->steps, "batch_size", f->batch_size, "lr", f->lr,
+        "schedule", finetune_schedule_name(f->schedule), "momentum", f->momentum,
+        "weight_decay", f->weight_decay, "batch_norm", f->bn_train ? "train" : "frozen",
+        "bn_correction", c->ft_bn_corrected, "trained_values", (json_int_t)r->trained,
+        "masked_values", (json_int_t)r->masked, "loss_first_epoch", r->loss_first,
+        "loss_last_epoch", r->loss_last, "train_accuracy_first_epoch", acc_first,
+        "train_accuracy_last_epoch", acc_last);
 }
 
 static json_t *report_build(const pipeline_ctx *c)
@@ -1971,6 +1994,9 @@ top_status pipeline_run(json_t **report, graph **pruned, const pipeline_options 
         *pruned = c.g;
         c.g = NULL;
     }
+    if (c.ft_task_made)
+        task_free(&c.ft_task);
+    free(c.ft_targets);
     task_release(&c.calib);
     for (int i = 0; i < PIPELINE_MAX_EVAL_TASKS; i++)
         task_release(&c.eval[i]);

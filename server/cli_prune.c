@@ -33,6 +33,8 @@ static void prune_usage(FILE *out)
             "                     [--finetune-weight-decay WD] [--finetune-batch B]\n"
             "                     [--finetune-schedule cosine|constant]\n"
             "                     [--finetune-batch-norm frozen|train]\n"
+            "                     [--finetune-loss cross_entropy|distill]\n"
+            "                     [--finetune-no-bn-correction]\n"
             "                     [--head-cache DIR] [--seed S] [--out DIR]\n\n"
             "Prunes the model's backbone to sparsity Q (default 0.5) and reports the\n"
             "zero-shot accuracy of ridge heads, fitted on the dense features, before and\n"
@@ -173,6 +175,7 @@ enum {
     OPT_FT_BN,
     OPT_FT_BATCH,
     OPT_FT_NO_BN,
+    OPT_FT_LOSS,
     OPT_HEAD_CACHE
 };
 
@@ -212,6 +215,7 @@ static const struct option prune_options[] = {
     {"finetune-batch-norm", required_argument, NULL, OPT_FT_BN},
     {"finetune-batch", required_argument, NULL, OPT_FT_BATCH},
     {"finetune-no-bn-correction", no_argument, NULL, OPT_FT_NO_BN},
+    {"finetune-loss", required_argument, NULL, OPT_FT_LOSS},
     {"head-cache", required_argument, NULL, OPT_HEAD_CACHE},
     {"seed", required_argument, NULL, 's'},
     {"out", required_argument, NULL, 'o'},
@@ -315,6 +319,11 @@ static int parse_finetune(pipeline_options *o, int c, const char *arg)
             return bad_option("--finetune-schedule", arg, "use cosine or constant");
         f->schedule =
             strcmp(arg, "cosine") ? FINETUNE_SCHEDULE_CONSTANT : FINETUNE_SCHEDULE_COSINE;
+        break;
+    case OPT_FT_LOSS:
+        if (strcmp(arg, "cross_entropy") && strcmp(arg, "distill"))
+            return bad_option("--finetune-loss", arg, "use cross_entropy or distill");
+        f->loss = arg[0] == 'd' ? FINETUNE_LOSS_DISTILL : FINETUNE_LOSS_CROSS_ENTROPY;
         break;
     case OPT_FT_BN:
         if (strcmp(arg, "frozen") && strcmp(arg, "train"))

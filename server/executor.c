@@ -290,6 +290,9 @@ static void options_from_finetune(pipeline_options *opt, const json_t *request)
     if (s)
         ft->schedule =
             strcmp(s, "constant") ? FINETUNE_SCHEDULE_COSINE : FINETUNE_SCHEDULE_CONSTANT;
+    s = json_str(f, "loss");
+    if (s)
+        ft->loss = strcmp(s, "distill") ? FINETUNE_LOSS_CROSS_ENTROPY : FINETUNE_LOSS_DISTILL;
     s = json_str(f, "batch_norm");
     if (s)
         ft->bn_train = !strcmp(s, "train");

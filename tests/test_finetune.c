@@ -79,6 +79,40 @@ static void test_head_loss_gradient(void)
     ridge_model_free(&h);
 }
 
+/* dL/dfeat of the distill loss against central differences of the loss. */
+static void test_distill_loss_gradient(void)
+{
+    enum { N = 3, D = 5 };
+    float feat[N * D], target[N * D], dfeat[N * D], scratch[N * D];
+    const float *rows[N];
+    uint64_t seed = 17;
+    for (int i = 0; i < N * D; i++) {
+        feat[i] = (float)(2.0 * uniform(&seed) - 1.0);
+        target[i] = (float)(2.0 * uniform(&seed) - 1.0);
+    }
+    for (int s = 0; s < N; s++)
+        rows[s] = target + (size_t)(N - 1 - s) * D; /* targets need not be in batch order */
+    double loss = 0.0;
+    finetune_distill_loss(&loss, dfeat, feat, rows, N, D);
+    CHECK(loss > 0.0);
+    double worst = 0.0;
+    for (int i = 0; i < N * D; i++) {
+        const float step = 1e-2f;
+        float keep = feat[i];
+        double lp = 0.0, lm = 0.0;
+        feat[i] = keep + step;
+        finetune_distill_loss(&lp, scratch, feat, rows, N, D);
+        feat[i] = keep - step;
+        finetune_distill_loss(&lm, scratch, feat, rows, N, D);
+        feat[i] = keep;
+        double fd = (lp - lm) / (2.0 * (double)step);
+        double e = fabs(fd - dfeat[i]) / (fabs(fd) + 1e-3);
+        worst = e > worst ? e : worst;
+    }
+    printf("  distill loss %.4f, worst relative gradient error %.2e\n", loss, worst);
+    CHECK(worst < 1e-3);
+}
+
 /* The real MobileNetV2 at 96 x 96, its pooled feature node, and 40 digits. */
 typedef struct fixture {
     graph *g;
@@ -216,7 +250,7 @@ static void run_masks(int bn_train)
     o.bn_train = bn_train;
     finetune_result r;
     top_error err;
-    top_status st = finetune_run(&r, f.g, f.feature, &f.head, &f.t.calib, f.prunable,
+    top_status st = finetune_run(&r, f.g, f.feature, &f.head, NULL, &f.t.calib, f.prunable,
                                  f.n_prunable, &o, NULL, NULL, NULL, &err);
     CHECK_MSG(st == TOP_OK, "%s", err.message);
     CHECK_INT_EQ(r.masked, zeros);
@@ -276,12 +310,75 @@ static void test_loss_goes_down(void)
     o.schedule = FINETUNE_SCHEDULE_CONSTANT;
     finetune_result r;
     top_error err;
-    top_status st = finetune_run(&r, f.g, f.feature, &f.head, &f.t.calib, f.prunable,
+    top_status st = finetune_run(&r, f.g, f.feature, &f.head, NULL, &f.t.calib, f.prunable,
                                  f.n_prunable, &o, NULL, NULL, NULL, &err);
     CHECK_MSG(st == TOP_OK, "%s", err.message);
     printf("  loss %.4f -> %.4f, training accuracy %.3f -> %.3f in %zu steps\n", r.loss_first,
            r.loss_last, r.accuracy_first, r.accuracy_last, r.steps);
     CHECK(r.loss_last < r.loss_first);
+    fixture_close(&f);
+}
+
+/* Dense features of the fixture's split, in split order: (count, D). */
+static float *dense_features(fixture *f)
+{
+    size_t d = f->g->nodes[f->feature].sample_numel, n = f->t.calib.count;
+    float *out = malloc(n * d * sizeof *out);
+    batch_iter *it = NULL;
+    top_error err;
+    if (!out || batch_iter_new(&it, &f->t.calib, &f->g->preprocess, 8, &err) != TOP_OK) {
+        free(out);
+        return NULL;
+    }
+    for (;;) {
+        const batch *b = NULL;
+        if (batch_iter_next(it, &b, &err) != TOP_OK || b->n == 0 ||
+            graph_forward(f->g, b->x, b->n, GRAPH_MODE_INFERENCE, &err) != TOP_OK)
+            break;
+        memcpy(out + b->first * d, graph_node_output(f->g, f->feature),
+               (size_t)b->n * d * sizeof(float));
+    }
+    batch_iter_free(it);
+    return out;
+}
+
+/* Distillation towards the dense features: the distance goes down over five
+ * epochs, pruned weights stay zero, and no head is needed. */
+static void test_distill_pulls_back(void)
+{
+    fixture f;
+    if (fixture_open(&f) != 0) {
+        CHECK_MSG(0, "the MobileNetV2 fixture did not open");
+        fixture_close(&f);
+        return;
+    }
+    float *targets = dense_features(&f);
+    CHECK(targets != NULL);
+    prune_half(&f);
+    float **before = snapshot(f.g);
+    finetune_options o;
+    finetune_options_init(&o);
+    o.loss = FINETUNE_LOSS_DISTILL;
+    o.epochs = 5;
+    o.lr = 1e-2;
+    o.schedule = FINETUNE_SCHEDULE_CONSTANT;
+    finetune_result r;
+    top_error err;
+    top_error_clear(&err);
+    top_status st = finetune_run(&r, f.g, f.feature, NULL, targets, &f.t.calib, f.prunable,
+                                 f.n_prunable, &o, NULL, NULL, NULL, &err);
+    CHECK_MSG(st == TOP_OK, "%s", err.message);
+    printf("  distance to the dense features %.5f -> %.5f in %zu steps\n", r.loss_first,
+           r.loss_last, r.steps);
+    CHECK(r.loss_last < r.loss_first);
+    CHECK(isnan(r.accuracy_last));
+    CHECK_INT_EQ(unpruned(&f, before), 0);
+    top_error_clear(&err);
+    CHECK(finetune_run(&r, f.g, f.feature, NULL, NULL, &f.t.calib, f.prunable, f.n_prunable,
+                       &o, NULL, NULL, NULL, &err) == TOP_ERR_INVALID);
+    CHECK(strstr(err.message, "distill needs") != NULL);
+    snapshot_free(before, f.g->n_params);
+    free(targets);
     fixture_close(&f);
 }
 
@@ -314,9 +411,11 @@ static void test_bad_options(void)
 int main(void)
 {
     TEST_RUN(test_head_loss_gradient);
+    TEST_RUN(test_distill_loss_gradient);
     TEST_RUN(test_bad_options);
     TEST_RUN(test_masks_hold_bn_frozen);
     TEST_RUN(test_masks_hold_bn_train);
     TEST_RUN(test_loss_goes_down);
+    TEST_RUN(test_distill_pulls_back);
     return TEST_FINISH();
 }
