@@ -334,6 +334,15 @@ static void print_accuracy(json_t *v)
         printf("  %10s", "-");
 }
 
+/* The difference b - a, or a dash when either is missing. */
+static void print_change(const json_t *a, const json_t *b)
+{
+    if (json_is_number(a) && json_is_number(b))
+        printf("  %+10.4f", json_number_value(b) - json_number_value(a));
+    else
+        printf("  %10s", "-");
+}
+
 static void print_results(json_t *job)
 {
     json_t *res = json_object_get(job, "results");
@@ -343,17 +352,25 @@ static void print_results(json_t *job)
            json_string_value(json_object_get(job, "status")));
     printf("method %s, requested sparsity %.4f\n\n", str_or(req, "method", "magnitude"),
            json_number_value(json_object_get(res, "sparsity_requested")));
-    printf("%-24s  %10s  %10s  %10s\n", "task", "dense acc", "pruned acc", "change");
     json_t *tasks = json_object_get(res, "tasks");
+    int tuned = json_is_object(json_object_get(res, "finetune"));
+    printf("%-24s  %10s  %10s  %10s", "task", "dense acc", "pruned acc", "change");
+    if (tuned)
+        printf("  %10s  %10s", "tuned acc", "change");
+    printf("\n");
     for (size_t i = 0; i < json_array_size(tasks); i++) {
         json_t *t = json_array_get(tasks, i);
         json_t *dense = json_object_get(t, "dense_accuracy");
         json_t *pruned = json_object_get(t, "pruned_accuracy");
+        json_t *ft = json_object_get(t, "finetuned_accuracy");
         printf("%-24s", str_or(t, "task", "?"));
         print_accuracy(dense);
         print_accuracy(pruned);
-        if (json_is_number(dense) && json_is_number(pruned))
-            printf("  %+10.4f", json_number_value(pruned) - json_number_value(dense));
+        print_change(dense, pruned);
+        if (tuned) {
+            print_accuracy(ft);
+            print_change(dense, ft);
+        }
         printf("\n");
     }
     printf("\nachieved sparsity   %.4f (%lld of %lld prunable weights are zero)\n",
@@ -474,9 +491,10 @@ static int download_checkpoint(const client *c, json_t *job, const char *file)
 
 typedef struct submit_args {
     const char *server, *token, *model, *method, *calibration, *eval, *download, *key;
+    const char *ft_loss; /* fine-tuning loss, or NULL for the server's default */
     double sparsity;
-    long calib_images, head_fit, eval_images, seed;
-    int wait;
+    long calib_images, head_fit, eval_images, seed, ft_images;
+    int wait, finetune;
 } submit_args;
 
 static void submit_usage(FILE *out)
@@ -484,19 +502,24 @@ static void submit_usage(FILE *out)
     fprintf(
         out,
         "usage: topiary submit --model ID_OR_URI --sparsity Q --eval TASK[,TASK...]\n"
-        "                      [--method magnitude|obd] [--calibration TASK] [--wait]\n"
+        "                      [--method M] [--calibration TASK] [--finetune] [--wait]\n"
         "                      [--download FILE] [options]\n\n"
         "Submits a pruning job (POST /v1/jobs) and prints its id. With --wait it shows\n"
         "progress on stderr, then prints accuracies, sparsity and checkpoint sizes.\n\n" CLIENT_COMMON_HELP
         "  --model M              a registered model id or a file:// URI\n"
         "  --sparsity Q           fraction of prunable weights to zero, 0 <= Q < 1\n"
-        "  --method M             magnitude (default) or obd (needs --calibration)\n"
+        "  --method M             magnitude (default) or data_free, or obd, obs or\n"
+        "                         layer_obs (these need --calibration)\n"
         "  --calibration TASK     task id or data set URI for the saliency\n"
         "  --eval TASKS           comma-separated task ids or URIs to evaluate on\n"
         "  --calibration-images N calibration images (server default 64)\n"
         "  --head-fit-images N    images per evaluation task to fit the head\n"
         "  --eval-images N        images per evaluation task to score\n"
         "  --seed N               seed of the splits\n"
+        "  --finetune             fine-tune the pruned model on the calibration task,\n"
+        "                         then measure every task again\n"
+        "  --finetune-images N    images to fine-tune on (server default 512)\n"
+        "  --finetune-loss L      cross_entropy (default) or distill\n"
         "  --idempotency-key K    a retry with the same key returns the same job\n"
         "  --wait                 follow the job to its end and print the results\n"
         "  --download FILE        with --wait: save the compressed checkpoint and\n"
@@ -527,13 +550,20 @@ static int submit_parse(submit_args *a, int argc, char **argv)
                                          {"head-fit-images", required_argument, 0, 'H'},
                                          {"eval-images", required_argument, 0, 'E'},
                                          {"seed", required_argument, 0, 'S'},
+                                         {"finetune", no_argument, 0, 'f'},
+                                         {"finetune-images", required_argument, 0, 'F'},
+                                         {"finetune-loss", required_argument, 0, 'L'},
                                          {"idempotency-key", required_argument, 0, 'k'},
                                          {"wait", no_argument, 0, 'w'},
                                          {"download", required_argument, 0, 'd'},
                                          {"help", no_argument, 0, 'h'},
                                          {0, 0, 0, 0}};
-    *a = (submit_args){
-        .sparsity = -1, .calib_images = -1, .head_fit = -1, .eval_images = -1, .seed = -1};
+    *a = (submit_args){.sparsity = -1,
+                       .calib_images = -1,
+                       .head_fit = -1,
+                       .eval_images = -1,
+                       .seed = -1,
+                       .ft_images = -1};
     optind = 1;
     int o;
     while ((o = getopt_long(argc, argv, "", opts, NULL)) != -1) {
@@ -541,6 +571,7 @@ static int submit_parse(submit_args *a, int argc, char **argv)
                        : o == 'H' ? &a->head_fit
                        : o == 'E' ? &a->eval_images
                        : o == 'S' ? &a->seed
+                       : o == 'F' ? &a->ft_images
                                   : NULL;
         if (target && parse_long(optarg, 0, 2147483647L, target)) {
             fprintf(stderr, "topiary submit: '%s' is not a count from 0 to 2147483647\n",
@@ -556,6 +587,12 @@ static int submit_parse(submit_args *a, int argc, char **argv)
         case 'e': a->eval = optarg; break;
         case 'k': a->key = optarg; break;
         case 'w': a->wait = 1; break;
+        case 'f': a->finetune = 1; break;
+        case 'F': a->finetune = 1; break;
+        case 'L':
+            a->finetune = 1;
+            a->ft_loss = optarg;
+            break;
         case 'd': a->download = optarg; break;
         case 'h': submit_usage(stdout); return -1;
         case 'q': {
@@ -623,6 +660,13 @@ static json_t *submit_body(const submit_args *a)
     json_object_set_new(body, "evaluation", eval);
     if (a->seed >= 0)
         json_object_set_new(body, "options", json_pack("{s:I}", "seed", (json_int_t)a->seed));
+    if (a->finetune) {
+        json_t *ft = json_object();
+        set_count(ft, "images", a->ft_images);
+        if (a->ft_loss)
+            json_object_set_new(ft, "loss", json_string(a->ft_loss));
+        json_object_set_new(body, "finetune", ft);
+    }
     return body;
 }
 
