@@ -110,6 +110,13 @@ static struct MHD_Response *find_artifact(api *a, http_request *req, api_call *c
     struct MHD_Response *resp = NULL;
     const char *status = json_string_value(json_object_get(job, "status"));
     const json_t *art = json_object_get(json_object_get(job, "artifacts"), format);
+    if (!strncmp(format, "tfjs-", 5)) {
+        /* TF.js files are listed in the job's report, not in the artifact columns. */
+        art = json_object_get(json_object_get(json_object_get(job, "result"), "checkpoints"),
+                              "tfjs");
+        if (!strcmp(format, "tfjs-weights"))
+            art = json_object_get(art, "weights");
+    }
     const char *p = json_string_value(json_object_get(art, "path"));
     const char *sha = json_string_value(json_object_get(art, "sha256"));
     if (!status || strcmp(status, "succeeded")) {
@@ -133,9 +140,18 @@ static void add_download_headers(struct MHD_Response *resp, const char *etag, co
                                  const char *format)
 {
     char disposition[160];
-    snprintf(disposition, sizeof disposition, "attachment; filename=\"%s-%s.safetensors\"", id,
-             format);
-    MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, "application/octet-stream");
+    /* A TF.js model.json names its shard, so both files keep the names it expects. */
+    if (!strcmp(format, "tfjs-model"))
+        snprintf(disposition, sizeof disposition, "attachment; filename=\"model.json\"");
+    else if (!strcmp(format, "tfjs-weights"))
+        snprintf(disposition, sizeof disposition,
+                 "attachment; filename=\"group1-shard1of1.bin\"");
+    else
+        snprintf(disposition, sizeof disposition, "attachment; filename=\"%s-%s.safetensors\"",
+                 id, format);
+    MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE,
+                            strcmp(format, "tfjs-model") ? "application/octet-stream"
+                                                         : "application/json");
     MHD_add_response_header(resp, MHD_HTTP_HEADER_ETAG, etag);
     MHD_add_response_header(resp, MHD_HTTP_HEADER_ACCEPT_RANGES, "bytes");
     MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_DISPOSITION, disposition);
@@ -162,9 +178,11 @@ struct MHD_Response *api_get_checkpoint(api *a, http_request *req, api_call *cal
         MHD_lookup_connection_value(req->conn, MHD_GET_ARGUMENT_KIND, "format");
     if (!format)
         format = "compressed";
-    if (strcmp(format, "compressed") && strcmp(format, "dense"))
+    if (strcmp(format, "compressed") && strcmp(format, "dense") &&
+        strcmp(format, "tfjs-model") && strcmp(format, "tfjs-weights"))
         return api_problem_field(req, 400, "format", json_string(format),
-                                 "unknown checkpoint format", "use compressed or dense");
+                                 "unknown checkpoint format",
+                                 "use compressed, dense, tfjs-model or tfjs-weights");
     char path[4096], etag[80];
     struct MHD_Response *resp =
         find_artifact(a, req, call, format, path, sizeof path, etag, sizeof etag);

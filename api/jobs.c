@@ -527,10 +527,14 @@ static json_t *artifact_view(const json_t *art, const char *id, const char *form
     if (!json_is_object(art))
         return json_null();
     char url[128];
-    snprintf(url, sizeof url, "/v1/jobs/%s/checkpoint%s", id,
-             strcmp(format, "dense") ? "" : "?format=dense");
-    return json_pack("{s:O, s:O, s:s}", "size", json_object_get(art, "size"), "sha256",
-                     json_object_get(art, "sha256"), "url", url);
+    snprintf(url, sizeof url, "/v1/jobs/%s/checkpoint%s%s", id,
+             strcmp(format, "compressed") ? "?format=" : "",
+             strcmp(format, "compressed") ? format : "");
+    const json_t *size = json_object_get(art, "size");
+    if (!size)
+        size = json_object_get(art, "bytes"); /* the report's name for it */
+    return json_pack("{s:O, s:O, s:s}", "size", size, "sha256", json_object_get(art, "sha256"),
+                     "url", url);
 }
 
 json_t *api_job_view(const json_t *job)
@@ -558,11 +562,18 @@ json_t *api_job_view(const json_t *job)
     json_object_del(v, "result");
     json_object_del(v, "task_results");
     json_object_del(v, "layers");
-    json_object_set_new(
-        v, "artifacts",
-        json_pack("{s:o, s:o}", "dense",
-                  artifact_view(json_object_get(arts, "dense"), id, "dense"), "compressed",
-                  artifact_view(json_object_get(arts, "compressed"), id, "compressed")));
+    const json_t *tfjs =
+        json_object_get(json_object_get(json_object_get(job, "result"), "checkpoints"), "tfjs");
+    json_t *av = json_pack(
+        "{s:o, s:o}", "dense", artifact_view(json_object_get(arts, "dense"), id, "dense"),
+        "compressed", artifact_view(json_object_get(arts, "compressed"), id, "compressed"));
+    if (av && json_is_object(tfjs)) {
+        json_object_set_new(av, "tfjs_model", artifact_view(tfjs, id, "tfjs-model"));
+        json_object_set_new(
+            av, "tfjs_weights",
+            artifact_view(json_object_get(tfjs, "weights"), id, "tfjs-weights"));
+    }
+    json_object_set_new(v, "artifacts", av);
     return v;
 }
 
@@ -812,7 +823,7 @@ struct MHD_Response *api_delete_job(api *a, http_request *req, api_call *call)
     json_decref(paths);
     char dir[4096];
     snprintf(dir, sizeof dir, "%s/%s", a->cfg->artifact_dir, call->params[0]);
-    rmdir(dir);
+    pipeline_remove_outputs(dir);
     log_info("api", call->params[0], "job deleted", "request_id=%s", req->id);
     struct MHD_Response *resp =
         MHD_create_response_from_buffer(0, NULL, MHD_RESPMEM_PERSISTENT);

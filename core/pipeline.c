@@ -21,7 +21,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <dirent.h>
+#include <fcntl.h>
 #include <sys/stat.h>
+#include <unistd.h>
 #include <time.h>
 
 #include "checkpoint.h"
@@ -1903,6 +1906,33 @@ static json_t *report_build(const pipeline_ctx *c)
     json_object_set_new(r, "checkpoints",
                         c->checkpoints ? json_incref(c->checkpoints) : json_null());
     return r;
+}
+
+/* ---- removing outputs -------------------------------------------------------------- */
+
+/* Unlinks every entry of dir that is not a folder; the folder stays. */
+static void remove_files_in(const char *dir)
+{
+    DIR *d = opendir(dir);
+    if (!d)
+        return;
+    int fd = dirfd(d);
+    for (struct dirent *e; (e = readdir(d)) != NULL;) {
+        struct stat sb;
+        if (fstatat(fd, e->d_name, &sb, AT_SYMLINK_NOFOLLOW) == 0 && !S_ISDIR(sb.st_mode))
+            unlinkat(fd, e->d_name, 0);
+    }
+    closedir(d);
+}
+
+void pipeline_remove_outputs(const char *out_dir)
+{
+    char tfjs[4200];
+    snprintf(tfjs, sizeof tfjs, "%s/tfjs", out_dir);
+    remove_files_in(tfjs);
+    rmdir(tfjs);
+    remove_files_in(out_dir);
+    rmdir(out_dir);
 }
 
 /* ---- the job ------------------------------------------------------------------- */

@@ -184,4 +184,12 @@ top_status pipeline_run(json_t **report, graph **pruned, const pipeline_options 
                         pipeline_progress_fn progress, void *user, const volatile int *cancel,
                         top_error *err);
 
+/*
+ * Removes the checkpoint folder a job wrote (out_dir): every file in it and
+ * in its tfjs/ folder, left-over temporary files included, then both
+ * folders. Other subfolders and their files stay. Errors are ignored: a file
+ * that cannot be removed stays, and so does its folder.
+ */
+void pipeline_remove_outputs(const char *out_dir);
+
 #endif

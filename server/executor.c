@@ -401,18 +401,6 @@ static top_status record_success(store *db, const char *id, const json_t *reques
     return st;
 }
 
-/* Removes the job's artifact folder after a failed or interrupted run. */
-static void remove_job_dir(const char *dir)
-{
-    static const char *const names[] = {"dense.safetensors", "compressed.safetensors"};
-    char path[4096 + 64];
-    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
-        snprintf(path, sizeof path, "%s/%s", dir, names[i]);
-        unlink(path);
-    }
-    rmdir(dir);
-}
-
 /* Stores the outcome of pipeline_run; st and run_err are its result. */
 static void record_outcome(worker_slot *slot, store *db, const json_t *request,
                            const json_t *report, const char *dir, top_status st,
@@ -428,16 +416,16 @@ static void record_outcome(worker_slot *slot, store *db, const json_t *request,
         wst = record_success(db, slot->job_id, request, report, &err);
     } else if (st == TOP_ERR_CANCELLED && ex->draining) {
         outcome = "interrupted";
-        remove_job_dir(dir);
+        pipeline_remove_outputs(dir);
         wst = store_job_transition(db, slot->job_id, STORE_JOB_RUNNING, STORE_JOB_QUEUED, &err);
     } else if (st == TOP_ERR_CANCELLED) {
         outcome = "cancelled";
-        remove_job_dir(dir);
+        pipeline_remove_outputs(dir);
         wst = store_job_transition(db, slot->job_id, STORE_JOB_RUNNING, STORE_JOB_CANCELLED,
                                    &err);
     } else {
         outcome = "failed";
-        remove_job_dir(dir);
+        pipeline_remove_outputs(dir);
         wst = store_job_fail(db, slot->job_id, run_err->message, &err);
     }
     if (st != TOP_OK && st != TOP_ERR_CANCELLED)

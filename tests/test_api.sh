@@ -224,7 +224,7 @@ POST|/v1/jobs|application/json|{"model":"$model","sparsity":0.5,"calibration":{"
 POST|/v1/jobs|application/json|{"model":"$model","sparsity":0.5,"calibration":{"task":"fashion"},$good_eval,"finetune":{"lr":0}}|422|finetune.lr
 POST|/v1/jobs|application/json|{"model":"$model","sparsity":0.5,"calibration":{"task":"fashion"},$good_eval,"finetune":{"epochs":0}}|422|finetune.epochs
 POST|/v1/jobs|application/json|{"model":"$model","sparsity":0.5,"calibration":{"task":"fashion"},$good_eval,"finetune":{"batch_norm":"melt"}}|422|finetune.batch_norm
-POST|/v1/jobs|application/json|{"model":"$model","sparsity":0.5,"calibration":{"task":"fashion"},$good_eval,"finetune":{"steps":10}}|422|finetune.steps
+POST|/v1/jobs|application/json|{"model":"$model","sparsity":0.5,"calibration":{"task":"fashion"},$good_eval,"finetune":{"steps":10}}|400|finetune.steps
 POST|/v1/jobs|application/json|$big|413|-
 POST|/v1/tasks|application/json|{"uri":"ftp://example"}|422|uri
 GET|/v1/jobs?status=done|||400|status
@@ -245,7 +245,7 @@ job=$(jget "$tmp/body" 'd["id"]')
 location=$(header Location)
 check "submit Location names the job" eq "$location" "/v1/jobs/$job"
 check "evaluation sizes come from the task split" eq "$(jget "$tmp/body" 'd["request"]["evaluation"]["images"]')" 100
-curl -s -N -m 300 -H "Authorization: Bearer $rw_token" "$base/v1/jobs/$job/events" >"$tmp/events" &
+curl -s -N -m 900 -H "Authorization: Bearer $rw_token" "$base/v1/jobs/$job/events" >"$tmp/events" &
 events_pid=$!
 post_json /v1/jobs "$job_body" -H 'Idempotency-Key: lifecycle-1'
 check "idempotent retry answers 202" eq "$code" 202
@@ -312,6 +312,12 @@ check "matching If-None-Match is 304" eq "$code" 304
 out="$tmp/dense.safetensors" req GET "/v1/jobs/$job/checkpoint?format=dense"
 check "dense download is 200" eq "$code" 200
 check "dense sha256 matches" eq "$(sha256sum "$tmp/dense.safetensors" | cut -d' ' -f1)" "$(jget "$tmp/job.json" 'd["artifacts"]["dense"]["sha256"]')"
+for f in tfjs-model tfjs-weights; do
+  out="$tmp/$f" req GET "/v1/jobs/$job/checkpoint?format=$f"
+  check "$f download is 200" eq "$code" 200
+  check "$f sha256 matches the job's" eq "$(sha256sum "$tmp/$f" | cut -d' ' -f1)" "$(jget "$tmp/job.json" "d['artifacts']['${f/-/_}']['sha256']")"
+done
+check "the TF.js model names its shard" has_text "$tmp/tfjs-model" '"group1-shard1of1.bin"'
 req GET "/v1/jobs/$job/checkpoint?format=fp8"
 check "unknown format is 400" eq "$code" 400
 req GET "/v1/jobs?status=succeeded&limit=1"
