@@ -537,6 +537,24 @@ static json_t *artifact_view(const json_t *art, const char *id, const char *form
                      "url", url);
 }
 
+/* Adds each task's head_cache state (and warning) from the stored report to
+ * the task rows, which come from the results table in the same order. */
+static void merge_head_cache(json_t *rows, const json_t *report_tasks)
+{
+    size_t i;
+    json_t *row;
+    json_array_foreach(rows, i, row)
+    {
+        const json_t *t = json_array_get(report_tasks, i);
+        const char *state = json_string_value(json_object_get(t, "head_cache"));
+        const char *warning = json_string_value(json_object_get(t, "head_cache_warning"));
+        if (state)
+            json_object_set_new(row, "head_cache", json_string(state));
+        if (warning)
+            json_object_set_new(row, "head_cache_warning", json_string(warning));
+    }
+}
+
 json_t *api_job_view(const json_t *job)
 {
     json_t *v = json_deep_copy(job);
@@ -557,6 +575,10 @@ json_t *api_job_view(const json_t *job)
             json_object_get(result, "bn_recalibration"), "finetune",
             json_object_get(result, "finetune"), "timings_s",
             json_object_get(result, "timings_s"));
+        /* The rows belong to the caller's job (possibly cached): change a copy. */
+        json_t *rows = json_deep_copy(json_object_get(results, "tasks"));
+        merge_head_cache(rows, json_object_get(result, "tasks"));
+        json_object_set_new(results, "tasks", rows ? rows : json_array());
         json_object_set_new(v, "results", results);
     }
     json_object_del(v, "result");

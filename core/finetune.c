@@ -319,9 +319,16 @@ static top_status train_batch(ft_ctx *c, const batch *b, double *loss, size_t *c
                               top_error *err)
 {
     graph_mode mode = c->opt->bn_train ? GRAPH_MODE_TRAIN : GRAPH_MODE_INFERENCE;
-    top_status st = graph_forward(c->g, b->x, b->n, mode, err);
+    top_error e;
+    top_error_clear(&e);
+    top_status st = graph_forward(c->g, b->x, b->n, mode, &e);
+    if (st == TOP_ERR_NOMEM || st == TOP_ERR_LIMIT)
+        return top_error_set(err, st,
+                             "fine-tuning batch of %d images: %s; lower the fine-tuning "
+                             "batch size",
+                             b->n, e.message);
     if (st != TOP_OK)
-        return st;
+        return top_error_set(err, st, "%s", e.message);
     const float *feat = graph_node_output(c->g, c->feature);
     size_t d = c->g->nodes[c->feature].sample_numel;
     if (c->opt->loss == FINETUNE_LOSS_DISTILL) {

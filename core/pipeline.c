@@ -552,9 +552,13 @@ static top_status ft_prepare(pipeline_ctx *c, top_error *err)
     const pipeline_options *o = c->opt;
     size_t k = (size_t)dataset_class_count(c->calib.ds);
     task_spec spec = {.calib_per_class = (o->finetune_count + k - 1) / k, .seed = o->seed};
-    top_status st = task_make(&c->ft_task, c->calib.ds, NULL, &spec, err);
+    top_error e;
+    top_error_clear(&e);
+    top_status st = task_make(&c->ft_task, c->calib.ds, NULL, &spec, &e);
     if (st != TOP_OK)
-        return st;
+        return top_error_set(err, st,
+                             "fine-tuning images %zu: %s; lower the fine-tuning image count",
+                             o->finetune_count, e.message);
     c->ft_task_made = 1;
     task_split *split = &c->ft_task.calib;
     split->count = o->finetune_count < split->count ? o->finetune_count : split->count;
@@ -1879,8 +1883,9 @@ static json_t *report_build(const pipeline_ctx *c)
                                   c->opt->scope == PRUNE_SCOPE_GLOBAL ? "global" : "per_layer",
                                   "nm", c->opt->nm_m ? nm_text : "unstructured", "min_density",
                                   c->opt->min_density, "rounds", c->opt->rounds));
-    const char *bn_mode =
-        c->opt->bn_mode == PIPELINE_BN_MATCH_DENSE ? "match_dense" : "reestimate";
+    const char *bn_mode = !c->bn_ran                                   ? "none"
+                          : c->opt->bn_mode == PIPELINE_BN_MATCH_DENSE ? "match_dense"
+                                                                       : "reestimate";
     json_object_set_new(r, "bn_recalibration",
                         json_pack("{s:b, s:s, s:i, s:I, s:i, s:f}", "ran", c->bn_ran, "mode",
                                   bn_mode, "layers", c->bn_layers, "images",

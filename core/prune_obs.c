@@ -325,7 +325,7 @@ top_status obs_memory_estimate(obs_memory *out, const size_t *layer_counts, size
         return top_error_set(err, TOP_ERR_LIMIT,
                              "block OBS needs %.1f MiB (%zu samples x %zu weights of "
                              "gradients, block %zu) but the budget is %.1f MiB; lower the "
-                             "calibration samples or the block size, or use method obd",
+                             "calibration samples, raise the memory budget, or use method obd",
                              (double)out->total / 1048576.0, n_samples, total, block,
                              (double)budget_bytes / 1048576.0);
     return TOP_OK;

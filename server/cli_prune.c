@@ -303,9 +303,9 @@ static int parse_finetune(pipeline_options *o, int c, const char *arg)
         f->lr = v;
         break;
     case OPT_FT_MOMENTUM:
-        if (!(v >= 0.0 && v < 1.0))
+        if (!(v >= 0.0 && v <= 0.999))
             return bad_option("--finetune-momentum", arg,
-                              "pass a value in [0, 1), such as 0.9");
+                              "pass a value in [0, 0.999], such as 0.9");
         f->momentum = v;
         break;
     case OPT_FT_DECAY:

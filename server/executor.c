@@ -74,17 +74,32 @@ struct executor {
 
 /* ---- progress ------------------------------------------------------------ */
 
-/* The pipeline's stages in order and the share of a job's time each takes.
+/* The pipeline's stages in order and the share of a job's time each takes;
+ * ft marks the fine-tuning stages, which get FT_SHARE of a job that
+ * fine-tunes and none of one that does not. A stage the pipeline runs twice
+ * (the batch-norm correction after fine-tuning) counts once: progress never
+ * goes back.
  * NOTE: the shares are rough guesses, so progress and ETA are estimates; only
  * the stage order is exact. */
 static const struct {
     const char *name;
     double weight;
+    int ft;
 } stage_weights[] = {
-    {"load", 0.02},        {"dense features", 0.45},   {"saliency", 0.15},
-    {"mask", 0.03},        {"bn recalibration", 0.10}, {"pruned evaluation", 0.20},
-    {"checkpoints", 0.05},
+    {"load", 0.02, 0},
+    {"dense features", 0.40, 0},
+    {"bn dense statistics", 0.03, 0},
+    {"saliency", 0.15, 0},
+    {"mask", 0.02, 0},
+    {"layer obs", 0.0, 0}, /* layer_obs runs it instead of saliency */
+    {"bn recalibration", 0.0, 0},
+    {"bn correction", 0.10, 0},
+    {"pruned evaluation", 0.23, 0},
+    {"fine-tuning", 0.85, 1},
+    {"fine-tuned evaluation", 0.15, 1},
+    {"checkpoints", 0.05, 0},
 };
+#define FT_SHARE 0.5
 #define N_STAGES (sizeof stage_weights / sizeof stage_weights[0])
 
 typedef struct run_state {
@@ -93,6 +108,7 @@ typedef struct run_state {
     double start_s;
     double last_write_s;
     int stage;       /* index into stage_weights, -1 before the first */
+    int finetune;    /* the job fine-tunes */
     double progress; /* 0..1, never decreases */
 } run_state;
 
@@ -101,6 +117,13 @@ static double monotonic_s(void)
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static double stage_weight(const run_state *rs, int i)
+{
+    if (stage_weights[i].ft)
+        return rs->finetune ? FT_SHARE * stage_weights[i].weight : 0.0;
+    return rs->finetune ? (1.0 - FT_SHARE) * stage_weights[i].weight : stage_weights[i].weight;
 }
 
 static int stage_index(const char *name)
@@ -121,9 +144,9 @@ static void run_progress(void *user, const char *stage, size_t done, size_t tota
 
     double before = 0.0;
     for (int i = 0; i < rs->stage; i++)
-        before += stage_weights[i].weight;
+        before += stage_weight(rs, i);
     double within = total ? (double)done / (double)total : 0.0;
-    double p = rs->stage >= 0 ? before + stage_weights[rs->stage].weight * within : 0.0;
+    double p = rs->stage >= 0 ? before + stage_weight(rs, rs->stage) * within : 0.0;
     if (p > rs->progress)
         rs->progress = p < 1.0 ? p : 1.0;
 
@@ -366,6 +389,11 @@ static top_status record_success(store *db, const char *id, const json_t *reques
         n = PIPELINE_MAX_EVAL_TASKS;
     for (size_t i = 0; i < n; i++) {
         const json_t *t = json_array_get(tasks, i);
+        const char *warning = json_str(t, "head_cache_warning");
+        if (warning)
+            log_warn("executor", id,
+                     "the head cache failed; the head was fitted anew", "task=%s error=%s",
+                     json_str(t, "uri"), warning);
         const json_t *dense = json_object_get(t, "dense_accuracy");
         const json_t *pruned = json_object_get(t, "pruned_accuracy");
         const json_t *tuned = json_object_get(t, "finetuned_accuracy");
@@ -463,7 +491,11 @@ static void run_job(worker_slot *slot, store *db)
     opt.out_dir = dir;
     opt.head_cache_dir = cache;
 
-    run_state rs = {.slot = slot, .db = db, .start_s = monotonic_s(), .stage = -1};
+    run_state rs = {.slot = slot,
+                    .db = db,
+                    .start_s = monotonic_s(),
+                    .stage = -1,
+                    .finetune = opt.finetune};
     json_t *report = NULL;
     log_info("executor", slot->job_id, "job started", "worker=%d model=%s sparsity=%g",
              slot->index, opt.model_path ? opt.model_path : "", opt.sparsity);

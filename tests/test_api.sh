@@ -270,6 +270,8 @@ check "two tasks have fine-tuned accuracies" eq "$(jget "$tmp/job.json" 'sum(1 f
 check "fine-tuning took 2 steps of 16" eq "$(jget "$tmp/job.json" 'd["results"]["finetune"]["steps"]')" 2
 check "fine-tuning used the requested rate" eq "$(jget "$tmp/job.json" 'd["request"]["finetune"]["lr"]')" 0.0001
 check "results say the BN correction ran" eq "$(jget "$tmp/job.json" 'd["results"]["bn_recalibration"]["ran"]')" True
+check "results say whether each head was cached" eq "$(jget "$tmp/job.json" 'sum(1 for t in d["results"]["tasks"] if t["head_cache"] in ("hit", "miss"))')" 2
+check "the head cache is kept under the artifact folder" eval "ls '$tmp/artifacts/head-cache/'*.safetensors >/dev/null"
 check "results name the tasks" eq "$(jget "$tmp/job.json" '",".join(t["task"] for t in d["results"]["tasks"])')" digits,fashion
 check "timestamps are set" ne "$(jget "$tmp/job.json" 'd["finished_at"]')" null
 check "no server path is exposed" eval "! grep -q '$tmp/artifacts' '$tmp/job.json'"
