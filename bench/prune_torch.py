@@ -87,7 +87,7 @@ def read_idx(images_gz, labels_gz):
     return images, labels
 
 
-def class_balanced(labels, count, seed, skip=0):
+def class_balanced(labels, count, seed):
     """Indices of `count` images, about count / classes per class, mixed."""
     rng = np.random.RandomState(seed)
     classes = np.unique(labels)
@@ -96,7 +96,7 @@ def class_balanced(labels, count, seed, skip=0):
     for c in classes:
         idx = np.flatnonzero(labels == c)
         rng.shuffle(idx)
-        picked.append(idx[skip * per_class:(skip + 1) * per_class])
+        picked.append(idx[:per_class])
     out = np.concatenate(picked)
     rng.shuffle(out)
     return out[:count]
