@@ -1292,6 +1292,12 @@ static top_status forward_node(graph *g, int i, int n, top_error *err)
 
 top_status graph_forward(graph *g, const float *x, int n, graph_mode mode, top_error *err)
 {
+    return graph_forward_to(g, x, n, mode, g ? g->n_nodes - 1 : 0, err);
+}
+
+top_status graph_forward_to(graph *g, const float *x, int n, graph_mode mode, int last,
+                            top_error *err)
+{
     if (!g || !x)
         return top_error_set(err, TOP_ERR_INVALID,
                              "graph_forward: the graph or the input "
@@ -1308,13 +1314,17 @@ top_status graph_forward(graph *g, const float *x, int n, graph_mode mode, top_e
                              "graph_forward: mode %d is not a "
                              "graph_mode",
                              (int)mode);
+    if (last < 0 || last >= g->n_nodes)
+        return top_error_set(err, TOP_ERR_INVALID,
+                             "graph_forward_to: last node %d is outside 0..%d", last,
+                             g->n_nodes - 1);
     top_status st = graph_prepare(g, n, err);
     if (st != TOP_OK)
         return st;
 
     g->mode = mode;
     memcpy(run_of(g, 0)->y, x, (size_t)n * g->nodes[0].sample_numel * sizeof(float));
-    for (int i = 1; i < g->n_nodes; i++) {
+    for (int i = 1; i <= last; i++) {
         st = forward_node(g, i, n, err);
         if (st != TOP_OK) {
             graph_release_buffers(g);

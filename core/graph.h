@@ -219,6 +219,15 @@ top_status graph_set_input_size(graph *g, int h, int w, top_error *err);
  */
 top_status graph_forward(graph *g, const float *x, int n, graph_mode mode, top_error *err);
 
+/*
+ * graph_forward of nodes 0 .. last only, for callers that read one early
+ * node (a layer's input, a batch norm's input) and would waste the rest of
+ * the pass. The outputs of later nodes are stale until the next full forward;
+ * graph_node_output of them and a backward from them are the caller's error.
+ */
+top_status graph_forward_to(graph *g, const float *x, int n, graph_mode mode, int last,
+                            top_error *err);
+
 /* The output of node `node` from the last forward, (N, per-sample shape). */
 const float *graph_node_output(const graph *g, int node);
 

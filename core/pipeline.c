@@ -1020,7 +1020,8 @@ static top_status gather_inputs(float *x, const size_t *sel, size_t rows, pipeli
         size_t nb = n_img - b0 < bs ? n_img - b0 : bs;
         top_status st = check_cancel(c, err);
         if (st == TOP_OK)
-            st = graph_forward(c->g, imgs + b0 * per, (int)nb, GRAPH_MODE_INFERENCE, err);
+            st = graph_forward_to(c->g, imgs + b0 * per, (int)nb, GRAPH_MODE_INFERENCE,
+                                  v->nd->inputs[0], err);
         if (st != TOP_OK)
             return st;
         const float *in = graph_node_output(c->g, v->nd->inputs[0]);
@@ -1398,7 +1399,11 @@ static void bn_add_moments(double *acc, const graph *g, int b, int n)
  * Measures the mean and (population) variance of every BN input channel over
  * the calibration split, with the graph in inference mode, into stats.
  */
-static top_status bn_measure(double **stats, pipeline_ctx *c, const char *stage, top_error *err)
+/* Measures the mean and variance of every BN input up to node `last` over the
+ * calibration images into stats (2, C) per BN layer, in graph order; later
+ * layers are left as they were. The forwards stop at `last`. */
+static top_status bn_measure(double **stats, pipeline_ctx *c, const char *stage, int last,
+                             top_error *err)
 {
     const task_split *split = &c->calib.t.calib;
     batch_iter *it = NULL;
@@ -1412,15 +1417,15 @@ static top_status bn_measure(double **stats, pipeline_ctx *c, const char *stage,
             st = check_cancel(c, err);
         if (st != TOP_OK || b->n == 0)
             break;
-        st = graph_forward(c->g, b->x, b->n, GRAPH_MODE_INFERENCE, err);
-        for (int n = 0, i = 0; st == TOP_OK && i < c->g->n_nodes; i++)
+        st = graph_forward_to(c->g, b->x, b->n, GRAPH_MODE_INFERENCE, last, err);
+        for (int n = 0, i = 0; st == TOP_OK && i <= last; i++)
             if (c->g->nodes[i].op == OP_BATCHNORM)
                 bn_add_moments(stats[n++], c->g, i, b->n);
         images += st == TOP_OK ? (size_t)b->n : 0;
         report_progress(c, stage, b->first + (size_t)b->n, split->count);
     }
     batch_iter_free(it);
-    for (int n = 0, i = 0; st == TOP_OK && images && i < c->g->n_nodes; i++) {
+    for (int n = 0, i = 0; st == TOP_OK && images && i <= last; i++) {
         if (c->g->nodes[i].op != OP_BATCHNORM)
             continue;
         size_t ch = (size_t)c->g->nodes[i].dims[0];
@@ -1444,7 +1449,7 @@ static top_status bn_dense_stage(pipeline_ctx *c, top_error *err)
     c->bn_dense = bn_stats_new(c->g, c->bn_layers);
     if (!c->bn_dense)
         return top_error_set(err, TOP_ERR_NOMEM, "out of memory for batch-norm statistics");
-    return bn_measure(c->bn_dense, c, "bn dense statistics", err);
+    return bn_measure(c->bn_dense, c, "bn dense statistics", c->g->n_nodes - 1, err);
 }
 
 /*
@@ -1531,7 +1536,7 @@ static top_status bn_match_stage(pipeline_ctx *c, top_error *err)
                                    "out of memory for batch-norm statistics");
                 break;
             }
-            st = bn_measure(pruned, c, "bn correction", err);
+            st = bn_measure(pruned, c, "bn correction", nodes[n], err);
             if (st != TOP_OK)
                 break;
             const graph_node *nd = &c->g->nodes[nodes[n]];

@@ -37,7 +37,8 @@
  *        m' = mu_p - (mu_d - m) * s' / s, with sqrt(var_p / var_d) clamped
  *        to [1/2, 2]. Layers are corrected one at a time in graph order, each
  *        measured after the ones before it were corrected (one forward pass
- *        over the calibration images per BN layer), so one pass is exact;
+ *        over the calibration images per BN layer, stopped at that layer), so
+ *        one pass is exact;
  *        `bn_passes` repeats the sweep. The report gives the largest mean
  *        shift corrected in the last sweep.
  *      reestimate: running mean and variance = the average of the per-batch

@@ -694,6 +694,44 @@ static void test_batch_consistency(void)
     graph_free(g);
 }
 
+/* A forward that stops at a node gives that node and every earlier one the
+ * outputs of the full forward, bit for bit, and rejects a node out of range. */
+static void test_forward_to(void)
+{
+    graph *g = build_cnn();
+    if (!g)
+        return;
+    enum { N = 3 };
+    size_t in = g->nodes[0].sample_numel;
+    float *x = malloc(N * in * sizeof *x);
+    fill_uniform(x, N * in, 2.0f, -1.0f);
+    int last = g->n_nodes / 2;
+    float *full[64] = {0};
+    top_error err;
+    top_error_clear(&err);
+    CHECK(graph_forward(g, x, N, GRAPH_MODE_INFERENCE, &err) == TOP_OK);
+    for (int i = 0; i <= last && i < 64; i++) {
+        size_t bytes = N * g->nodes[i].sample_numel * sizeof(float);
+        full[i] = malloc(bytes);
+        memcpy(full[i], graph_node_output(g, i), bytes);
+    }
+    float *y = malloc(N * in * sizeof *y);
+    fill_uniform(y, N * in, 2.0f, -1.0f); /* another batch first, so stale data differs */
+    CHECK(graph_forward(g, y, N, GRAPH_MODE_INFERENCE, &err) == TOP_OK);
+    CHECK(graph_forward_to(g, x, N, GRAPH_MODE_INFERENCE, last, &err) == TOP_OK);
+    for (int i = 0; i <= last && i < 64; i++)
+        CHECK_MSG(memcmp(full[i], graph_node_output(g, i),
+                         N * g->nodes[i].sample_numel * sizeof(float)) == 0,
+                  "node %d differs after a forward to node %d", i, last);
+    CHECK(graph_forward_to(g, x, N, GRAPH_MODE_INFERENCE, g->n_nodes, &err) == TOP_ERR_INVALID);
+    CHECK(strstr(err.message, "outside 0..") != NULL);
+    for (int i = 0; i < 64; i++)
+        free(full[i]);
+    free(x);
+    free(y);
+    graph_free(g);
+}
+
 /*
  * Fan-out: flatten feeds two dense layers whose outputs are added, so
  * dx = W_a^T dy + W_b^T dy. The add also reads its first input twice.
@@ -1038,6 +1076,7 @@ static void test_find_and_names(void)
 int main(void)
 {
     TEST_RUN(test_find_and_names);
+    TEST_RUN(test_forward_to);
     TEST_RUN(test_cnn_grads_inference);
     TEST_RUN(test_cnn_grads_training);
     TEST_RUN(test_vit_grads_inference);
