@@ -39,7 +39,7 @@ SERVER_OBJ := $(SERVER_SRC:%.c=$(BUILD)/%.o)
 LIB        := $(BUILD)/libtopiary.a
 TEST_BIN   := $(TEST_SRC:tests/%.c=$(BUILD)/tests/%)
 
-.PHONY: all test check deps data asan valgrind fuzz bench lint clean demo
+.PHONY: all test check deps data asan valgrind fuzz bench bench-prune lint clean demo
 all: $(BIN) $(TEST_BIN)
 
 $(BUILD)/%.o: %.c
@@ -98,6 +98,9 @@ $(BUILD)/bench/%: bench/%.c $(LIB) bench/bench_util.h
 
 bench: all
 	BUILD=$(BUILD) bash bench/run.sh
+
+bench-prune: all
+	BUILD=$(BUILD) bash bench/prune_bench.sh
 
 lint:
 	clang-format --dry-run --Werror $(CORE_SRC) $(SERVER_SRC) $(MAIN_SRC) core/*.h

@@ -183,6 +183,12 @@ static int parse_method(const json_t *req, json_t *out, api_invalid *bad)
         return -1;
     double damping = 1e-3;
     const json_t *dv = json_object_get(mo, "damping");
+    const json_t *dm = json_object_get(mo, "damping_mode");
+    if ((dv || dm) && (!strcmp(method, "magnitude") || !strcmp(method, "data_free")))
+        return api_invalid_set(bad, 422,
+                               dv ? "method_options.damping" : "method_options.damping_mode",
+                               dv ? dv : dm, "drop it, or use method obd, obs or layer_obs",
+                               "damping applies to the Fisher of obd, obs and layer_obs only");
     if (dv && (!json_is_number(dv) || !(json_number_value(dv) >= 0.0) ||
                !(json_number_value(dv) < 1e30)))
         return api_invalid_set(bad, 422, "method_options.damping", dv,

@@ -29,6 +29,7 @@
 
 #include "checkpoint.h"
 #include "datafree.h"
+#include "fileio.h"
 #include "head_cache.h"
 #include "dataset.h"
 #include "model.h"
@@ -1713,6 +1714,29 @@ static top_status describe_file(json_t *obj, const char *path, top_error *err)
     return TOP_OK;
 }
 
+/* Copies labels.txt (the class names topiary forward prints) from the source
+ * model's folder to out, when there is one; a failure only loses the names. */
+static void copy_labels(const char *source_json, const char *out)
+{
+    char from[4200], to[4200];
+    const char *slash = strrchr(source_json, '/');
+    int dir_len = slash ? (int)(slash - source_json) : 1;
+    snprintf(from, sizeof from, "%.*s/labels.txt", dir_len, slash ? source_json : ".");
+    snprintf(to, sizeof to, "%s/labels.txt", out);
+    FILE *in = top_fopen_regular(from, NULL); /* a FIFO must not hang the job */
+    if (!in)
+        return;
+    FILE *dst = fopen(to, "wb");
+    char buf[4096];
+    size_t n;
+    while (dst && (n = fread(buf, 1, sizeof buf, in)) > 0)
+        if (fwrite(buf, 1, n, dst) != n)
+            break;
+    if (dst && fclose(dst) != 0)
+        unlink(to);
+    fclose(in);
+}
+
 /* Writes DIR/tfjs/model.json and its one float32 shard for a model that came
  * as a TF.js layers model (a model.json, or a folder holding one), and adds
  * both files to the report as checkpoints.tfjs {path, bytes, sha256, weights}. */
@@ -1731,6 +1755,8 @@ static top_status write_tfjs(pipeline_ctx *c, const char *dir, top_error *err)
     json_object_set_new(tfjs, "layout", json_string("source"));
     json_object_set_new(tfjs, "weights", shard);
     top_status st = tfjs_export_write(c->g, source, out, err);
+    if (st == TOP_OK)
+        copy_labels(source, out);
     snprintf(path, sizeof path, "%s/%s", out, TFJS_EXPORT_MODEL_JSON);
     if (st == TOP_OK)
         st = describe_file(tfjs, path, err);

@@ -158,6 +158,12 @@ int cli_forward(int argc, char **argv)
         default: forward_usage(stderr); return 2;
         }
     }
+    if (optind < argc) {
+        fprintf(stderr,
+                "topiary: unexpected argument '%s'; give each image its own --image\n",
+                argv[optind]);
+        return 2;
+    }
     if (!model || n_images == 0) {
         fprintf(stderr, "topiary: forward needs --model and at least one --image\n");
         forward_usage(stderr);

@@ -61,6 +61,7 @@ check "the labels error gives both counts" contains "$tmp/err" "has 2 names but 
 photos=()
 for i in $(seq 1 10); do photos+=(--image "$data/datasets/photos/dog.jpg"); done
 "$bin" forward --model "$mnv2" --top 1 "${photos[@]}" >"$tmp/ten" 2>&1
+check "a second image without --image is a usage error" exit_code_is 2 "$bin" forward --model "$mnv2" --image "$data/datasets/photos/dog.jpg" "$data/datasets/photos/dog.jpg"
 check "forward prints one result per image past a batch" test "$(grep -c 'Neutral' "$tmp/ten")" -eq 10
 
 # Pruning options are checked, and the memory of the second-order methods is
