@@ -159,9 +159,10 @@ struct MHD_Response *api_authorize(api *a, http_request *req, const api_route *r
         return unauthorized(req, "invalid_token", "the bearer token is not valid");
     int safe = !strcmp(req->method, "GET") || !strcmp(req->method, "HEAD");
     if (a->tokens[i].read_only && !safe)
-        return api_problem(req, 403, "forbidden", "Forbidden",
-                           "this token is read-only and may only send GET and HEAD requests; use a "
-                           "read-write token",
-                           NULL);
+        return api_problem(
+            req, 403, "forbidden", "Forbidden",
+            "this token is read-only and may only send GET and HEAD requests; use a "
+            "read-write token",
+            NULL);
     return NULL;
 }

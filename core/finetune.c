@@ -242,8 +242,8 @@ void finetune_head_loss(double *loss, size_t *correct, float *dfeat, double *sco
         for (size_t j = 1; j < k; j++)
             best = sc[j] > sc[best] ? j : best;
         *correct += best == (size_t)labels[s];
-        double mx = sc[best], sum = 0.0;
-        for (size_t j = 0; j < k; j++)
+        double mx = sc[best], sum = exp(sc[0] - mx); /* the best class adds 1 */
+        for (size_t j = 1; j < k; j++)
             sum += exp(sc[j] - mx);
         total += mx + log(sum) - sc[labels[s]];
         for (size_t j = 0; j < k; j++)

@@ -159,8 +159,7 @@ int cli_forward(int argc, char **argv)
         }
     }
     if (optind < argc) {
-        fprintf(stderr,
-                "topiary: unexpected argument '%s'; give each image its own --image\n",
+        fprintf(stderr, "topiary: unexpected argument '%s'; give each image its own --image\n",
                 argv[optind]);
         return 2;
     }

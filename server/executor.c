@@ -391,9 +391,8 @@ static top_status record_success(store *db, const char *id, const json_t *reques
         const json_t *t = json_array_get(tasks, i);
         const char *warning = json_str(t, "head_cache_warning");
         if (warning)
-            log_warn("executor", id,
-                     "the head cache failed; the head was fitted anew", "task=%s error=%s",
-                     json_str(t, "uri"), warning);
+            log_warn("executor", id, "the head cache failed; the head was fitted anew",
+                     "task=%s error=%s", json_str(t, "uri"), warning);
         const json_t *dense = json_object_get(t, "dense_accuracy");
         const json_t *pruned = json_object_get(t, "pruned_accuracy");
         const json_t *tuned = json_object_get(t, "finetuned_accuracy");
