@@ -311,8 +311,8 @@ static int parse_evaluation(api *a, api_call *call, const json_t *req, json_t *o
 /* The mask: {scope, granularity, min_density, rounds}, all optional. */
 static int parse_mask(const json_t *req, json_t *out, api_invalid *bad)
 {
-    static const char *const members[] = {"scope", "granularity", "min_density", "rounds",
-                                          NULL};
+    static const char *const members[] = {"scope",  "granularity", "min_density", "rounds",
+                                          "layers", "skip_layers", NULL};
     const json_t *m;
     if (object_member(req, "mask", &m, bad) ||
         (m && api_check_members(m, "mask.", members, bad)))
@@ -352,11 +352,25 @@ static int parse_mask(const json_t *req, json_t *out, api_invalid *bad)
         return api_invalid_set(bad, 422, "mask.rounds", json_object_get(m, "rounds"),
                                "use one round with an N:M granularity",
                                "rounds must be 1 with N:M");
-    json_object_set_new(
-        out, "mask",
-        json_pack("{s:s, s:s, s:f, s:I}", "scope", scope ? json_string_value(scope) : "global",
-                  "granularity", gran ? json_string_value(gran) : "unstructured", "min_density",
-                  md ? json_number_value(md) : 0.0, "rounds", rounds));
+    const char *globs[2] = {NULL, NULL};
+    static const char *const glob_keys[2] = {"layers", "skip_layers"};
+    for (int i = 0; i < 2; i++) {
+        const json_t *v = json_object_get(m, glob_keys[i]);
+        char field[32];
+        snprintf(field, sizeof field, "mask.%s", glob_keys[i]);
+        if (v &&
+            (!json_is_string(v) || !json_string_value(v)[0] || json_string_length(v) > 4096))
+            return api_invalid_set(
+                bad, 422, field, v, "pass comma-separated name globs, such as \"block_1*\"",
+                "%s must be a non-empty string of at most 4096 bytes", field);
+        globs[i] = v ? json_string_value(v) : NULL;
+    }
+    json_object_set_new(out, "mask",
+                        json_pack("{s:s, s:s, s:f, s:I, s:s?, s:s?}", "scope",
+                                  scope ? json_string_value(scope) : "global", "granularity",
+                                  gran ? json_string_value(gran) : "unstructured",
+                                  "min_density", md ? json_number_value(md) : 0.0, "rounds",
+                                  rounds, "layers", globs[0], "skip_layers", globs[1]));
     return 0;
 }
 

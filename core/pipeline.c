@@ -17,6 +17,7 @@
 #include "pipeline.h"
 
 #include <errno.h>
+#include <fnmatch.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -332,6 +333,82 @@ static int default_feature_node(const graph *g)
     return -1;
 }
 
+/* Returns 1 if name matches one of the comma-separated glob patterns
+ * (fnmatch, so '*' and '?' also match '/'). */
+static int matches_any(const char *patterns, const char *name)
+{
+    char pat[GRAPH_NAME_MAX];
+    for (const char *p = patterns; *p;) {
+        size_t n = strcspn(p, ",");
+        if (n > 0 && n < sizeof pat) {
+            memcpy(pat, p, n);
+            pat[n] = '\0';
+            if (fnmatch(pat, name, 0) == 0)
+                return 1;
+        }
+        p += n + (p[n] == ',');
+    }
+    return 0;
+}
+
+/* The first pattern of the list that matches none of the candidates, or -1;
+ * its text goes to out. */
+static int unmatched_pattern(char *out, size_t cap, const char *patterns, const graph *g,
+                             int feature)
+{
+    for (const char *p = patterns; *p;) {
+        size_t n = strcspn(p, ",");
+        snprintf(out, cap, "%.*s", (int)n, p);
+        int hit = 0;
+        for (int q = 0; !hit && q < g->n_params; q++)
+            hit = graph_param_is_prunable(g, q) && g->params[q].node < feature &&
+                  matches_any(out, g->params[q].name);
+        if (!hit)
+            return 0;
+        p += n + (p[n] == ',');
+    }
+    return -1;
+}
+
+/* The prunable set: conv and dense weights before the feature node, without
+ * the first conv (the stem), or those matching opt->layers when it is set;
+ * minus those matching opt->skip_layers. */
+static top_status select_prunable(pipeline_ctx *c, top_error *err)
+{
+    const pipeline_options *o = c->opt;
+    char bad[GRAPH_NAME_MAX];
+    if (o->layers && unmatched_pattern(bad, sizeof bad, o->layers, c->g, c->feature) == 0)
+        return top_error_set(err, TOP_ERR_INVALID,
+                             "layer pattern '%s' matches no conv or dense weight before the "
+                             "feature node; list the names with topiary inspect --model M "
+                             "--params",
+                             bad);
+    c->prunable = malloc((size_t)c->g->n_params * sizeof *c->prunable);
+    if (!c->prunable)
+        return top_error_set(err, TOP_ERR_NOMEM, "out of memory for the prunable list");
+    int first_conv = -1;
+    for (int p = 0; p < c->g->n_params; p++) {
+        const graph_param *gp = &c->g->params[p];
+        if (!graph_param_is_prunable(c->g, p) || gp->node >= c->feature)
+            continue;
+        int stem = first_conv < 0 && c->g->nodes[gp->node].op == OP_CONV2D;
+        if (stem)
+            first_conv = p;
+        int chosen = o->layers ? matches_any(o->layers, gp->name) : !stem;
+        if (chosen && o->skip_layers && matches_any(o->skip_layers, gp->name))
+            chosen = 0;
+        if (chosen)
+            c->prunable[c->n_prunable++] = p;
+    }
+    if (c->n_prunable == 0)
+        return top_error_set(err, TOP_ERR_INVALID,
+                             "no prunable weights before feature node '%s' are left by the "
+                             "layer patterns; name a later feature node or change the "
+                             "patterns",
+                             c->g->nodes[c->feature].name);
+    return TOP_OK;
+}
+
 static top_status load_model(pipeline_ctx *c, top_error *err)
 {
     top_status st = model_load(&c->g, c->opt->model_path, err);
@@ -349,26 +426,7 @@ static top_status load_model(pipeline_ctx *c, top_error *err)
                                     "backbone output; name the feature node");
     c->dim = c->g->nodes[c->feature].sample_numel;
 
-    c->prunable = malloc((size_t)c->g->n_params * sizeof *c->prunable);
-    if (!c->prunable)
-        return top_error_set(err, TOP_ERR_NOMEM, "out of memory for the prunable list");
-    int first_conv = -1;
-    for (int p = 0; p < c->g->n_params; p++) {
-        const graph_param *gp = &c->g->params[p];
-        if (!graph_param_is_prunable(c->g, p) || gp->node >= c->feature)
-            continue;
-        if (first_conv < 0 && c->g->nodes[gp->node].op == OP_CONV2D) {
-            first_conv = p; /* the stem stays dense */
-            continue;
-        }
-        c->prunable[c->n_prunable++] = p;
-    }
-    if (c->n_prunable == 0)
-        return top_error_set(err, TOP_ERR_INVALID,
-                             "no prunable weights before feature node "
-                             "'%s'; name a later feature node",
-                             c->g->nodes[c->feature].name);
-    return TOP_OK;
+    return select_prunable(c, err);
 }
 
 /* ---- tasks and features -------------------------------------------------- */
@@ -1910,10 +1968,11 @@ static json_t *report_build(const pipeline_ctx *c)
     char nm_text[32];
     snprintf(nm_text, sizeof nm_text, "%d:%d", o->nm_n, o->nm_m);
     json_object_set_new(r, "mask",
-                        json_pack("{s:s, s:s, s:f, s:i}", "scope",
+                        json_pack("{s:s, s:s, s:f, s:i, s:s?, s:s?}", "scope",
                                   c->opt->scope == PRUNE_SCOPE_GLOBAL ? "global" : "per_layer",
                                   "nm", c->opt->nm_m ? nm_text : "unstructured", "min_density",
-                                  c->opt->min_density, "rounds", c->opt->rounds));
+                                  c->opt->min_density, "rounds", c->opt->rounds, "layers",
+                                  c->opt->layers, "skip_layers", c->opt->skip_layers));
     const char *bn_mode = !c->bn_ran                                   ? "none"
                           : c->opt->bn_mode == PIPELINE_BN_MATCH_DENSE ? "match_dense"
                                                                        : "reestimate";

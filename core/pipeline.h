@@ -146,8 +146,12 @@ typedef struct pipeline_options {
     size_t finetune_count;          /* fine-tuning images of the calibration task (512) */
     finetune_options ft;            /* finetune_options_init's defaults */
     int finetune_bn_correction;     /* match_dense again after fine-tuning (1) */
-    const char *head_cache_dir;     /* NULL: heads are not cached between jobs */
-    const char *out_dir;            /* NULL: no checkpoints */
+    const char *layers;             /* comma-separated globs of weights to prune; NULL: every
+                                       conv and dense weight before the feature node but the
+                                       first conv */
+    const char *skip_layers;    /* comma-separated globs of weights never to prune, or NULL */
+    const char *head_cache_dir; /* NULL: heads are not cached between jobs */
+    const char *out_dir;        /* NULL: no checkpoints */
 } pipeline_options;
 
 /* Fills the defaults: magnitude, q = 0.5, alpha 1.0, balanced, relative

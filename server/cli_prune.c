@@ -35,6 +35,7 @@ static void prune_usage(FILE *out)
             "                     [--finetune-batch-norm frozen|train]\n"
             "                     [--finetune-loss cross_entropy|distill]\n"
             "                     [--finetune-no-bn-correction]\n"
+            "                     [--layers GLOB[,GLOB...]] [--skip-layers GLOB[,GLOB...]]\n"
             "                     [--head-cache DIR] [--seed S] [--out DIR]\n\n"
             "Prunes the model's backbone to sparsity Q (default 0.5) and reports the\n"
             "zero-shot accuracy of ridge heads, fitted on the dense features, before and\n"
@@ -56,6 +57,9 @@ static void prune_usage(FILE *out)
             "the pruned weights held at zero: SGD, E epochs (2), LR 5e-5 with a cosine\n"
             "schedule, momentum 0.9, no weight decay, batch 16, batch norm frozen; the\n"
             "evaluation tasks are then measured again.\n"
+            "Pruned: conv and dense weights before the feature node but the first conv;\n"
+            "--layers prunes only the weights whose names match a glob instead (see\n"
+            "topiary inspect --params), --skip-layers keeps the matching ones dense.\n"
             "--head-cache DIR keeps the dense heads and accuracies there, so a later job on\n"
             "the same model, task and splits skips the dense features.\n"
             "--out DIR writes DIR/dense.safetensors and DIR/compressed.safetensors, and\n"
@@ -176,7 +180,9 @@ enum {
     OPT_FT_BATCH,
     OPT_FT_NO_BN,
     OPT_FT_LOSS,
-    OPT_HEAD_CACHE
+    OPT_HEAD_CACHE,
+    OPT_LAYERS,
+    OPT_SKIP_LAYERS
 };
 
 static const struct option prune_options[] = {
@@ -217,6 +223,8 @@ static const struct option prune_options[] = {
     {"finetune-no-bn-correction", no_argument, NULL, OPT_FT_NO_BN},
     {"finetune-loss", required_argument, NULL, OPT_FT_LOSS},
     {"head-cache", required_argument, NULL, OPT_HEAD_CACHE},
+    {"layers", required_argument, NULL, OPT_LAYERS},
+    {"skip-layers", required_argument, NULL, OPT_SKIP_LAYERS},
     {"seed", required_argument, NULL, 's'},
     {"out", required_argument, NULL, 'o'},
     {"help", no_argument, NULL, 'h'},
@@ -354,6 +362,8 @@ static int parse_one(pipeline_options *o, int c, char *arg)
     case OPT_FEATURE: o->feature_node = arg; return 0;
     case 'o': o->out_dir = arg; return 0;
     case OPT_HEAD_CACHE: o->head_cache_dir = arg; return 0;
+    case OPT_LAYERS: o->layers = arg; return 0;
+    case OPT_SKIP_LAYERS: o->skip_layers = arg; return 0;
     case OPT_NO_BN: o->bn_recalibration = 0; return 0;
     case OPT_BN_CORRECTION:
         if (!strcmp(arg, "none")) {

@@ -286,6 +286,8 @@ static void options_from_extra(pipeline_options *opt, const json_t *request)
         opt->min_density = json_number_value(v);
     if (json_is_integer(v = json_object_get(m, "rounds")))
         opt->rounds = (int)json_integer_value(v);
+    opt->layers = json_str(m, "layers");
+    opt->skip_layers = json_str(m, "skip_layers");
     opt->feature_node = json_str(o, "feature_node");
 }
 

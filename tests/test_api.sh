@@ -220,6 +220,8 @@ POST|/v1/jobs|application/json|{"model":"$model","sparsity":0.5,"method":"layer_
 POST|/v1/jobs|application/json|{"model":"$model","sparsity":0.5,"method":"obs",$good_eval,"method_options":{"allocation":"obd"}}|422|method_options.allocation
 POST|/v1/jobs|application/json|{"model":"$model","sparsity":0.5,$good_eval,"method_options":{"block_size":64}}|422|method_options.block_size
 POST|/v1/jobs|application/json|{"model":"$model","sparsity":0.5,$good_eval,"finetune":{}}|422|finetune
+POST|/v1/jobs|application/json|{"model":"$model","sparsity":0.5,$good_eval,"mask":{"layers":""}}|422|mask.layers
+POST|/v1/jobs|application/json|{"model":"$model","sparsity":0.5,$good_eval,"mask":{"skip_layers":7}}|422|mask.skip_layers
 POST|/v1/jobs|application/json|{"model":"$model","sparsity":0.5,"method":"data_free",$good_eval,"method_options":{"damping":0.1}}|422|method_options.damping
 POST|/v1/jobs|application/json|{"model":"$model","sparsity":0.5,"calibration":{"task":"fashion"},$good_eval,"finetune":"yes"}|422|finetune
 POST|/v1/jobs|application/json|{"model":"$model","sparsity":0.5,"calibration":{"task":"fashion"},$good_eval,"finetune":{"lr":0}}|422|finetune.lr

@@ -77,5 +77,13 @@ check "a zero fine-tuning rate is a usage error" exit_code_is 2 "$bin" prune --m
 check "the rate error names the option and the fix" contains "$tmp/err" "invalid --finetune-lr '0': pass a rate in \\(0, 1\\], such as 5e-5"
 check "an unknown batch-norm mode is a usage error" exit_code_is 2 "$bin" prune --model "$mnv2" --calibration "$digits" --eval "$mnist" --finetune-batch-norm melt
 
+# Layer patterns choose the pruned weights; the stem is pruned only when named.
+"$bin" prune --model "$mnv2" --sparsity 0.5 --layers 'block_1_*,Conv1/*' --skip-layers '*depthwise*' --eval "$mnist" --eval-split 20,20 >"$tmp/layers.json" 2>/dev/null
+field() { /usr/bin/python3 -c "import json, sys; d = json.load(open(sys.argv[1])); print($2)" "$1"; }
+check "--layers and --skip-layers choose three weights" test "$(field "$tmp/layers.json" '",".join(l["name"] for l in d["layers"])')" = 'Conv1/kernel,block_1_expand/kernel,block_1_project/kernel'
+check "the report records the patterns" test "$(field "$tmp/layers.json" 'd["mask"]["skip_layers"]')" = '*depthwise*'
+check "a pattern that matches nothing is a usage error" exit_code_is 2 "$bin" prune --model "$mnv2" --layers 'nope*' --eval "$mnist"
+check "the pattern error names the pattern" contains "$tmp/err" "layer pattern 'nope\\*' matches no conv or dense weight"
+
 echo "$passed passed, $failed failed"
 [[ $failed -eq 0 ]]
