@@ -208,7 +208,7 @@ static int parse_method(const json_t *req, json_t *out, api_invalid *bad)
 static int parse_calibration(api *a, api_call *call, const json_t *req, json_t *out,
                              json_t *resolved, api_invalid *bad)
 {
-    static const char *const members[] = {"task", "images", "head_fit_images", NULL};
+    static const char *const members[] = {"task", "images", "head_fit_images", "head", NULL};
     const json_t *c;
     if (object_member(req, "calibration", &c, bad))
         return -1;
@@ -232,9 +232,17 @@ static int parse_calibration(api *a, api_call *call, const json_t *req, json_t *
         int_member(c, "head_fit_images", "calibration.head_fit_images", 2, COUNT_MAX,
                    &d.calib_fit, bad))
         return -1;
+    const json_t *head = json_object_get(c, "head");
+    const char *h = head ? json_string_value(head) : "ridge";
+    if (!h || (strcmp(h, "ridge") && strcmp(h, "model")))
+        return api_invalid_set(bad, 422, "calibration.head", head,
+                               "use ridge, or model when the task's labels are the model's "
+                               "classes",
+                               "unknown calibration head");
     json_object_set_new(out, "calibration",
-                        json_pack("{s:O, s:I, s:I}", "task", json_object_get(c, "task"),
-                                  "images", d.calib_images, "head_fit_images", d.calib_fit));
+                        json_pack("{s:O, s:I, s:I, s:s}", "task", json_object_get(c, "task"),
+                                  "images", d.calib_images, "head_fit_images", d.calib_fit,
+                                  "head", h));
     json_object_set_new(resolved, "calibration_uri", json_string(uri));
     return 0;
 }

@@ -603,6 +603,21 @@ static top_status fit_head(pipeline_ctx *c, pipeline_task *pt, int with_eval, to
     return st;
 }
 
+/* With the model's own head as the calibration loss, the calibration task's
+ * classes must be classes of the model's output. */
+static top_status check_model_head(pipeline_ctx *c, top_error *err)
+{
+    size_t k = c->g->nodes[c->g->output].sample_numel;
+    int n = dataset_class_count(c->calib.ds);
+    if (n < 1 || (size_t)n > k)
+        return top_error_set(err, TOP_ERR_INVALID,
+                             "the calibration data set '%s' has %d classes but the model's "
+                             "own head has %zu outputs; use the ridge head for the "
+                             "calibration loss, or a data set in the model's label space",
+                             dataset_uri(c->calib.ds), n, k);
+    return TOP_OK;
+}
+
 /* Draws the fine-tuning split: finetune_count images of the calibration data
  * set, drawn like its calibration split; for distill, also the dense
  * features of those images (the targets), before anything is pruned. */
@@ -632,10 +647,12 @@ static top_status dense_stage(pipeline_ctx *c, top_error *err)
     const pipeline_options *o = c->opt;
     top_status st = TOP_OK;
     if (o->calib_uri) {
-        int head =
-            needs_gradients(o) || (o->finetune && o->ft.loss == FINETUNE_LOSS_CROSS_ENTROPY);
+        int head = (needs_gradients(o) && !o->calib_model_head) ||
+                   (o->finetune && o->ft.loss == FINETUNE_LOSS_CROSS_ENTROPY);
         size_t fit = head ? o->calib_fit_count : 0;
         st = open_task(&c->calib, o->calib_uri, o->calib_count, fit, 0, o->seed, err);
+        if (st == TOP_OK && o->calib_model_head)
+            st = check_model_head(c, err);
         if (st == TOP_OK && head)
             st = fit_head(c, &c->calib, 0, err);
         if (st == TOP_OK && o->finetune)
@@ -684,6 +701,27 @@ typedef struct grad_sink {
 } grad_sink;
 
 /* One image: forward, backward from the feature node, then into the sink. */
+/* dy = the gradient of -log p_label at the model's own output node: for a
+ * softmax output p, -1 / p_label at the label and 0 elsewhere; for logits z,
+ * softmax(z) - onehot(label).  out, dy: (K) */
+static void model_head_loss_grad(float *dy, const graph *g, const float *out, int label)
+{
+    size_t k = g->nodes[g->output].sample_numel;
+    if (g->nodes[g->output].op == OP_SOFTMAX) {
+        memset(dy, 0, k * sizeof *dy);
+        double p = out[label] > 1e-12f ? (double)out[label] : 1e-12;
+        dy[label] = (float)(-1.0 / p);
+        return;
+    }
+    double mx = out[0], sum = 0.0;
+    for (size_t j = 1; j < k; j++)
+        mx = out[j] > mx ? out[j] : mx;
+    for (size_t j = 0; j < k; j++)
+        sum += exp((double)out[j] - mx);
+    for (size_t j = 0; j < k; j++)
+        dy[j] = (float)(exp((double)out[j] - mx) / sum - (j == (size_t)label ? 1.0 : 0.0));
+}
+
 static top_status fisher_sample(const grad_sink *sink, pipeline_ctx *c, const float *x,
                                 int label, size_t index, float *dy, double *scores,
                                 top_error *err)
@@ -691,9 +729,13 @@ static top_status fisher_sample(const grad_sink *sink, pipeline_ctx *c, const fl
     top_status st = graph_forward(c->g, x, 1, GRAPH_MODE_INFERENCE, err);
     if (st != TOP_OK)
         return st;
-    head_loss_grad(dy, &c->calib.head, graph_node_output(c->g, c->feature), label, scores);
+    int from = c->opt->calib_model_head ? c->g->output : c->feature;
+    if (c->opt->calib_model_head)
+        model_head_loss_grad(dy, c->g, graph_node_output(c->g, from), label);
+    else
+        head_loss_grad(dy, &c->calib.head, graph_node_output(c->g, from), label, scores);
     graph_zero_grad(c->g);
-    st = graph_backward(c->g, c->feature, dy, NULL, err);
+    st = graph_backward(c->g, from, dy, NULL, err);
     if (st != TOP_OK)
         return st;
     for (int l = 0; l < c->n_prunable; l++) {
@@ -712,8 +754,9 @@ static top_status fisher_sample(const grad_sink *sink, pipeline_ctx *c, const fl
 static top_status fisher_accumulate(const grad_sink *sink, pipeline_ctx *c, top_error *err)
 {
     const task_split *split = &c->calib.t.calib;
-    float *dy = malloc(c->dim * sizeof *dy);
-    double *scores = malloc(c->calib.head.n_classes * sizeof *scores);
+    size_t out_dim = c->g->nodes[c->g->output].sample_numel;
+    float *dy = malloc((c->dim > out_dim ? c->dim : out_dim) * sizeof *dy);
+    double *scores = malloc((c->calib.head.n_classes + 1) * sizeof *scores);
     batch_iter *it = NULL;
     top_status st = (!dy || !scores) ? top_error_set(err, TOP_ERR_NOMEM,
                                                      "out of memory for the loss "
@@ -1983,11 +2026,11 @@ static json_t *report_build(const pipeline_ctx *c)
                                   "max_mean_shift", c->bn_max_shift));
     json_object_set_new(
         r, "calibration",
-        c->calib.ds
-            ? json_pack("{s:s, s:I, s:I}", "uri", dataset_uri(c->calib.ds),
-                        "calibration_images", (json_int_t)c->calib.t.calib.count, "fit_images",
-                        (json_int_t)(c->calib.head.coef ? c->calib.t.fit.count : 0))
-            : json_null());
+        c->calib.ds ? json_pack("{s:s, s:s, s:I, s:I}", "uri", dataset_uri(c->calib.ds), "head",
+                                o->calib_model_head ? "model" : "ridge", "calibration_images",
+                                (json_int_t)c->calib.t.calib.count, "fit_images",
+                                (json_int_t)(c->calib.head.coef ? c->calib.t.fit.count : 0))
+                    : json_null());
     json_object_set_new(r, "finetune", report_finetune(c));
     json_t *tasks = json_array();
     for (int i = 0; i < o->n_eval; i++)

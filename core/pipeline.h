@@ -115,6 +115,9 @@ typedef struct pipeline_options {
     const char *calib_uri;  /* NULL: no calibration task */
     size_t calib_count;     /* calibration images */
     size_t calib_fit_count; /* head-fit images of the calibration task (obd) */
+    int calib_model_head;   /* the saliency loss is the cross-entropy of the model's own
+                               output (the task is in its label space), not of a ridge
+                               head fitted on the task (0) */
 
     const char *eval_uris[PIPELINE_MAX_EVAL_TASKS];
     int n_eval;

@@ -21,6 +21,7 @@ static void prune_usage(FILE *out)
             "                     [--method magnitude|obd|obs|layer_obs|data_free]\n"
             "                     [--calibration URI]\n"
             "                     [--calibration-split N,HEADFIT] [--eval-split HEADFIT,EVAL]\n"
+            "                     [--calibration-head ridge|model]\n"
             "                     [--feature-node NAME] [--damping X | --damping-absolute X]\n"
             "                     [--scope global|per-layer] [--nm N:M] [--min-density D]\n"
             "                     [--rounds R] [--bn-correction match-dense|reestimate|none]\n"
@@ -57,6 +58,9 @@ static void prune_usage(FILE *out)
             "the pruned weights held at zero: SGD, E epochs (2), LR 5e-5 with a cosine\n"
             "schedule, momentum 0.9, no weight decay, batch 16, batch norm frozen; the\n"
             "evaluation tasks are then measured again.\n"
+            "The saliency loss is the cross-entropy of a ridge head fitted on the\n"
+            "calibration set, or with --calibration-head model of the model's own output\n"
+            "(when the calibration set's labels are the model's classes).\n"
             "Pruned: conv and dense weights before the feature node but the first conv;\n"
             "--layers prunes only the weights whose names match a glob instead (see\n"
             "topiary inspect --params), --skip-layers keeps the matching ones dense.\n"
@@ -182,7 +186,8 @@ enum {
     OPT_FT_LOSS,
     OPT_HEAD_CACHE,
     OPT_LAYERS,
-    OPT_SKIP_LAYERS
+    OPT_SKIP_LAYERS,
+    OPT_CALIB_HEAD
 };
 
 static const struct option prune_options[] = {
@@ -224,6 +229,7 @@ static const struct option prune_options[] = {
     {"finetune-loss", required_argument, NULL, OPT_FT_LOSS},
     {"head-cache", required_argument, NULL, OPT_HEAD_CACHE},
     {"layers", required_argument, NULL, OPT_LAYERS},
+    {"calibration-head", required_argument, NULL, OPT_CALIB_HEAD},
     {"skip-layers", required_argument, NULL, OPT_SKIP_LAYERS},
     {"seed", required_argument, NULL, 's'},
     {"out", required_argument, NULL, 'o'},
@@ -363,6 +369,11 @@ static int parse_one(pipeline_options *o, int c, char *arg)
     case 'o': o->out_dir = arg; return 0;
     case OPT_HEAD_CACHE: o->head_cache_dir = arg; return 0;
     case OPT_LAYERS: o->layers = arg; return 0;
+    case OPT_CALIB_HEAD:
+        if (strcmp(arg, "ridge") && strcmp(arg, "model"))
+            return bad_option("--calibration-head", arg, "use ridge or model");
+        o->calib_model_head = arg[0] == 'm';
+        return 0;
     case OPT_SKIP_LAYERS: o->skip_layers = arg; return 0;
     case OPT_NO_BN: o->bn_recalibration = 0; return 0;
     case OPT_BN_CORRECTION:

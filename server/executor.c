@@ -340,6 +340,8 @@ top_status executor_options_from_request(pipeline_options *opt, const json_t *re
         return st;
 
     opt->calib_uri = json_str(resolved, "calibration_uri");
+    const char *head = json_str(json_object_get(request, "calibration"), "head");
+    opt->calib_model_head = head && !strcmp(head, "model");
     if (opt->calib_uri) {
         st = counts_from(&opt->calib_count, &opt->calib_fit_count,
                          json_object_get(request, "calibration"), "images", "head_fit_images",

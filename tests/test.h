@@ -3,6 +3,7 @@
  * functions and calls TEST_RUN(test_x) for each from main, then returns
  * TEST_FINISH(). Checks record a failure with both values and go on; the
  * file ends with "N passed, M failed" and exits non-zero if any test failed.
+ * TEST_ONLY=test_x in the environment runs that one test alone.
  */
 #ifndef TOPIARY_TEST_H
 #define TOPIARY_TEST_H
@@ -10,6 +11,7 @@
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 static int test_passed, test_failed, test_current_failures;
 static const char *test_current_name;
@@ -54,6 +56,9 @@ static const char *test_current_name;
 
 #define TEST_RUN(fn)                                                               \
     do {                                                                           \
+        const char *test_only_ = getenv("TEST_ONLY");                              \
+        if (test_only_ && *test_only_ && strcmp(test_only_, #fn) != 0)             \
+            break;                                                                 \
         test_current_name = #fn;                                                   \
         test_current_failures = 0;                                                 \
         fn();                                                                      \

@@ -419,6 +419,76 @@ static void make_small_options(pipeline_options *o, char bufs[4][1024], pipeline
     o->eval_count = 40;
 }
 
+/* Writes a bundle of 20 random 32 x 32 RGB images, 4 of each of 5 classes,
+ * the label space of the nsfwjs model, to path. */
+static int write_five_class_bundle(const char *path)
+{
+    enum { N = 20, H = 32, W = 32, C = 3 };
+    static uint8_t images[N * H * W * C];
+    int32_t labels[N];
+    uint64_t state = 99;
+    for (size_t i = 0; i < sizeof images; i++)
+        images[i] = (uint8_t)(task_splitmix64(&state) >> 56);
+    for (int i = 0; i < N; i++)
+        labels[i] = i % 5;
+    st_writer *w = NULL;
+    top_error err;
+    top_error_clear(&err);
+    int64_t ishape[4] = {N, H, W, C}, lshape[1] = {N};
+    int ok = st_writer_new(&w, &err) == TOP_OK &&
+             st_writer_add(w, "images", ST_DTYPE_U8, 4, ishape, images, sizeof images, &err) ==
+                 TOP_OK &&
+             st_writer_add(w, "labels", ST_DTYPE_I32, 1, lshape, labels, sizeof labels, &err) ==
+                 TOP_OK &&
+             st_writer_write(w, path, &err) == TOP_OK;
+    st_writer_free(w);
+    return ok ? 0 : -1;
+}
+
+/* obd with the model's own 5-class head as the calibration loss: no ridge
+ * head is fitted for the calibration task, the report says so, and a data
+ * set with more classes than the head is rejected by name. */
+static void test_model_head_calibration(void)
+{
+    char bufs[4][1024], dir[] = "/tmp/topiary-modelhead-XXXXXX", path[256], uri[300];
+    CHECK(mkdtemp(dir) != NULL);
+    snprintf(path, sizeof path, "%s/five.safetensors", dir);
+    snprintf(uri, sizeof uri, "bundle:%s", path);
+    CHECK(write_five_class_bundle(path) == 0);
+    pipeline_options o;
+    make_small_options(&o, bufs, PIPELINE_METHOD_OBD);
+    o.calib_uri = uri;
+    o.calib_count = 10;
+    o.calib_model_head = 1;
+    o.bn_recalibration = 0;
+    json_t *r = NULL;
+    graph *g = NULL;
+    top_error err;
+    top_error_clear(&err);
+    top_status st = pipeline_run(&r, &g, &o, NULL, NULL, NULL, &err);
+    CHECK_MSG(st == TOP_OK, "pipeline: %s", err.message);
+    if (st == TOP_OK) {
+        const json_t *cal = json_object_get(r, "calibration");
+        const char *head = json_string_value(json_object_get(cal, "head"));
+        CHECK(head && !strcmp(head, "model"));
+        CHECK_INT_EQ(json_integer_value(json_object_get(cal, "fit_images")), 0);
+        double lambda =
+            json_real_value(json_object_get(json_object_get(r, "damping"), "lambda"));
+        CHECK_MSG(lambda > 0 && isfinite(lambda), "lambda %g", lambda);
+        check_pruned_tensors(g, r, o.sparsity, 0);
+    }
+    json_decref(r);
+    graph_free(g);
+
+    o.calib_uri = bufs[2]; /* the digits: 10 classes */
+    top_error_clear(&err);
+    CHECK(pipeline_run(&r, NULL, &o, NULL, NULL, NULL, &err) == TOP_ERR_INVALID);
+    CHECK_MSG(strstr(err.message, "has 10 classes but the model's own head has 5 outputs"),
+              "message: %s", err.message);
+    unlink(path);
+    rmdir(dir);
+}
+
 /* Runs obs with the update on or off; returns the weights it moved. */
 static size_t run_obs(int update, size_t block)
 {
@@ -758,6 +828,7 @@ int main(void)
     TEST_RUN(test_data_free);
     TEST_RUN(test_finetune);
     TEST_RUN(test_head_cache_reuse);
+    TEST_RUN(test_model_head_calibration);
     TEST_RUN(test_obs);
     TEST_RUN(test_layer_obs);
     TEST_RUN(test_layer_obs_beats_magnitude);
