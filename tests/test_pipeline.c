@@ -793,7 +793,7 @@ static void test_invalid_options(void)
     o.obs_memory_budget = (size_t)1 << 20; /* far below 16 x 2.2M gradients */
     top_error_clear(&err);
     CHECK_INT_EQ(pipeline_run(&r, NULL, &o, NULL, NULL, NULL, &err), TOP_ERR_LIMIT);
-    CHECK(strstr(err.message, "block size") != NULL);
+    CHECK(strstr(err.message, "raise the memory budget") != NULL);
     CHECK(r == NULL);
 }
 
