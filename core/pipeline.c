@@ -531,7 +531,7 @@ static top_status head_cache_key_of(char key[SHA256_HEX_BYTES], pipeline_ctx *c,
 }
 
 /* Returns 1 on a hit. key is "" when the cache failed, and then
- * pt->head_cache_warning says why: a broken cache slows a job down, it does
+ * pt->head_cache_warning holds the reason: a broken cache slows a job down, it does
  * not fail it. */
 static int load_cached_head(char key[SHA256_HEX_BYTES], pipeline_ctx *c, pipeline_task *pt,
                             int with_eval)
@@ -1681,7 +1681,7 @@ static void finetune_progress(void *user, size_t done, size_t total, double loss
     report_progress(user, "fine-tuning", done, total);
 }
 
-/* Fine-tunes on the split ft_stage_prepare drew, with the calibration task's
+/* Fine-tunes on the split ft_prepare drew, with the calibration task's
  * frozen head (cross_entropy) or towards the dense features (distill). */
 static top_status finetune_stage(pipeline_ctx *c, top_error *err)
 {
