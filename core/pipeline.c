@@ -67,13 +67,14 @@ typedef struct pipeline_ctx {
     double **bn_dense; /* match_dense: (2, C) per BN node, mean then var */
     float **bn_orig;   /* match_dense: the original running mean and var per BN node */
     int bn_passes_run;
-    double bn_max_shift;                 /* largest |mu_p - mu_d| / sd_d in the last pass */
-    double lambda;                       /* obd and obs damping used */
-    float **grads;                       /* obs: (n, numel) per-sample gradients per layer */
-    size_t obs_memory;                   /* obs: bytes the estimate gave */
-    obs_damping obs_damping;             /* obs and layer_obs: retries and factorisations */
-    size_t layer_obs_rows_used;          /* layer_obs: the maximum rows used by one layer */
-    size_t memory_estimate;              /* bytes of pruning state, from memory_stage */
+    double bn_max_shift;        /* largest |mu_p - mu_d| / sd_d in the last pass */
+    double lambda;              /* obd and obs damping used */
+    float **grads;              /* obs: (n, numel) per-sample gradients per layer */
+    size_t obs_memory;          /* obs: bytes the estimate gave */
+    obs_damping obs_damping;    /* obs and layer_obs: retries and factorisations */
+    size_t layer_obs_rows_used; /* layer_obs: the maximum rows used by one layer */
+    size_t memory_estimate;     /* bytes of pruning state, from memory_stage */
+    size_t ft_memory;           /* bytes of fine-tuning activations, from memory_stage */
     char model_sha256[SHA256_HEX_BYTES]; /* for the head cache, "" until needed */
     int ft_ran, ft_bn_corrected;
     task ft_task;      /* its calib split is the fine-tuning split */
@@ -1296,6 +1297,34 @@ static top_status layer_obs_memory(size_t *bytes, int *worst, pipeline_ctx *c, t
 }
 
 /*
+ * Fine-tuning keeps every activation of a training batch and its gradient:
+ * 2 floats per activation value times the batch (167 MiB per image for
+ * MobileNetV2 at 224 px; the forward+backward benchmark peaked at 168 MiB
+ * per image). Over obs_memory_budget the job fails now rather than at the
+ * first step.
+ */
+static top_status finetune_memory(pipeline_ctx *c, top_error *err)
+{
+    const pipeline_options *o = c->opt;
+    size_t per_image = 0, bytes;
+    for (int i = 0; i < c->g->n_nodes; i++)
+        per_image += c->g->nodes[i].sample_numel;
+    if (top_size_mul(&bytes, per_image, 2 * sizeof(float)) ||
+        top_size_mul(&bytes, bytes, (size_t)o->ft.batch_size))
+        return top_error_set(err, TOP_ERR_OVERFLOW, "the fine-tuning memory overflows");
+    c->ft_memory = bytes;
+    if (o->obs_memory_budget > 0 && bytes > o->obs_memory_budget)
+        return top_error_set(err, TOP_ERR_LIMIT,
+                             "fine-tuning with batches of %d images needs about %.1f MiB of "
+                             "activations but the budget is %.1f MiB; lower the fine-tuning "
+                             "batch size to %zu or less",
+                             o->ft.batch_size, (double)bytes / 1048576.0,
+                             (double)o->obs_memory_budget / 1048576.0,
+                             o->obs_memory_budget / (per_image * 2 * sizeof(float)));
+    return TOP_OK;
+}
+
+/*
  * Estimates, before any data is read, the bytes of pruning state the method
  * holds at its peak, beyond the model and its activations:
  *   every method: scores (4 B) and masks (1 B) per prunable weight
@@ -1342,6 +1371,8 @@ static top_status memory_stage(pipeline_ctx *c, top_error *err)
     }
     if (st == TOP_OK && top_size_add(&c->memory_estimate, c->memory_estimate, extra))
         st = top_error_set(err, TOP_ERR_OVERFLOW, "the memory estimate overflows");
+    if (st == TOP_OK && o->finetune)
+        st = finetune_memory(c, err);
     return st;
 }
 
@@ -1982,8 +2013,9 @@ static json_t *report_build(const pipeline_ctx *c)
     json_object_set_new(r, "zero_weights", json_integer((json_int_t)zeros));
     json_object_set_new(r, "layers", layers);
     json_object_set_new(r, "memory",
-                        json_pack("{s:I, s:I}", "estimate_bytes",
-                                  (json_int_t)c->memory_estimate, "budget_bytes",
+                        json_pack("{s:I, s:I, s:I}", "estimate_bytes",
+                                  (json_int_t)c->memory_estimate, "finetune_bytes",
+                                  (json_int_t)c->ft_memory, "budget_bytes",
                                   (json_int_t)o->obs_memory_budget));
     if (o->method == PIPELINE_METHOD_OBS)
         json_object_set_new(r, "obs",

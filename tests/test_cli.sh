@@ -75,6 +75,8 @@ check "fine-tuning without calibration is a usage error" exit_code_is 2 "$bin" p
 check "the fine-tuning error names --calibration" contains "$tmp/err" "missing --calibration: fine-tuning trains on the calibration"
 check "a zero fine-tuning rate is a usage error" exit_code_is 2 "$bin" prune --model "$mnv2" --calibration "$digits" --eval "$mnist" --finetune-lr 0
 check "the rate error names the option and the fix" contains "$tmp/err" "invalid --finetune-lr '0': pass a rate in \\(0, 1\\], such as 5e-5"
+check "a fine-tuning batch over the memory budget fails" exit_code_is 1 "$bin" prune --model "$mnv2" --calibration "$digits" --eval "$mnist" --finetune --finetune-batch 1024
+check "the refusal says which batch size fits" contains "$tmp/err" "fine-tuning with batches of 1024 images needs about [0-9.]+ MiB.*lower the fine-tuning batch size to 24 or less"
 check "an unknown batch-norm mode is a usage error" exit_code_is 2 "$bin" prune --model "$mnv2" --calibration "$digits" --eval "$mnist" --finetune-batch-norm melt
 
 # Layer patterns choose the pruned weights; the stem is pruned only when named.
