@@ -670,30 +670,6 @@ static top_status dense_stage(pipeline_ctx *c, top_error *err)
 
 /* ---- saliency ---------------------------------------------------------------- */
 
-/* dy = W^T (softmax(scores) - onehot(label)) for one sample.
- *   feat, dy: (D)  head coef: (C, D)  scores, probs: (C) */
-static void head_loss_grad(float *dy, const ridge_model *head, const float *feat, int label,
-                           double *scores)
-{
-    size_t k = head->n_classes, d = head->n_features;
-    ridge_decision(scores, head, feat, 1);
-    double mx = scores[0], sum = 0.0;
-    for (size_t j = 1; j < k; j++)
-        mx = scores[j] > mx ? scores[j] : mx;
-    for (size_t j = 0; j < k; j++) {
-        scores[j] = exp(scores[j] - mx);
-        sum += scores[j];
-    }
-    for (size_t j = 0; j < k; j++)
-        scores[j] = scores[j] / sum - (j == (size_t)label ? 1.0 : 0.0);
-    for (size_t i = 0; i < d; i++) {
-        double acc = 0.0;
-        for (size_t j = 0; j < k; j++)
-            acc += head->coef[j * d + i] * scores[j];
-        dy[i] = (float)acc;
-    }
-}
-
 /* Where per-sample gradients go: fisher[l] (numel) += g^2, and, when rows is
  * set, rows[l] (n samples, numel) row `index` = g. */
 typedef struct grad_sink {
@@ -731,10 +707,13 @@ static top_status fisher_sample(const grad_sink *sink, pipeline_ctx *c, const fl
     if (st != TOP_OK)
         return st;
     int from = c->opt->calib_model_head ? c->g->output : c->feature;
+    const float *out = graph_node_output(c->g, from);
+    double loss = 0.0; /* only dy is used here */
+    size_t correct = 0;
     if (c->opt->calib_model_head)
-        model_head_loss_grad(dy, c->g, graph_node_output(c->g, from), label);
-    else
-        head_loss_grad(dy, &c->calib.head, graph_node_output(c->g, from), label, scores);
+        model_head_loss_grad(dy, c->g, out, label);
+    else /* the fine-tuning loss at batch 1: dy = W^T (softmax(s) - onehot(label)) */
+        finetune_head_loss(&loss, &correct, dy, scores, &c->calib.head, out, &label, 1);
     graph_zero_grad(c->g);
     st = graph_backward(c->g, from, dy, NULL, err);
     if (st != TOP_OK)
