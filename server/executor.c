@@ -291,7 +291,7 @@ static void options_from_extra(pipeline_options *opt, const json_t *request)
     opt->feature_node = json_str(o, "feature_node");
 }
 
-/* The normalised finetune object (api/jobs.c fills every member) into opt. */
+/* Copies the normalised finetune object (api/jobs.c fills every member) into opt. */
 static void options_from_finetune(pipeline_options *opt, const json_t *request)
 {
     const json_t *f = json_object_get(request, "finetune"), *v;
