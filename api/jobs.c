@@ -416,7 +416,8 @@ static int choice_member(const json_t *obj, const char *key, const char *field, 
     return 0;
 }
 
-/* The optional finetune object: masked fine-tuning on the calibration task. */
+/* Validates the optional finetune object (masked fine-tuning on the calibration task)
+ * into out, with every default filled in. */
 static int parse_finetune(const json_t *req, json_t *out, api_invalid *bad)
 {
     static const char *const members[] = {
