@@ -532,7 +532,7 @@ static top_status head_cache_key_of(char key[SHA256_HEX_BYTES], pipeline_ctx *c,
 }
 
 /* Returns 1 on a hit. key is "" when the cache failed, and then
- * pt->head_cache_warning holds the reason: a broken cache slows a job down, it does
+ * pt->head_cache_warning gives the reason. A broken cache slows a job down, it does
  * not fail it. */
 static int load_cached_head(char key[SHA256_HEX_BYTES], pipeline_ctx *c, pipeline_task *pt,
                             int with_eval)

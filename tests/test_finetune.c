@@ -59,7 +59,8 @@ static void test_head_loss_gradient(void)
     double loss = 0.0;
     size_t correct = 0;
     finetune_head_loss(&loss, &correct, dfeat, scores, &h, feat, labels, N);
-    CHECK(isfinite(loss) && loss > 0.0);
+    CHECK(isfinite(loss));
+    CHECK(loss > 0.0);
     double worst = 0.0;
     for (int i = 0; i < N * D; i++) {
         const float step = 1e-2f;
@@ -374,8 +375,8 @@ static void test_distill_pulls_back(void)
     CHECK(isnan(r.accuracy_last));
     CHECK_INT_EQ(unpruned(&f, before), 0);
     top_error_clear(&err);
-    CHECK(finetune_run(&r, f.g, f.feature, NULL, NULL, &f.t.calib, f.prunable, f.n_prunable,
-                       &o, NULL, NULL, NULL, &err) == TOP_ERR_INVALID);
+    CHECK(finetune_run(&r, f.g, f.feature, NULL, NULL, &f.t.calib, f.prunable, f.n_prunable, &o,
+                       NULL, NULL, NULL, &err) == TOP_ERR_INVALID);
     CHECK(strstr(err.message, "distill needs") != NULL);
     snapshot_free(before, f.g->n_params);
     free(targets);

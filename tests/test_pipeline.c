@@ -62,6 +62,12 @@ static void make_options(pipeline_options *o, char bufs[4][1024])
     o->eval_count = small ? 40 : 100;
 }
 
+/* Returns 1 if s is a string equal to want (NULL is not). */
+static int str_is(const char *s, const char *want)
+{
+    return s != NULL && strcmp(s, want) == 0;
+}
+
 static void print_report(const json_t *r)
 {
     const json_t *tasks = json_object_get(r, "tasks");
@@ -301,7 +307,7 @@ static void test_data_free(void)
     print_report(r);
     check_report_fields(r, 1);
     const char *method = json_string_value(json_object_get(r, "method"));
-    CHECK(method && !strcmp(method, "data_free"));
+    CHECK(str_is(method, "data_free"));
     CHECK(json_is_false(json_object_get(json_object_get(r, "bn_recalibration"), "ran")));
     CHECK(json_is_null(json_object_get(r, "calibration")));
     CHECK(json_integer_value(json_object_get(json_object_get(r, "memory"), "estimate_bytes")) >
@@ -347,7 +353,8 @@ static void test_finetune(void)
     double acc = json_real_value(json_object_get(t, "finetuned_accuracy"));
     printf("  fine-tuned accuracy %.3f\n", acc);
     CHECK(json_is_real(json_object_get(t, "finetuned_accuracy")));
-    CHECK(acc >= 0.0 && acc <= 1.0);
+    CHECK(acc >= 0.0);
+    CHECK(acc <= 1.0);
     size_t moved = check_pruned_tensors(g, r, o.sparsity, 2);
     CHECK_MSG(moved > 0, "fine-tuning moved no kept weight");
     json_decref(r);
@@ -391,8 +398,8 @@ static void test_head_cache_reuse(void)
         double d2 = json_real_value(json_object_get(json_object_get(second, "timings_s"),
                                                     "dense_features"));
         printf("  dense features %.2f s, then %.2f s from the cache\n", d1, d2);
-        CHECK(s1 && !strcmp(s1, "miss"));
-        CHECK(s2 && !strcmp(s2, "hit"));
+        CHECK(str_is(s1, "miss"));
+        CHECK(str_is(s2, "hit"));
         CHECK(d2 < d1);
         CHECK_CLOSE(json_real_value(json_object_get(t2, "dense_accuracy")),
                     json_real_value(json_object_get(t1, "dense_accuracy")), 0);
@@ -446,8 +453,8 @@ static int write_five_class_bundle(const char *path)
 }
 
 /* obd with the model's own 5-class head as the calibration loss: no ridge
- * head is fitted for the calibration task, the report says so, and a data
- * set with more classes than the head is rejected by name. */
+ * head is fitted for the calibration task, the report records it, and a
+ * data set with more classes than the head is rejected by name. */
 static void test_model_head_calibration(void)
 {
     char bufs[4][1024], dir[] = "/tmp/topiary-modelhead-XXXXXX", path[256], uri[300];
@@ -470,7 +477,7 @@ static void test_model_head_calibration(void)
     if (st == TOP_OK) {
         const json_t *cal = json_object_get(r, "calibration");
         const char *head = json_string_value(json_object_get(cal, "head"));
-        CHECK(head && !strcmp(head, "model"));
+        CHECK(str_is(head, "model"));
         CHECK_INT_EQ(json_integer_value(json_object_get(cal, "fit_images")), 0);
         double lambda =
             json_real_value(json_object_get(json_object_get(r, "damping"), "lambda"));
